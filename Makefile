@@ -1,0 +1,28 @@
+# Quick start: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# Re-run pip only when the project metadata changed (idempotent and fast otherwise).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/sspctl demo --output runs/demo
+
+test: install
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests
+
+test-fast: install
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""sspctl datastore package."""

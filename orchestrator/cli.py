@@ -1,0 +1,42 @@
+"""``sspctl``: the command-line entry point.
+
+Each stage of the pipeline registers its commands from its own module in
+``orchestrator/commands/``; this file only assembles them. Heavy imports (torch, MONAI, Ray,
+MLflow) happen inside the commands so that ``sspctl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from orchestrator.commands import data, deploy, finetune, pretrain
+
+app = typer.Typer(
+    name="sspctl",
+    help=(
+        "Self-supervised pretraining studies for cardiac MR cine segmentation.\n\n"
+        "Pipeline: synth/ingest -> splits -> pretrain -> finetune -> report "
+        "(or all at once: study; on a laptop: demo)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for module in (data, pretrain, finetune, deploy):
+    module.register(app)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging.")) -> None:
+    """Self-supervised pretraining studies for cardiac MR cine segmentation."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+if __name__ == "__main__":
+    app()

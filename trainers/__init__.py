@@ -1,0 +1,1 @@
+"""sspctl trainers package."""
