@@ -11,7 +11,7 @@ import logging
 
 import typer
 
-from orchestrator.commands import data, deploy, evaluate, finetune, pretrain, splits, synth
+from orchestrator.commands import data, deploy, evaluate, finetune, pretrain, splits, study, synth
 
 app = typer.Typer(
     name="sspctl",
@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (synth, data, splits, pretrain, finetune, evaluate, deploy):
+for module in (synth, data, splits, pretrain, finetune, evaluate, study, deploy):
     module.register(app)
 
 
