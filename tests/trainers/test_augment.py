@@ -1,0 +1,195 @@
+"""Batched augmentation: determinism, shapes, exact geometry cases, intensity ranges, scipy blur oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers.augment import (
+    AugmentConfig,
+    adjust_gamma,
+    affine_resample,
+    augment,
+    gaussian_blur,
+    gaussian_noise,
+    masked_count,
+    patch_mask,
+    random_affine,
+    sample_affine,
+    scale_intensity,
+    shift_intensity,
+    solarize,
+)
+
+NO_INTENSITY = dict(noise_p=0.0, smooth_p=0.0, scale_intensity_p=0.0, shift_p=0.0, gamma_p=0.0)
+IDENTITY_GEOMETRY = dict(rotation_deg=0.0, scale_range=(1.0, 1.0), translate_fraction=0.0, flip_p=0.0)
+
+
+def _images(b: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_augment_is_deterministic_under_a_generator_and_varies_with_the_seed() -> None:
+    x = _images()
+    cfg = AugmentConfig(noise_p=1.0, smooth_p=0.5, solarize_p=0.5)
+    a, b = augment(x, cfg, _gen(7)), augment(x, cfg, _gen(7))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, augment(x, cfg, _gen(8)))
+    assert a.shape == x.shape and a.device == x.device and torch.isfinite(a).all()
+
+
+def test_images_of_a_batch_get_independent_parameters() -> None:
+    x = _images(1).repeat(4, 1, 1, 1)
+    out = augment(x, AugmentConfig(), _gen(0))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_crop_fraction_sets_the_output_size() -> None:
+    out = augment(_images(3, 32), AugmentConfig(crop_fraction=0.5), _gen(0))
+    assert out.shape == (3, 1, 16, 16)
+
+
+def test_identity_geometry_returns_the_input() -> None:
+    x = _images()
+    out = random_affine(x, _gen(0), AugmentConfig(**IDENTITY_GEOMETRY))
+    assert torch.allclose(out, x, atol=1e-5)
+
+
+def test_certain_flips_flip_both_axes_exactly() -> None:
+    x = _images()
+    cfg = AugmentConfig(**{**IDENTITY_GEOMETRY, "flip_p": 1.0})
+    assert torch.allclose(random_affine(x, _gen(0), cfg), x.flip(-1).flip(-2), atol=1e-5)
+
+
+def test_broadcast_grid_matches_torch_affine_grid() -> None:
+    """Independent oracle: the matrix fov * R @ S @ [I | t] through F.affine_grid + grid_sample."""
+    x = _images(6, 32)
+    cfg = AugmentConfig(crop_fraction=0.5, translate_fraction=0.3)
+    p = sample_affine(6, _gen(4), cfg, x.device)
+    ours = affine_resample(x, p, cfg.crop_fraction)
+    cos, sin = torch.cos(p.theta), torch.sin(p.theta)
+    rot = torch.stack((torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), -2)  # (B, 2, 2)
+    lin = rot @ torch.diag_embed(torch.stack((p.scale * p.flip_x, p.scale * p.flip_y), -1)) * cfg.crop_fraction
+    shift = lin @ torch.stack((p.t_x, p.t_y), -1)[..., None]
+    theta = torch.cat((lin, shift), dim=-1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [6, 1, 16, 16], align_corners=False)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    ref = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_scale_above_one_zooms_out_and_pads_with_the_image_minimum() -> None:
+    size = 32
+    yy, xx = torch.meshgrid(torch.arange(size) - 15.5, torch.arange(size) - 15.5, indexing="ij")
+    disc = ((yy**2 + xx**2) < 8**2).float()[None, None] * 3.0 - 1.0  # background -1, disc 2
+    cfg = AugmentConfig(**{**IDENTITY_GEOMETRY, "scale_range": (2.0, 2.0)})
+    out = random_affine(disc, _gen(0), cfg)
+    assert (out > 0.5).sum() < 0.5 * (disc > 0.5).sum()  # disc area shrinks by ~4
+    assert torch.allclose(out[..., 0, 0], torch.tensor(-1.0))  # padded corner = image minimum
+    zoom_in = random_affine(disc, _gen(0), AugmentConfig(**{**IDENTITY_GEOMETRY, "scale_range": (0.5, 0.5)}))
+    assert (zoom_in > 0.5).sum() > 2 * (disc > 0.5).sum()
+
+
+def test_translation_moves_content_by_the_configured_fraction() -> None:
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 16, 16] = 1.0
+    cfg = AugmentConfig(**{**IDENTITY_GEOMETRY, "translate_fraction": 0.25})
+    out = random_affine(x, _gen(3), cfg)
+    peak = torch.nonzero(out[0, 0] == out.max())[0]
+    shift = (peak - torch.tensor([16, 16])).abs()
+    assert shift.max() <= 8 and shift.max() >= 1  # at most 0.25 * 32 px per axis
+
+
+def test_scale_intensity_uses_monai_one_plus_factor_semantics() -> None:
+    x = _images().abs() + 0.1
+    out = scale_intensity(x, _gen(0), 1.0, (0.6, 1.5))
+    ratio = (out / x).reshape(4, -1)
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))
+    assert ((ratio >= 1.6 - 1e-6) & (ratio <= 2.5 + 1e-6)).all()
+
+
+def test_shift_intensity_adds_one_offset_per_image_within_range() -> None:
+    x = _images()
+    diff = (shift_intensity(x, _gen(0), 1.0, (-0.4, 0.4)) - x).reshape(4, -1)
+    assert torch.allclose(diff, diff[:, :1].expand_as(diff), atol=1e-6)
+    assert (diff.abs() <= 0.4 + 1e-6).all()
+
+
+def test_gamma_keeps_each_image_range() -> None:
+    x = _images()
+    out = adjust_gamma(x, _gen(0), 1.0, (0.7, 1.5))
+    assert torch.allclose(out.amin((1, 2, 3)), x.amin((1, 2, 3)), atol=1e-5)
+    assert torch.allclose(out.amax((1, 2, 3)), x.amax((1, 2, 3)), atol=1e-5)
+    assert not torch.allclose(out, x)
+
+
+def test_noise_probability_zero_is_identity_and_std_is_bounded() -> None:
+    x = torch.zeros(8, 1, 64, 64)
+    assert torch.equal(gaussian_noise(x, _gen(0), 0.0, 0.2), x)
+    out = gaussian_noise(x, _gen(0), 1.0, 0.2)
+    std = out.reshape(8, -1).std(dim=1)
+    assert (std < 0.22).all() and (std > 0).all() and len(set(std.tolist())) == 8
+
+
+def test_blur_matches_scipy_gaussian_filter() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    x = _images(2, 24)
+    sigma = torch.tensor([1.0, 1.0])
+    ours = gaussian_blur(x, sigma)
+    for i in range(2):
+        ref = gaussian_filter(x[i, 0].double().numpy(), sigma=1.0, mode="nearest", truncate=4.0)
+        np.testing.assert_allclose(ours[i, 0].numpy(), ref, atol=1e-5)
+
+
+def test_solarize_inverts_pixels_above_threshold() -> None:
+    x = _images()
+    out = solarize(x, _gen(0), 1.0, 0.0)
+    top = x.amax((1, 2, 3), keepdim=True).expand_as(x)
+    above = x > 0
+    assert torch.allclose(out[above], (top - x)[above]) and torch.equal(out[~above], x[~above])
+
+
+def test_probability_zero_intensity_ops_leave_the_image_unchanged() -> None:
+    x = _images()
+    out = augment(x, AugmentConfig(**IDENTITY_GEOMETRY, **NO_INTENSITY), _gen(0))
+    assert torch.allclose(out, x, atol=1e-5)
+
+
+def test_patch_mask_masks_exactly_the_ratio_in_whole_patches() -> None:
+    mask = patch_mask(5, 64, 8, 0.75, _gen(0), torch.device("cpu"))
+    assert mask.shape == (5, 1, 64, 64)
+    assert torch.all(mask.mean(dim=(1, 2, 3)) == 0.75)
+    patches = mask.reshape(5, 8, 8, 8, 8).permute(0, 1, 3, 2, 4).reshape(5, 64, 64)
+    assert torch.all(patches.amin(-1) == patches.amax(-1))  # each patch all 0 or all 1
+    assert not torch.equal(mask[0], mask[1])
+    assert torch.equal(mask, patch_mask(5, 64, 8, 0.75, _gen(0), torch.device("cpu")))
+    assert masked_count(64, 0.75) == 48 and masked_count(5, 0.5) == 2  # Python (banker's) rounding
+
+
+def test_config_rejects_reversed_ranges_and_bad_probabilities() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="gamma_range"):
+        AugmentConfig(gamma_range=(1.5, 0.7))
+    with pytest.raises(ValidationError):
+        AugmentConfig(noise_p=1.5)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        augment(torch.zeros(2, 32, 32), AugmentConfig(), _gen(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augment_runs_on_cuda_with_a_cpu_generator() -> None:
+    x = _images().cuda()
+    a = augment(x, AugmentConfig(noise_p=1.0), _gen(1))
+    assert a.device == x.device
+    assert torch.equal(a, augment(x, AugmentConfig(noise_p=1.0), _gen(1)))
+    m = patch_mask(2, 32, 8, 0.75, _gen(0), x.device)
+    assert m.device == x.device

@@ -1,0 +1,315 @@
+"""Pretraining configuration: the common recipe (``PretrainConfig``) and one block per SSP method.
+
+``PretrainConfig.method`` is a discriminated union on ``name`` (``simclr``, ``pcl``, ``dino``,
+``mim``). Top-level fields the YAML leaves out take the paper's value *for that method*
+(``PAPER_DEFAULTS``, method-spec §4 and §10), so ``{"method": "dino"}`` alone is the published DINO
+run. ``batch_size`` counts GLOBAL images per optimizer step (views/crops are extra rows).
+
+Schedules the pretrain loop queries every iteration (``step`` = optimizer steps since the start of
+the run, ``steps_per_epoch`` = steps of one epoch):
+
+- ``lr_at(step, steps_per_epoch)``: ``cosine_epoch`` = ``CosineAnnealingLR(T_max=epochs)`` stepped
+  per epoch (SimCLR, PCL, MIM; constant inside an epoch); ``warmup_cosine_step`` = DINO's per-iteration
+  linear warm-up from 0 over ``warmup_epochs`` then cosine to ``min_lr`` (warm-up clipped to the run).
+- ``weight_decay_at(step, steps_per_epoch)``: constant, or DINO's per-iteration cosine to
+  ``weight_decay_end``; applies to groups with ``apply_weight_decay`` only.
+- ``apply_schedule(optimizer, step, steps_per_epoch)`` sets both on an optimizer built by
+  ``build_optimizer`` (DINO: biases and 1-D parameters get no weight decay; frozen parameters such
+  as the weight-norm magnitude are left out).
+- DINO's teacher temperature (per epoch) and EMA momentum (per iteration) live on ``DINOConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainers.augment import AugmentConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# method blocks
+
+
+class SimCLRConfig(BaseModel):
+    """SimCLR: two views per image, NT-Xent over the global batch (spec §4.1)."""
+
+    model_config = _FROZEN
+
+    name: Literal["simclr"] = "simclr"
+    temperature: float = Field(0.1, gt=0)
+    hidden_dim: int = Field(512, ge=1, description="projection MLP hidden width")
+    projection_dim: int = Field(512, ge=1, description="projection MLP output width")
+    mlp_layers: int = Field(3, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class PCLConfig(SimCLRConfig):
+    """PCL: SimCLR with positives = rows whose slice positions differ by < ``threshold`` (spec §4.2)."""
+
+    name: Literal["pcl"] = "pcl"  # type: ignore[assignment]
+    threshold: float = Field(0.1, gt=0, description="strict bound on |pos_i - pos_j| for a positive pair")
+
+
+#: DINO's base intensity probabilities (noise, smooth, scale, shift, gamma) of ``dino-config.yaml``.
+_DINO_BASE: dict[str, Any] = {"noise_p": 0.15, "smooth_p": 0.1, "scale_intensity_p": 0.2, "shift_p": 0.15, "gamma_p": 0.15}
+
+
+class DINOConfig(BaseModel):
+    """DINO: 2 global + ``n_local_crops`` local crops, EMA teacher, centring (spec §4.3, §2.3).
+
+    ``teacher_init_from_student``: ``False`` (default) reproduces the published code, whose
+    teacher is initialised independently of the student; ``True`` is the usual ("fixed") DINO,
+    teacher = copy of the student at the start.
+    """
+
+    model_config = _FROZEN
+
+    name: Literal["dino"] = "dino"
+    out_dim: int = Field(8192, ge=2, description="prototypes (logit dimension)")
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    use_bn: bool = True
+    n_local_crops: int = Field(6, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp_start: float = Field(0.02, gt=0)
+    teacher_temp_end: float = Field(0.04, gt=0)
+    teacher_temp_warmup_epochs: int = Field(30, ge=0, description="linear warm-up, per epoch, clipped to the run")
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    momentum_teacher_start: float = Field(0.996, ge=0, le=1)
+    momentum_teacher_end: float = Field(1.0, ge=0, le=1)
+    freeze_last_layer_epochs: int = Field(1, ge=0, description="epochs with the last layer's gradient dropped")
+    teacher_init_from_student: bool = False
+    global_blur: AugmentConfig = AugmentConfig(
+        **_DINO_BASE | {"smooth_p": 1.0, "smooth_sigma": (0.1, 2.0), "scale_range": (0.524, 1.4)}
+    )
+    global_solarize: AugmentConfig = AugmentConfig(**_DINO_BASE | {"scale_range": (0.524, 1.4), "solarize_p": 0.2})
+    local: AugmentConfig = AugmentConfig(
+        **_DINO_BASE | {"crop_fraction": 0.5, "scale_range": (0.313, 0.524), "translate_fraction": 160 / 128}
+    )
+
+    def teacher_temp_at(self, epoch: int, epochs: int) -> float:
+        """``linspace(start, end, W)[epoch]`` for ``epoch < W``, then ``end``; ``W = min(warm-up, epochs)``."""
+        warm = min(self.teacher_temp_warmup_epochs, epochs)
+        if epoch >= warm:
+            return self.teacher_temp_end
+        if warm == 1:
+            return self.teacher_temp_start
+        return self.teacher_temp_start + (self.teacher_temp_end - self.teacher_temp_start) * epoch / (warm - 1)
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """Teacher EMA momentum: cosine from start to end over the run's iterations."""
+        if total_steps <= 0:
+            return self.momentum_teacher_end
+        frac = min(max(step, 0), total_steps) / total_steps
+        return self.momentum_teacher_end + 0.5 * (self.momentum_teacher_start - self.momentum_teacher_end) * (
+            1 + math.cos(math.pi * frac)
+        )
+
+
+class MIMConfig(BaseModel):
+    """MIM: mask ``mask_ratio`` of ``patches_per_side**2`` patches, reconstruct with the U-Net (spec §4.4).
+
+    The patch edge is ``image_size / patches_per_side`` (32 px at 256 px, the paper's setting).
+    """
+
+    model_config = _FROZEN
+
+    name: Literal["mim"] = "mim"
+    patches_per_side: int = Field(8, ge=1)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    fill_value: float = 0.0
+    augment: AugmentConfig = AugmentConfig()
+
+
+MethodConfig = Annotated[SimCLRConfig | PCLConfig | DINOConfig | MIMConfig, Field(discriminator="name")]
+
+
+# ---------------------------------------------------------------------------------------------
+# common recipe
+
+
+class OptimizerConfig(BaseModel):
+    """SGD settings; ``lr`` is the peak rate (DINO's already includes the 64/256 linear scaling)."""
+
+    model_config = _FROZEN
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0, description="cosine target per iteration; None = constant")
+    exclude_bias_and_norm_from_wd: bool = False
+
+
+class ScheduleConfig(BaseModel):
+    """Learning-rate schedule (see the module docstring)."""
+
+    model_config = _FROZEN
+
+    kind: Literal["cosine_epoch", "warmup_cosine_step"] = "cosine_epoch"
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+#: Paper values per method for the top-level fields (method-spec §10).
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "simclr": {
+        "batch_size": 224, "valid_batch_size": 224, "precision": "fp16",
+        "optimizer": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+        "schedule": {"kind": "cosine_epoch"},
+    },
+    "pcl": {
+        "batch_size": 64, "valid_batch_size": 64, "precision": "fp32",
+        "optimizer": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-5},
+        "schedule": {"kind": "cosine_epoch"},
+    },
+    "dino": {
+        "batch_size": 64, "valid_batch_size": None, "precision": "fp16",
+        "optimizer": {
+            "lr": 0.03 * 64 / 256, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+            "weight_decay_end": 1e-4, "exclude_bias_and_norm_from_wd": True,
+        },
+        "schedule": {"kind": "warmup_cosine_step", "warmup_epochs": 10, "min_lr": 1e-6},
+    },
+    "mim": {
+        "batch_size": 128, "valid_batch_size": 256, "precision": "fp16",
+        "optimizer": {"lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5},
+        "schedule": {"kind": "cosine_epoch"},
+    },
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class PretrainConfig(BaseModel):
+    """One pretraining run. Missing top-level fields take the paper's value for ``method.name``.
+
+    ``batch_size`` is GLOBAL images per step (split evenly over workers); ``precision`` is the
+    autocast dtype (``fp16`` uses a GradScaler); ``steps_per_epoch`` optionally caps an epoch
+    (demos); ``checkpoint_every`` is in epochs.
+    """
+
+    model_config = _FROZEN
+
+    method: MethodConfig
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(ge=1, description="global images per optimizer step")
+    valid_batch_size: int | None = Field(None, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch; None = one full pass")
+    image_size: int = Field(256, ge=8)
+    seed: int = 0
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint_every: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("method")
+        if isinstance(method, str):
+            method = data["method"] = {"name": method}
+        name = method.get("name") if isinstance(method, dict) else getattr(method, "name", None)
+        if name in PAPER_DEFAULTS:
+            data = _merge(PAPER_DEFAULTS[name], data)
+        return data
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PretrainConfig:
+        if isinstance(self.method, MIMConfig) and self.image_size % self.method.patches_per_side:
+            raise ValueError(
+                f"method.patches_per_side: {self.method.patches_per_side} does not divide image_size {self.image_size}"
+            )
+        return self
+
+    # -- schedules --------------------------------------------------------------------------
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run."""
+        return self.epochs * steps_per_epoch
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based, counted over the run)."""
+        base, low = self.optimizer.lr, self.schedule.min_lr
+        if self.schedule.kind == "cosine_epoch":
+            epoch = min(step // max(steps_per_epoch, 1), self.epochs)
+            return low + (base - low) * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        total = self.total_steps(steps_per_epoch)
+        warm = min(self.schedule.warmup_epochs, self.epochs) * steps_per_epoch
+        if step < warm:  # numpy.linspace(0, base, warm)[step], as DINO's cosine_scheduler
+            return base * step / (warm - 1) if warm > 1 else 0.0
+        rest = total - warm
+        if rest <= 0:
+            return base
+        frac = min(step - warm, rest) / rest
+        return low + 0.5 * (base - low) * (1 + math.cos(math.pi * frac))
+
+    def weight_decay_at(self, step: int, steps_per_epoch: int) -> float:
+        """Weight decay for step ``step``: constant, or cosine to ``weight_decay_end`` per iteration."""
+        start, end = self.optimizer.weight_decay, self.optimizer.weight_decay_end
+        if end is None:
+            return start
+        total = self.total_steps(steps_per_epoch)
+        frac = min(max(step, 0), total) / total
+        return end + 0.5 * (start - end) * (1 + math.cos(math.pi * frac))
+
+    # -- optimizer --------------------------------------------------------------------------
+
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        """Trainable parameters in groups; each carries ``apply_weight_decay``.
+
+        With ``exclude_bias_and_norm_from_wd`` biases and 1-D parameters (norms) form a second
+        group without weight decay (DINO). Frozen parameters are left out.
+        """
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.optimizer.exclude_bias_and_norm_from_wd and (name.endswith(".bias") or p.ndim <= 1):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "apply_weight_decay": True, "weight_decay": self.optimizer.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0})
+        return groups
+
+    def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """SGD over ``param_groups(module)`` at the step-0 learning rate."""
+        import torch
+
+        return torch.optim.SGD(
+            self.param_groups(module),
+            lr=self.optimizer.lr,
+            momentum=self.optimizer.momentum,
+            nesterov=self.optimizer.nesterov,
+        )
+
+    def apply_schedule(self, optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int) -> float:
+        """Set every group's ``lr`` and the decayed groups' ``weight_decay`` for ``step``; return the lr."""
+        lr = self.lr_at(step, steps_per_epoch)
+        wd = self.weight_decay_at(step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group.get("apply_weight_decay", True) else 0.0
+        return lr

@@ -1,0 +1,151 @@
+"""DINO (spec §4.3): self-distillation with an EMA teacher, 2 global + ``n_local_crops`` local crops.
+
+Per step, from each image ``(B, 1, H, W)``: a "blur" global view and a "solarize" global view
+(``H x H``) and ``n_local_crops`` local views (``H/2 x H/2``), stacked crop-major (all images'
+crop 0, then crop 1, ...). The student (``DINONet`` in ``modules``) sees every crop: the encoder
+runs once per resolution and the head ONCE over all ``(2 + n_local) * B`` rows, so the head's
+BatchNorm statistics span every crop of the (rank-local) batch. The teacher sees the globals only,
+without gradient, in train mode (its BN keeps its own running statistics; they are not EMA-copied).
+
+- Loss: ``trainers.losses.dino_loss`` with student temperature 0.1 and teacher temperature
+  ``DINOConfig.teacher_temp_at(epoch, epochs)`` (0.02 -> 0.04 over 30 epochs, per epoch, clipped
+  to the run length).
+- Centre: updated after the loss with momentum 0.9 from the teacher logits, the batch mean
+  all-reduced over ranks, so every rank holds the same centre.
+- ``before_optimizer_step``: drops the gradient of ``last_layer`` parameters while
+  ``epoch < freeze_last_layer_epochs`` (1: epoch 0).
+- ``after_optimizer_step(epoch, global_step, total_steps)``: EMA update of every teacher
+  parameter, ``m = DINOConfig.momentum_at(global_step, total_steps)`` (0.996 -> 1 cosine, per
+  iteration; ``global_step`` = optimizer steps taken so far). Identical on all ranks
+  because the student parameters are identical after the DDP step.
+- Teacher init: independent random init by default (faithful to the published code); with
+  ``teacher_init_from_student`` the teacher starts as a copy of the student (standard DINO).
+- The loop sets LR and weight decay per iteration with ``PretrainConfig.apply_schedule``; biases
+  and 1-D parameters have no weight decay; the frozen weight-norm magnitude is not optimised.
+- ``extra_state``: the teacher's state dict (``teacher.*``) and the centre (``center``).
+- Ranks: the teacher is broadcast from rank 0 at the first step (DDP only syncs the student), so
+  ranks seeded differently still share one teacher.
+- Export: the STUDENT's ``encoder.*`` weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainers.augment import augment
+from trainers.distributed import broadcast_module
+from trainers.losses.dino import dino_loss, update_center
+from trainers.methods.config import DINOConfig, PretrainConfig
+from trainers.methods.simclr import check_images, encoder_state
+from trainers.models.heads import DINONet
+
+N_GLOBAL = 2
+
+
+class DINO:
+    """DINO method (see the module docstring); implements ``SSPMethod``."""
+
+    name = "dino"
+
+    def __init__(self, config: PretrainConfig, image_size: int | None = None) -> None:
+        if not isinstance(config.method, DINOConfig):
+            raise ValueError(f"dino: config.method is {config.method.name!r}, expected 'dino'")
+        self.config = config
+        self.cfg: DINOConfig = config.method
+        self.image_size = image_size or config.image_size
+        if self.cfg.n_local_crops and (self.image_size * self.cfg.local.crop_fraction) < 4:
+            raise ValueError(f"dino: local crops of a {self.image_size}px image are smaller than 4 px")
+        self.student = self._net()
+        self.teacher = self._net()
+        if self.cfg.teacher_init_from_student:
+            self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.center = torch.zeros(1, self.cfg.out_dim)
+        self._teacher_synced = False
+
+    def _net(self) -> DINONet:
+        c = self.cfg
+        return DINONet(self.image_size, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.use_bn)
+
+    @property
+    def modules(self) -> nn.Module:
+        return self.student
+
+    @property
+    def n_crops(self) -> int:
+        return N_GLOBAL + self.cfg.n_local_crops
+
+    def crops(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 1, H, W)`` -> globals ``(2B, 1, H, W)`` and locals ``(n_local * B, 1, H/2, W/2)``, crop-major."""
+        globals_ = torch.cat((augment(x, self.cfg.global_blur, generator), augment(x, self.cfg.global_solarize, generator)))
+        if not self.cfg.n_local_crops:
+            return globals_, None
+        locals_ = torch.cat([augment(x, self.cfg.local, generator) for _ in range(self.cfg.n_local_crops)])
+        return globals_, locals_
+
+    def to(self, device: torch.device | str) -> DINO:
+        """Move the state outside ``modules`` (teacher, centre) to ``device``; ``modules`` is the loop's job."""
+        self.teacher.to(device)
+        self.center = self.center.to(device)
+        return self
+
+    def _follow(self, device: torch.device) -> None:
+        """Keep the teacher and centre on the batch's device (they live outside ``modules``)."""
+        if self.center.device != device:
+            self.center = self.center.to(device)
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        if not self._teacher_synced:  # DDP syncs the student only; start every rank from rank 0's teacher
+            broadcast_module(self.teacher)
+            self._teacher_synced = True
+
+    def training_step(
+        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Crops -> student ``(n_crops * B, D)`` and teacher ``(2B, D)`` logits -> DINO loss; updates the centre."""
+        x = check_images(batch, self.image_size)
+        self._follow(x.device)
+        globals_, locals_ = self.crops(x, generator)
+        student_out = model(globals_, locals_)
+        self.teacher.train()
+        with torch.no_grad():
+            teacher_out = self.teacher(globals_)
+        teacher_temp = self.cfg.teacher_temp_at(epoch, self.config.epochs)
+        loss = dino_loss(
+            student_out, teacher_out, self.center, self.cfg.student_temp, teacher_temp, N_GLOBAL, self.n_crops
+        )
+        self.center = update_center(self.center, teacher_out, self.cfg.center_momentum)
+        return {"loss": loss, "teacher_temp": torch.tensor(teacher_temp)}
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        """Drop the last layer's gradient during the first ``freeze_last_layer_epochs`` epochs."""
+        if epoch >= self.cfg.freeze_last_layer_epochs:
+            return
+        for name, p in self.student.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, epoch: int, global_step: int, total_steps: int) -> None:
+        """EMA: ``teacher = m * teacher + (1 - m) * student`` over all parameters."""
+        m = self.cfg.momentum_at(global_step, total_steps)
+        for p_s, p_t in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
+            p_t.mul_(m).add_(p_s.detach().to(p_t.device), alpha=1.0 - m)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        state = {f"teacher.{k}": v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+        state["center"] = self.center.detach().cpu().clone()
+        return state
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "center" not in state:
+            raise ValueError("dino: extra state has no 'center'")
+        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        device = next(self.teacher.parameters()).device
+        self.teacher.load_state_dict(teacher, strict=True)
+        self.center = state["center"].to(device=device, dtype=torch.float32).reshape(1, -1).clone()
+
+    def export(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The student's ``{"encoder": {"encoder.*": tensor}}``."""
+        return {"encoder": encoder_state(self.student)}
