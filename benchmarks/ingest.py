@@ -1,0 +1,97 @@
+"""Ingest throughput with 1 and 2 Ray workers on the same synthetic dataset; prints one JSON object.
+
+    .venv/bin/python benchmarks/ingest.py [--subjects 8] [--size 128] [--store-size 256]
+
+Each worker count gets a fresh local Ray cluster and a fresh store. Ray start-up and the workers'
+first imports (torch) are excluded: one warm-up task per worker runs before the clock starts.
+The clock covers planning, every subject's read + preprocess (in Ray tasks) and the driver's
+writes and final commit: what ``sspctl ingest`` does after Ray is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _warm_up() -> int:
+    import datastore.preprocess  # noqa: F401 - imports torch, nibabel, zarr in the worker
+
+    return os.getpid()
+
+
+def run(workers: int, raw: Path, store: Path, store_size: int) -> dict[str, float]:
+    import ray
+
+    from datastore.config import IngestConfig
+    from datastore.ingest import execute_ingest, plan_ingest
+
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, configure_logging=False)
+    try:
+        warm = ray.remote(num_cpus=1)(_warm_up)
+        pids: set[int] = set()
+        while len(pids) < workers:  # make sure every worker process has imported torch
+            pids.update(ray.get([warm.remote() for _ in range(4 * workers)]))
+        start = time.perf_counter()
+        plan = plan_ingest({"mnms": raw}, store, IngestConfig(size=store_size))
+        result = execute_ingest(plan, executor="ray", max_in_flight=2 * workers, progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {
+        "seconds": round(seconds, 2),
+        "subjects": len(result.ingested),
+        "slices": result.n_slices,
+        "subjects_per_s": round(len(result.ingested) / seconds, 3),
+        "slices_per_s": round(result.n_slices / seconds, 1),
+        "hash": result.hash,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=8, help="synthetic M&Ms subjects")
+    parser.add_argument("--size", type=int, default=128, help="synthetic matrix size (pixels)")
+    parser.add_argument("--store-size", type=int, default=256, help="stored slice size (pixels)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+
+    from datastore.synth import write_dataset
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sspctl-bench-ingest-"))
+    raw = workdir / "mnms"
+    if not raw.exists():
+        write_dataset(raw, "mnms", args.subjects, seed=0, size=args.size)
+    results = {}
+    for workers in (1, 2):
+        store = workdir / f"store-{workers}.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        results[str(workers)] = run(workers, raw, store, args.store_size)
+    same = results["1"]["hash"] == results["2"]["hash"]
+    print(
+        json.dumps(
+            {
+                "benchmark": "ingest",
+                "dataset": {"layout": "mnms", "subjects": args.subjects, "size": args.size, "store_size": args.store_size},
+                "cpus": os.cpu_count(),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "workers": results,
+                "speedup_2_vs_1": round(results["2"]["subjects_per_s"] / results["1"]["subjects_per_s"], 2),
+                "same_hash": same,
+            },
+            indent=2,
+        )
+    )
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

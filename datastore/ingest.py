@@ -1,0 +1,239 @@
+"""Ingest raw M&Ms / M&Ms-2 subjects into the slice store: Ray tasks, one writer, resume.
+
+``plan_ingest`` discovers the subjects, opens (or resumes) the store and lists what is left to do;
+it needs no Ray. ``execute_ingest`` processes the remaining subjects as Ray tasks (the caller
+initialises Ray; ``executor="serial"`` runs them in-process instead), and the driver appends each
+result as it completes, in completion order. A subject is committed as a whole (see
+``datastore/store.py``), so a killed ingest resumes without duplicates or losses, and the content
+hash does not depend on the completion order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from datastore.config import IngestConfig
+from datastore.formats import DATASETS, Discovery, FormatError, SkippedSubject, SubjectSource, discover
+from datastore.store import StoreWriter, SubjectRecord
+
+#: Test-only: crash the driver after this many commits, with the next subject's rows written but
+#: not committed (the worst moment for a kill). ``SSPCTL_INGEST_CRASH_MODE=sigkill`` makes the
+#: process SIGKILL itself there instead of raising :class:`InjectedCrash`.
+CRASH_ENV = "SSPCTL_INGEST_CRASH_AFTER"
+CRASH_MODE_ENV = "SSPCTL_INGEST_CRASH_MODE"
+
+
+class IngestError(RuntimeError):
+    """Nothing can be ingested (bad source root or CSV, or a store of another config)."""
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by the test-only crash hook ``SSPCTL_INGEST_CRASH_AFTER``."""
+
+
+@dataclass
+class IngestPlan:
+    """What an ingest run will do; built by :func:`plan_ingest`."""
+
+    store: str
+    config: IngestConfig
+    writer: StoreWriter
+    todo: list[SubjectSource]
+    already: int
+    skipped: list[SkippedSubject]
+    warnings: list[str]
+    complete: bool
+
+    @property
+    def noop(self) -> bool:
+        """True when the store is finished and holds every usable discovered subject."""
+        return self.complete and not self.todo
+
+
+@dataclass
+class IngestResult:
+    """Outcome of :func:`execute_ingest`."""
+
+    store: str
+    ingested: list[tuple[str, str]] = field(default_factory=list)
+    already: int = 0
+    skipped: list[SkippedSubject] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    hash: str | None = None
+    n_subjects: int = 0
+    n_slices: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+
+def plan_ingest(
+    sources: Mapping[str, Path | str | None], store: str | os.PathLike[str], config: IngestConfig
+) -> IngestPlan:
+    """Discover subjects of every given dataset root and open or resume the store.
+
+    Args:
+        sources: ``{"mnms": dir, "mnms2": dir}``; ``None`` entries are ignored.
+        store: local path or fsspec URL of the store.
+        config: ingest settings (must equal the store's if it exists).
+
+    Raises:
+        IngestError: no source given, a root/CSV is unusable, or the store holds another config.
+    """
+    from datastore.store import StoreError
+
+    roots = {k: Path(v) for k, v in sources.items() if v is not None}
+    if not roots:
+        raise IngestError("give at least one source directory (--mnms and/or --mnms2)")
+    unknown = set(roots) - set(DATASETS)
+    if unknown:
+        raise IngestError(f"unknown dataset(s) {sorted(unknown)}; expected {DATASETS}")
+    found: list[Discovery] = []
+    for dataset, root in sorted(roots.items()):
+        try:
+            found.append(discover(root, dataset))
+        except FormatError as exc:
+            raise IngestError(str(exc)) from None
+    csv_checksums = {k: v for d in found for k, v in d.csv_checksums.items()}
+    try:
+        writer = StoreWriter.open(
+            store,
+            config.store_fields(),
+            image_size=config.size,
+            spacing=config.spacing,
+            chunk_slices=config.chunk_slices,
+            extra_attrs={
+                "sources": {d.dataset: str(d.root.resolve()) for d in found},
+                "csv_checksums": csv_checksums,
+            },
+        )
+    except StoreError as exc:
+        raise IngestError(str(exc)) from None
+    done = writer.done
+    subjects = [s for d in found for s in d.subjects]
+    todo = [s for s in subjects if (s.dataset, s.subject_id) not in done]
+    skipped = [s for d in found for s in d.skipped if (s.dataset, s.subject_id) not in done]
+    warnings = [w for d in found for w in d.warnings]
+    complete = bool(dict(writer.group.attrs).get("complete", False))
+    return IngestPlan(
+        store=writer.path,
+        config=config,
+        writer=writer,
+        todo=todo,
+        already=len(subjects) - len(todo),
+        skipped=skipped,
+        warnings=warnings,
+        complete=complete,
+    )
+
+
+def process_subject(source: SubjectSource, config: IngestConfig) -> SubjectRecord | SkippedSubject:
+    """Read, validate and preprocess one subject (runs inside a Ray task or in-process)."""
+    import torch
+
+    from datastore.formats import read_subject
+    from datastore.preprocess import preprocess
+
+    torch.set_num_threads(1)  # one task per CPU: avoid oversubscription
+    try:
+        record = preprocess(read_subject(source), config)
+    except FormatError as exc:
+        return SkippedSubject(source.dataset, source.subject_id, str(exc))
+    except Exception as exc:  # noqa: BLE001 - report and keep ingesting the others
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        return SkippedSubject(
+            source.dataset,
+            source.subject_id,
+            f"{source.files['cine']}: unexpected {type(exc).__name__}: {message}",
+        )
+    record.info["content_hash"] = record.content_hash()
+    return record
+
+
+def _results_ray(
+    todo: list[SubjectSource], config: IngestConfig, max_in_flight: int
+) -> Iterator[SubjectRecord | SkippedSubject]:
+    """Yield results in completion order from Ray tasks, with at most ``max_in_flight`` pending."""
+    import ray
+
+    if not ray.is_initialized():
+        raise IngestError("Ray is not initialised (the caller must start it, e.g. ray_session())")
+    task = ray.remote(num_cpus=1, max_retries=1)(process_subject)
+    config_ref = ray.put(config)
+    queue = list(todo)
+    pending: dict[Any, SubjectSource] = {}
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            source = queue.pop(0)
+            pending[task.remote(source, config_ref)] = source
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        source = pending.pop(ready[0])
+        try:
+            item = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:  # a worker died (e.g. out of memory) twice
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            item = SkippedSubject(
+                source.dataset, source.subject_id, f"{source.files['cine']}: Ray task failed ({type(exc).__name__}: {first})"
+            )
+        yield item
+
+
+def _results_serial(todo: list[SubjectSource], config: IngestConfig) -> Iterator[SubjectRecord | SkippedSubject]:
+    for source in todo:
+        yield process_subject(source, config)
+
+
+def execute_ingest(
+    plan: IngestPlan,
+    executor: Literal["ray", "serial"] = "ray",
+    max_in_flight: int = 4,
+    progress: bool = True,
+) -> IngestResult:
+    """Process ``plan.todo``, append each result as it completes, then finalize the store.
+
+    Raises:
+        InjectedCrash: only with the test-only ``SSPCTL_INGEST_CRASH_AFTER`` environment variable.
+    """
+    from tqdm import tqdm
+
+    result = IngestResult(
+        store=plan.store, already=plan.already, skipped=list(plan.skipped), warnings=list(plan.warnings)
+    )
+    crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+    writer = plan.writer
+    results = (
+        _results_ray(plan.todo, plan.config, max(1, max_in_flight))
+        if executor == "ray" and plan.todo
+        else _results_serial(plan.todo, plan.config)
+    )
+    bar = tqdm(total=len(plan.todo), desc="ingest", unit="subject", disable=not progress or None, leave=False)
+    try:
+        for item in results:
+            bar.update(1)
+            if isinstance(item, SkippedSubject):
+                result.skipped.append(item)
+                if progress:
+                    bar.write(f"skipped: {item.reason}", file=sys.stderr)
+                continue
+            row = writer.write_rows(item, item.info.get("content_hash"))
+            if crash_after is not None and len(result.ingested) >= crash_after:
+                if os.environ.get(CRASH_MODE_ENV) == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise InjectedCrash(f"{CRASH_ENV}={crash_after}: crashing before committing {item.subject_id}")
+            writer.commit_subject(row)
+            result.ingested.append((item.dataset, item.subject_id))
+    finally:
+        bar.close()
+    result.hash = writer.finalize(
+        {"skipped": [{"dataset": s.dataset, "subject_id": s.subject_id, "reason": s.reason} for s in result.skipped]}
+    )
+    result.n_subjects = len(writer.commit["subjects"])
+    result.n_slices = int(writer.commit["n_slices"])
+    return result

@@ -1,0 +1,215 @@
+"""Bad input: one-line reasons naming the file, the rest still ingested, non-zero exits.
+
+These run the ingest in-process (``executor="serial"``); the Ray path is covered in test_ingest.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from datastore.config import IngestConfig
+from datastore.formats import MNMS2_CSV, MNMS_CSV
+from datastore.ingest import IngestError, execute_ingest, plan_ingest
+from datastore.store import validate_store
+from orchestrator.cli import app
+
+CONFIG = IngestConfig(size=32)
+GOOD, BAD = "GOOD01", "BAD001"
+
+
+def save(array: np.ndarray, path: Path, spacing=(1.5, 1.5, 8.0)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), path)
+    return path
+
+
+def cine_and_gt(frames: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    cine = (rng.random((20, 18, 3, frames)) * 200).astype(np.float32)
+    gt = np.zeros(cine.shape, np.uint8)
+    gt[5:14, 5:12, :, 0] = 1
+    gt[7:11, 6:10, :, 2] = 2
+    return cine, gt
+
+
+def write_mnms(root: Path, ids: list[str], csv_ids: list[str] | None = None) -> Path:
+    cine, gt = cine_and_gt()
+    for sid in ids:
+        save(cine, root / sid / f"{sid}_sa.nii.gz")
+        save(gt, root / sid / f"{sid}_sa_gt.nii.gz")
+    with open(root / MNMS_CSV, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["", "External code", "VendorName", "Vendor", "Centre", "ED", "ES", "Age", "Pathology", "Sex", "Height", "Weight"])
+        for i, sid in enumerate(csv_ids if csv_ids is not None else ids):
+            writer.writerow([i, sid, "Siemens", "A", 1, 0, 2, 50, "NOR", "M", 170, 70])
+    return root
+
+
+def cine_path(root: Path) -> Path:
+    return root / BAD / f"{BAD}_sa.nii.gz"
+
+
+def gt_path(root: Path) -> Path:
+    return root / BAD / f"{BAD}_sa_gt.nii.gz"
+
+
+def truncate(root: Path) -> Path:
+    data = cine_path(root).read_bytes()
+    cine_path(root).write_bytes(data[: len(data) // 2])
+    return cine_path(root)
+
+
+def not_nifti(root: Path) -> Path:
+    cine_path(root).write_bytes(gzip.compress(b"this is not a NIfTI header" * 20))
+    return cine_path(root)
+
+
+def not_gzip(root: Path) -> Path:
+    cine_path(root).write_text("plain text")
+    return cine_path(root)
+
+
+def three_d(root: Path) -> Path:
+    return save(cine_and_gt()[0][..., 0], cine_path(root))
+
+
+def label_shape(root: Path) -> Path:
+    return save(cine_and_gt()[1][:, :10], gt_path(root))
+
+
+def label_values(root: Path) -> Path:
+    gt = cine_and_gt()[1]
+    gt[0, 0, 0, 0] = 5
+    return save(gt, gt_path(root))
+
+
+def no_labelled_frame(root: Path) -> Path:
+    return save(np.zeros_like(cine_and_gt()[1]), gt_path(root))
+
+
+def nan_intensity(root: Path) -> Path:
+    cine = cine_and_gt()[0]
+    cine[3, 3, 1, 2] = np.nan
+    cine[4, 3, 1, 2] = np.inf
+    return save(cine, cine_path(root))
+
+
+def save_with_pixdim(root: Path, axis: int, value: float) -> Path:
+    """Write the cine with a raw header pixdim that nibabel's writer would otherwise 'fix'."""
+    raw = bytearray(nib.Nifti1Image(cine_and_gt()[0], np.diag([1.5, 1.5, 8.0, 1.0])).to_bytes())
+    offset = 76 + 4 * axis  # pixdim is float32[8] at byte 76 of the NIfTI-1 header
+    raw[offset : offset + 4] = np.float32(value).tobytes()
+    cine_path(root).write_bytes(gzip.compress(bytes(raw)))
+    return cine_path(root)
+
+
+def zero_spacing(root: Path) -> Path:
+    return save_with_pixdim(root, 2, 0.0)
+
+
+def negative_spacing(root: Path) -> Path:
+    return save_with_pixdim(root, 3, -8.0)
+
+
+CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "truncated gzip": (truncate, "truncated or corrupt gzip"),
+    "not a NIfTI": (not_nifti, "not a NIfTI file"),
+    "not gzip": (not_gzip, "not a gzip file"),
+    "3D cine": (three_d, "expected a 4D cine"),
+    "label shape": (label_shape, "label shape (20, 10, 3, 4) != cine shape (20, 18, 3, 4)"),
+    "label values": (label_values, "label values [5] outside {0, 1, 2, 3}"),
+    "no labelled frame": (no_labelled_frame, "no labelled frame"),
+    "NaN/inf": (nan_intensity, "2 non-finite (NaN/inf) intensities"),
+    "zero spacing": (zero_spacing, "invalid voxel spacing"),
+    "negative spacing": (negative_spacing, "invalid voxel spacing"),
+}
+
+
+def ingest(sources: dict[str, Path], store: Path):  # noqa: ANN201
+    plan = plan_ingest(sources, store, CONFIG)
+    return execute_ingest(plan, executor="serial", progress=False)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_file_is_skipped_with_a_one_line_reason(tmp_path: Path, case: str) -> None:
+    root = write_mnms(tmp_path / "mnms", [GOOD, BAD])
+    damage, expected = CASES[case]
+    bad_file = damage(root)
+    result = ingest({"mnms": root}, tmp_path / "store")
+    assert result.ingested == [("mnms", GOOD)]
+    assert len(result.skipped) == 1 and not result.ok
+    reason = result.skipped[0].reason
+    assert reason.startswith(f"{bad_file}: ") and expected in reason and "\n" not in reason
+    assert validate_store(tmp_path / "store", progress=False) == []
+
+
+def test_csv_problems_skip_only_the_affected_subjects(tmp_path: Path) -> None:
+    ids = [GOOD, "NOROW1", "DUP001", "BADAGE"]
+    root = write_mnms(tmp_path / "mnms", ids, csv_ids=[GOOD, "DUP001", "DUP001", "BADAGE", "../x"])
+    rows = (root / MNMS_CSV).read_text().splitlines()
+    rows[4] = rows[4].replace(",50,", ",fifty,")  # BADAGE: malformed Age
+    (root / MNMS_CSV).write_text("\n".join(rows) + "\n")
+    result = ingest({"mnms": root}, tmp_path / "store")
+    assert result.ingested == [("mnms", GOOD)]
+    reasons = {s.subject_id: s.reason for s in result.skipped}
+    csv_path = root / MNMS_CSV
+    assert reasons["NOROW1"].startswith(f"{csv_path}: no row for subject 'NOROW1'")
+    assert reasons["DUP001"] == f"{csv_path}: duplicate subject id 'DUP001' (lines 3 and 4)"
+    assert reasons["BADAGE"] == f"{csv_path}: line 5: column 'Age' is not a number ('fifty')"
+    assert reasons["../x"].startswith(f"{csv_path}: line 6: subject id '../x' is not allowed")
+    assert not (tmp_path / "x").exists()
+
+
+def test_mnms2_volume_not_in_the_cine_is_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "mnms2"
+    cine, gt = cine_and_gt()
+    for sid in ("001", "002"):
+        save(cine, root / sid / f"{sid}_SA_CINE.nii.gz")
+        save(cine[..., 0], root / sid / f"{sid}_SA_ED.nii.gz")
+        save(cine[..., 2] + (5 if sid == "002" else 0), root / sid / f"{sid}_SA_ES.nii.gz")
+        save(gt[..., 0], root / sid / f"{sid}_SA_ED_gt.nii.gz")
+        save(gt[..., 2], root / sid / f"{sid}_SA_ES_gt.nii.gz")
+    (root / MNMS2_CSV).write_text("SUBJECT_CODE,DISEASE,SEX,AGE,SCANNER,FIELD,VENDOR\n1,NOR,M,40,X,1.5,GE\n2,NOR,M,40,X,1.5,GE\n")
+    result = ingest({"mnms2": root}, tmp_path / "store")
+    assert result.ingested == [("mnms2", "001")]
+    assert result.skipped[0].reason.startswith(f"{root / '002' / '002_SA_ES.nii.gz'}: no cine frame equals")
+
+
+def test_cli_fatal_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["ingest", "--mnms", str(tmp_path / "empty"), "--store", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert f"error: {tmp_path / 'empty' / MNMS_CSV}: mnms metadata CSV not found" in result.output
+    result = runner.invoke(app, ["ingest", "--store", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "--mnms" in result.output
+    config = tmp_path / "c.yaml"
+    config.write_text("spacing: -1\nbogus: 2\n")
+    result = runner.invoke(app, ["ingest", "--mnms", str(tmp_path), "--store", str(tmp_path / "s"), "--config", str(config)])
+    assert result.exit_code == 2 and "spacing" in result.output and "bogus: unknown key" in result.output
+
+
+def test_missing_csv_is_an_ingest_error(tmp_path: Path) -> None:
+    (tmp_path / "mnms").mkdir()
+    with pytest.raises(IngestError, match="metadata CSV not found"):
+        plan_ingest({"mnms": tmp_path / "mnms"}, tmp_path / "store", CONFIG)
+
+
+def test_cli_refuses_to_resume_with_another_config(tmp_path: Path) -> None:
+    root = write_mnms(tmp_path / "mnms", [GOOD])
+    ingest({"mnms": root}, tmp_path / "store")  # size 32
+    config = tmp_path / "c.yaml"
+    config.write_text("size: 32\nchunk_slices: 8\n")
+    result = CliRunner().invoke(
+        app, ["ingest", "--mnms", str(root), "--store", str(tmp_path / "store"), "--config", str(config)]
+    )
+    assert result.exit_code == 2
+    assert "was ingested with another config (chunk_slices: 32 -> 8); use a new --store path" in result.output

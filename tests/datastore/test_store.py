@@ -1,0 +1,222 @@
+"""The store: atomic appends, the read API, tensorstore interop, info and validate."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from datastore.store import (
+    PHASES,
+    SliceStore,
+    StoreError,
+    StoreWriter,
+    SubjectRecord,
+    dataset_hash,
+    store_info,
+    validate_store,
+)
+
+SIZE = 32
+CONFIG = {"spacing": 1.25, "size": SIZE}
+
+
+def make_record(subject_id: str, frames: int = 3, slices: int = 4, seed: int = 0, dataset: str = "mnms") -> SubjectRecord:
+    """A synthetic subject with ED = frame 0, ES = frame 2."""
+    rng = np.random.default_rng(seed)
+    n = frames * slices
+    frame, slice_index = np.divmod(np.arange(n), slices)
+    phase = np.where(frame == 0, 1, np.where(frame == 2, 2, 0)).astype(np.int8)
+    label_rows = np.concatenate([0 * slices + np.arange(slices), 2 * slices + np.arange(slices)])
+    native = {
+        p: (rng.standard_normal((slices, 10, 12)).astype(np.float32), rng.integers(0, 4, (slices, 10, 12)).astype(np.uint8))
+        for p in PHASES
+    }
+    return SubjectRecord(
+        dataset=dataset,
+        subject_id=subject_id,
+        images=rng.standard_normal((n, SIZE, SIZE)).astype(np.float16),
+        frame=frame,
+        slice=slice_index,
+        slice_count=np.full(n, slices),
+        phase=phase,
+        labels=rng.integers(0, 4, (2 * slices, SIZE, SIZE)).astype(np.uint8),
+        label_rows=label_rows,
+        native=native,
+        info={
+            "vendor": "A",
+            "frames": frames,
+            "slices": slices,
+            "ed": 0,
+            "es": 2,
+            "native_shape_zyx": [slices, 10, 12],
+            "spacing_zyx": [8.0, 1.5, 1.5],
+            "affine": np.eye(4).tolist(),
+            "flip_z": True,
+            "center_yx": [4.5, 5.5],
+        },
+    )
+
+
+def write(path: Path, records: list[SubjectRecord], chunk_slices: int = 8) -> str:
+    writer = StoreWriter.open(path, CONFIG, SIZE, 1.25, chunk_slices=chunk_slices)
+    for record in records:
+        writer.append(record)
+    return writer.finalize()
+
+
+def test_read_api_returns_what_was_written(tmp_path: Path) -> None:
+    records = [make_record("A01", seed=1), make_record("B02", frames=2, slices=3, seed=2, dataset="mnms2")]
+    records[1].info.update(frames=2, slices=3, es=1, native_shape_zyx=[3, 10, 12])
+    records[1].phase = np.where(records[1].frame == 0, 1, 2).astype(np.int8)
+    records[1].label_rows = np.arange(6)
+    records[1].labels = records[1].labels[:6]
+    digest = write(tmp_path / "s.zarr", records)
+    store = SliceStore.open(tmp_path / "s.zarr")
+    assert store.n_slices == 12 + 6 and store.image_size == SIZE and store.hash == digest
+    assert list(store.subjects["subject_id"]) == ["A01", "B02"]
+    assert list(store.subjects["dataset"]) == ["mnms", "mnms2"]
+    np.testing.assert_array_equal(store.meta["subject"], [0] * 12 + [1] * 6)
+    np.testing.assert_array_equal(store.meta["labelled"], store.meta["phase"] > 0)
+    # Reads in any order, with duplicates, float32 exactly equal to the float16 written.
+    got = store.read_images([13, 2, 2])
+    assert got.dtype == np.float32 and got.shape == (3, SIZE, SIZE)
+    np.testing.assert_array_equal(got[0], records[1].images[1].astype(np.float32))
+    np.testing.assert_array_equal(got[1:], records[0].images[[2, 2]].astype(np.float32))
+    np.testing.assert_array_equal(store.read_image_range(8, 16)[4:], np.concatenate([r.images for r in records])[12:16])
+    labels = store.read_labels([9, 0, 12])  # slice rows: ES of A01, ED of A01, ED of B02
+    np.testing.assert_array_equal(labels[0], records[0].labels[5])
+    np.testing.assert_array_equal(labels[1], records[0].labels[0])
+    np.testing.assert_array_equal(labels[2], records[1].labels[0])
+    with pytest.raises(IndexError, match="no label"):
+        store.read_labels([4])
+    with pytest.raises(IndexError, match="out of range"):
+        store.read_images([18])
+    volume = store.native("A01", "ES")
+    np.testing.assert_array_equal(volume.label, records[0].native["ES"][1])
+    assert volume.flip_z and volume.spacing_zyx == (8.0, 1.5, 1.5) and volume.geometry.shape_zyx == (4, 10, 12)
+    assert store.subject_slices("B02") == slice(12, 18)
+    assert store.chunk_slices == 8
+    clone = pickle.loads(pickle.dumps(store))  # pickles by path, reopens lazily
+    assert clone._group is None and clone.n_slices == 18
+
+
+def test_hash_does_not_depend_on_append_order(tmp_path: Path) -> None:
+    a, b = make_record("A", seed=1), make_record("B", seed=2)
+    assert write(tmp_path / "ab", [a, b]) == write(tmp_path / "ba", [b, a])
+    assert write(tmp_path / "ab2", [a, make_record("B", seed=3)]) != write(tmp_path / "ab3", [a, b])
+    assert dataset_hash([("m", "A", "1"), ("m", "B", "2")]) == dataset_hash([("m", "B", "2"), ("m", "A", "1")])
+
+
+def test_uncommitted_rows_are_invisible_and_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    writer = StoreWriter.open(path, CONFIG, SIZE, 1.25, chunk_slices=8)
+    writer.append(make_record("A", seed=1))
+    writer.write_rows(make_record("CRASH", seed=9))  # data written, never committed
+    partial = SliceStore.open(path)
+    assert partial.n_slices == 12 and not partial.complete and list(partial.subjects.subject_id) == ["A"]
+    assert zarr.open_group(str(path), mode="r")["images"].shape[0] == 24  # garbage beyond the commit
+    resumed = StoreWriter.open(path, CONFIG, SIZE, 1.25, chunk_slices=8)
+    assert resumed.done == {("mnms", "A")}
+    resumed.append(make_record("B", seed=2))
+    digest = resumed.finalize()
+    assert digest == write(tmp_path / "clean", [make_record("A", seed=1), make_record("B", seed=2)])
+    assert validate_store(path, progress=False) == []
+
+
+def test_reopening_with_another_config_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "s", [make_record("A")])
+    with pytest.raises(StoreError, match="another config.*size"):
+        StoreWriter.open(tmp_path / "s", {**CONFIG, "size": 64}, 64, 1.25)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text("{}")
+    with pytest.raises(StoreError, match="junk"):
+        StoreWriter.open(tmp_path / "junk", CONFIG, SIZE, 1.25)
+    with pytest.raises(StoreError, match="not found"):
+        SliceStore.open(tmp_path / "missing").n_slices
+
+
+def test_tensorstore_reads_the_same_values(tmp_path: Path) -> None:
+    tensorstore = pytest.importorskip("tensorstore")
+    write(tmp_path / "s.zarr", [make_record("A", seed=1), make_record("B", seed=2)])
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "s.zarr" / "images")}}
+    array = tensorstore.open(spec, read=True).result()
+    via_ts = array[5:20].read().result()
+    via_zarr = SliceStore.open(tmp_path / "s.zarr").read_image_range(5, 20)
+    assert via_ts.dtype == np.float16
+    np.testing.assert_array_equal(via_ts.astype(np.float32), via_zarr)
+
+
+def test_info_counts(tmp_path: Path) -> None:
+    write(tmp_path / "s", [make_record("A"), make_record("B", dataset="mnms2")])
+    info = store_info(tmp_path / "s")
+    assert info["subjects"] == 2 and info["slices"] == 24 and info["labelled_slices"] == 16
+    assert info["by_dataset"] == {"mnms": {"subjects": 1, "slices": 12}, "mnms2": {"subjects": 1, "slices": 12}}
+    assert info["by_vendor"]["mnms2/A"] == {"subjects": 1, "slices": 12}
+    assert info["size_bytes"] > 0 and info["complete"] and len(info["hash"]) == 64
+    json.dumps(info)
+
+
+def test_validate_detects_each_kind_of_damage(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    write(path, [make_record("A", seed=1), make_record("B", seed=2)])
+    assert validate_store(path, progress=False) == []
+    group = zarr.open_group(str(path), mode="r+")
+
+    group["labels"][3, 0, 0] = 7
+    assert any("outside {0, 1, 2, 3}" in p for p in validate_store(path, progress=False))
+    group["labels"][3, 0, 0] = 0
+
+    original = group["images"][14]
+    group["images"][14] = original + 1
+    problems = validate_store(path, progress=False)
+    assert any("subject mnms/B content hash" in p for p in problems)
+    assert any("dataset hash" in p for p in problems)
+    group["images"][14] = original
+
+    phase = group["meta/phase"][:]
+    group["meta/phase"][5] = 1
+    assert any("meta/phase" in p for p in validate_store(path, progress=False))
+    group["meta/phase"][:] = phase
+
+    group["images"].resize((23, SIZE, SIZE))
+    assert any("images has shape (23" in p for p in validate_store(path, progress=False))
+
+
+def test_validate_reports_an_unfinished_ingest(tmp_path: Path) -> None:
+    writer = StoreWriter.open(tmp_path / "s", CONFIG, SIZE, 1.25)
+    writer.append(make_record("A"))
+    assert any("not finished" in p for p in validate_store(tmp_path / "s", progress=False))
+    assert validate_store(tmp_path / "nothing", progress=False)[0].endswith("store not found")
+
+
+def test_fsspec_url_store(tmp_path: Path) -> None:
+    url = f"memory://{tmp_path.name}/s.zarr"
+    writer = StoreWriter.open(url, CONFIG, SIZE, 1.25)
+    writer.append(make_record("A"))
+    writer.finalize()
+    store = SliceStore.open(url)
+    assert store.n_slices == 12 and store.read_images([3]).shape == (1, SIZE, SIZE)
+    assert StoreWriter.open(url, CONFIG, SIZE, 1.25).done == {("mnms", "A")}
+    assert validate_store(url, progress=False) == [] and store_info(url)["size_bytes"] > 0
+
+
+def test_store_cli_exit_codes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    runner = CliRunner()
+    write(tmp_path / "s", [make_record("A")])
+    result = runner.invoke(app, ["store", "info", str(tmp_path / "s")])
+    assert result.exit_code == 0 and "subjects   1" in result.output and "mnms/A" in result.output
+    assert runner.invoke(app, ["store", "validate", str(tmp_path / "s"), "--no-progress"]).exit_code == 0
+    zarr.open_group(str(tmp_path / "s"), mode="r+")["labels"][0, 0, 0] = 9
+    result = runner.invoke(app, ["store", "validate", str(tmp_path / "s"), "--no-progress"])
+    assert result.exit_code == 1 and "invalid: " in result.output
+    result = runner.invoke(app, ["store", "info", str(tmp_path / "missing"), "--json"])
+    assert result.exit_code == 2 and "store not found" in result.output
