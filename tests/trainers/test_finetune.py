@@ -1,0 +1,190 @@
+"""One fine-tuning cell end to end on a tiny synthetic store, through a real 1-worker TorchTrainer.
+
+synth -> ingest -> splits -> ``finetune_worker`` (pretrained encoder, strict load) -> resume in a
+second ``fit()`` -> native-space test evaluation; plus the pieces that need no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from trainers.augment import AugmentConfig
+from trainers.finetune import augment_pair, build_model, poly_factor, train_step
+from trainers.finetune_config import FinetuneConfig
+from trainers.models.unet import UNet2d
+from trainers.weights import PartMismatchError, save_weights
+
+IMAGE_SIZE = 16  # 3 levels, 2 heads: the smallest U-Net, fast on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def cell_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished 8-subject store (16 px at 5 mm) and a split with a 2-subject budget."""
+    from datastore.config import IngestConfig
+    from datastore.ingest import execute_ingest, plan_ingest
+    from datastore.splits import make_splits
+    from datastore.store import SliceStore
+    from datastore.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("ft")
+    write_dataset(root / "raw", "mnms", 8, 0, size=40, frames=(3, 3), slices=(4, 4), trivial=True)
+    plan = plan_ingest({"mnms": root / "raw"}, str(root / "store.zarr"),
+                       IngestConfig(size=IMAGE_SIZE, spacing=5.0, chunk_slices=8))
+    execute_ingest(plan, executor="serial", progress=False)
+    split = make_splits(SliceStore.open(root / "store.zarr").subjects, test_per_vendor=1, seed=0,
+                        valid_fraction=0.25, budgets=(2,), seeds=(0,))
+    split.save(root / "split.yaml")
+    return {"root": root, "store": root / "store.zarr", "split": root / "split.yaml"}
+
+
+def _encoder_file(path: Path, drop: str | None = None) -> Path:
+    torch.manual_seed(123)
+    state = {k: v for k, v in UNet2d(IMAGE_SIZE, 4).state_dict().items() if k.startswith("encoder.")}
+    if drop:
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    save_weights(state, path)
+    return path
+
+
+def test_config_defaults_follow_the_recipe() -> None:
+    scratch = FinetuneConfig()
+    assert (scratch.learning_rate, scratch.batch_size, scratch.momentum, scratch.nesterov) == (0.01, 32, 0.99, True)
+    assert scratch.weight_decay == 3e-5 and scratch.poly_power == 0.9 and scratch.epochs == 1000
+    assert FinetuneConfig(method="mim", weights="w.pt", part="encoder_decoder").learning_rate == 0.005
+    assert FinetuneConfig(method="mim", weights="w.pt", lr=0.1).learning_rate == 0.1
+    with pytest.raises(ValueError, match="weights"):
+        FinetuneConfig(method="simclr")
+    with pytest.raises(ValueError, match="weights"):
+        FinetuneConfig(weights="w.pt")
+    with pytest.raises(ValueError, match="extra"):
+        FinetuneConfig(learning_rat=0.1)  # type: ignore[call-arg]
+
+
+def test_poly_lr_matches_torch_polynomial_lr_per_epoch() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.01)
+    reference = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=50, power=0.9)
+    factor = poly_factor(50, 0.9)
+    for epoch in range(50):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * factor(epoch), rel=1e-9, abs=1e-15)
+        opt.step()
+        reference.step()
+    assert factor(49) == pytest.approx((1 / 50) ** 0.9) and factor(50) == 0.0 and factor(0) == 1.0
+
+
+def test_build_model_loads_the_whole_encoder_and_refuses_partial(tmp_path: Path) -> None:
+    full = _encoder_file(tmp_path / "encoder.pt")
+    model, report = build_model(IMAGE_SIZE, FinetuneConfig(method="simclr", weights=str(full)))
+    saved = torch.load(full, weights_only=True)
+    assert report is not None and report["matched"] == len(saved)
+    for key, value in saved.items():
+        assert torch.equal(model.state_dict()[key], value)
+    partial = _encoder_file(tmp_path / "partial.pt", drop="encoder.blocks.2")
+    with pytest.raises(PartMismatchError, match="missing"):
+        build_model(IMAGE_SIZE, FinetuneConfig(method="simclr", weights=str(partial)))
+    with pytest.raises(PartMismatchError):  # no decoder in the file
+        build_model(IMAGE_SIZE, FinetuneConfig(method="mim", weights=str(full), part="encoder_decoder"))
+
+
+def test_frozen_encoder_step_updates_only_decoder_and_heads() -> None:
+    from trainers.losses.segmentation import SegmentationLoss
+
+    torch.manual_seed(0)
+    model = UNet2d(IMAGE_SIZE, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    image, label = torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, 4, (2, IMAGE_SIZE, IMAGE_SIZE))
+    loss = train_step(model, opt, SegmentationLoss(), image, label, frozen=list(model.encoder.parameters()))
+    assert np.isfinite(loss)
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        moved = not torch.equal(param, before[name])
+        assert moved == (not name.startswith("encoder.")), name
+    train_step(model, opt, SegmentationLoss(), image, label)  # unfrozen: the encoder moves too
+    assert not torch.equal(params["encoder.blocks.0.conv1.conv.weight"], before["encoder.blocks.0.conv1.conv.weight"])
+
+
+def test_augment_pair_moves_label_with_image() -> None:
+    image = torch.zeros(3, 1, 32, 32)
+    image[:, :, 8:20, 10:24] = 1.0
+    label = (image[:, 0] > 0.5).long() * 3
+    cfg = AugmentConfig(noise_p=0, smooth_p=0, scale_intensity_p=0, shift_p=0, gamma_p=0)
+    gen = torch.Generator().manual_seed(0)
+    out_image, out_label = augment_pair(image, label, cfg, gen)
+    assert out_image.shape == image.shape and out_label.shape == label.shape
+    assert set(out_label.unique().tolist()) <= {0, 3}
+    inside = out_image[:, 0] > 0.5
+    agreement = (inside == (out_label == 3)).float().mean()
+    assert agreement > 0.97  # bilinear image edge vs argmax label edge
+    assert not torch.equal(out_label, label)  # it did move
+
+
+@pytest.mark.slow
+def test_cell_end_to_end_through_ray_train(cell_data: dict[str, Path], tmp_path: Path) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.tracking import MlflowTracker
+    from trainers.finetune import finetune_worker
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("ft", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    output = tmp_path / "cell"
+    weights = _encoder_file(tmp_path / "encoder.pt")
+    config = {"method": "simclr", "weights": str(weights), "budget": 2, "seed": 0, "epochs": 2, "batch_size": 4,
+              "valid_batch_size": 16, "frozen_encoder_epochs": 1}
+    loop = {"store": str(cell_data["store"]), "split": str(cell_data["split"]), "output": str(output),
+            "config": config, "tracker": MlflowTracker(uri, run_id), "evaluate": False}
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        run_config = RunConfig(name="ft-cell", storage_path=str(tmp_path / "ray"))
+        first = TorchTrainer(finetune_worker, train_loop_config=loop, scaling_config=ScalingConfig(num_workers=1),
+                             run_config=run_config).fit()
+        assert first.return_value["resumed_from"] is None and first.return_value["dice"] == []
+        assert first.checkpoint is not None and first.metrics["epoch"] == 1.0
+        # Same name + storage: the run resumes from its last checkpoint and trains only epoch 2.
+        resumed = TorchTrainer(finetune_worker, scaling_config=ScalingConfig(num_workers=1), run_config=run_config,
+                               train_loop_config={**loop, "config": {**config, "epochs": 3}, "evaluate": True}).fit()
+    finally:
+        ray.shutdown()
+    value = resumed.return_value
+    assert value["resumed_from"] == 1 and value["epochs"] == 3
+
+    table = pd.DataFrame(value["dice"])
+    assert list(table.columns) == ["subject_id", "phase", "class", "dice"]
+    from datastore.splits import load_split
+
+    test_ids = set(load_split(cell_data["split"]).subjects("test"))
+    assert set(table["subject_id"]) == test_ids and set(table["phase"]) == {"ED", "ES"}
+    assert len(table) == len(test_ids) * 2 * 3 and table["dice"].between(0, 1).all()
+    assert set(value["summary"]) == {"dice_mean", "dice_LV", "dice_MYO", "dice_RV"}
+
+    written = pd.read_csv(output / "test_dice3d.csv", dtype={"subject_id": str})
+    assert np.allclose(written["dice"], table["dice"])
+    assert (output / "test_dice2d.csv").is_file() and (output / "test_overlay.png").is_file()
+    meta = json.loads((output / "model.json").read_text())
+    assert meta["image_size"] == IMAGE_SIZE and meta["spacing_mm"] == 5.0 and meta["checkpoint"] == "last"
+    state = torch.load(output / "model.pt", weights_only=True)
+    UNet2d(IMAGE_SIZE, 4).load_state_dict(state)  # strict: the file is a complete model
+
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    lrs = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    # epochs 0-1 of the 2-epoch run, then epoch 2 of the resumed 3-epoch run: poly per epoch, lr0 0.005
+    assert lrs == pytest.approx({0: 0.005, 1: 0.005 * 0.5**0.9, 2: 0.005 * (1 / 3) ** 0.9})
+    logged = client.get_run(run_id).data
+    assert logged.params["learning_rate"] == "0.005" and logged.params["pretrained_keys"] != "0"
+    assert "test_dice_mean" in logged.metrics and logged.tags["sspctl.stage"] == "finetune"

@@ -1,0 +1,463 @@
+"""Supervised fine-tuning of one grid cell: the Ray Train per-worker function ``finetune_worker``.
+
+One call is one rank of a data-parallel run (method-spec section 5):
+
+* **Data.** The training subjects are the split's ``budget(b, seed)`` subset; rank ``r`` of ``N``
+  reads its share of their labelled (ED/ES) slices through ``SliceLoader(labelled_only=True)``
+  with a per-rank batch of ``batch_size / N`` (global batch 32 whatever ``N``). An epoch is one pass
+  over those slices (``iterations_per_epoch`` caps it for smoke runs). Validation reads the split's
+  ``valid`` subjects in store order without augmentation.
+* **Augmentation.** ``augment_pair``: the random affine of ``trainers/augment.py`` applied with the
+  same parameters to the image (bilinear) and to the one-hot label (bilinear per class, then argmax,
+  so the label follows the image exactly), then the intensity chain on the image only.
+* **Model.** ``UNet2d(image_size, 4)`` with deep supervision; pretrained weights (if any) are loaded
+  with the strict part loader ``trainers.weights.load_pretrained``. With ``frozen_encoder_epochs``
+  the encoder's gradients are dropped before the optimizer step for those epochs (SGD skips
+  parameters without a gradient, as the published code does with ``requires_grad=False``).
+* **Optimiser.** SGD (nesterov, momentum 0.99, weight decay 3e-5), poly LR
+  ``lr0 * (1 - e / epochs) ** 0.9`` set once per epoch (``poly_factor``, the closed form of
+  ``PolynomialLR(total_iters=epochs, power=0.9)``).
+* **Checkpoints.** Every ``val_every`` epochs and after the last one all ranks call
+  ``ray.train.report`` with the metrics (``train_loss``, ``valid_loss``, ``valid_dice``...); rank 0
+  attaches a safe checkpoint (``trainers.checkpoint``) of the *last* state. Rank 0 also keeps the
+  weights of the lowest validation loss in ``<output>/best_model.pt``. A restarted worker group
+  resumes from ``ray.train.get_checkpoint()``.
+* **Result.** Rank 0 writes the fine-tuned model (``<output>/model.pt`` + ``model.json``, the
+  ``eval_checkpoint`` state, by default the last as published), evaluates the split's test subjects
+  in native space (``trainers.evaluation``), writes ``test_dice3d.csv``, ``test_dice2d.csv`` and
+  ``test_overlay.png`` into ``output`` and returns the per-subject table.
+
+``loop_config`` keys (all JSON-able except ``tracker``)::
+
+    store: str                store path/URL
+    split: str                split YAML path
+    config: dict              ``FinetuneConfig`` as a dict
+    output: str               absolute cell directory (model, tables, figure)
+    tracker: Tracker | None   picklable tracker, used by rank 0 only; None = no tracking
+    runtime: dict | None      ``trainers.pretrain.RuntimeOptions`` (sync BN, cache...)
+    evaluate: bool            evaluate the test subjects at the end (default True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.augment import AugmentConfig, adjust_gamma, gaussian_noise, random_affine, random_blur
+from trainers.augment import scale_intensity, shift_intensity
+from trainers.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from trainers.finetune_config import FinetuneConfig
+from trainers.tracking import NullTracker, Tracker
+
+log = logging.getLogger("sspctl.finetune")
+
+MODEL_FILE = "model.pt"
+MODEL_META = "model.json"
+BEST_FILE = "best_model.pt"
+MODEL_FORMAT = 1
+
+
+class FinetuneError(ValueError):
+    """The cell cannot run with this configuration or data; one line naming the key or file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation of image + label pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def augment_pair(
+    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a labelled batch: ``image`` ``(B, 1, H, W)`` float, ``label`` ``(B, H, W)`` int64.
+
+    The geometric transform is drawn once (from ``gen``) and applied to the image and to each
+    one-hot label channel; the label is the per-pixel argmax of the transformed one-hot maps
+    (outside the input every channel is 0, which argmax maps to background). Then noise, blur,
+    intensity scale, shift and gamma act on the image only. Returns tensors of the input shapes.
+    """
+    state = gen.get_state()
+    out_image = random_affine(image, gen, cfg)
+    after = gen.get_state()
+    onehot = F.one_hot(label.long(), num_classes).permute(0, 3, 1, 2).to(image.dtype)
+    channels = []
+    for c in range(num_classes):
+        gen.set_state(state)  # the same affine parameters for every channel
+        channels.append(random_affine(onehot[:, c : c + 1], gen, cfg))
+    gen.set_state(after)
+    out_label = torch.cat(channels, dim=1).argmax(dim=1)
+    x = gaussian_noise(out_image, gen, cfg.noise_p, cfg.noise_std_max)
+    x = random_blur(x, gen, cfg.smooth_p, cfg.smooth_sigma)
+    x = scale_intensity(x, gen, cfg.scale_intensity_p, cfg.scale_intensity_range)
+    x = shift_intensity(x, gen, cfg.shift_p, cfg.shift_range)
+    x = adjust_gamma(x, gen, cfg.gamma_p, cfg.gamma_range)
+    return x, out_label
+
+
+# ----------------------------------------------------------------------------------------------
+# Model files
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(image_size: int, config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``UNet2d(image_size, 4)`` initialised from ``config.seed``, with the pretrained part loaded.
+
+    Returns ``(model, load report as a dict or None)``.
+
+    Raises:
+        trainers.weights.PartMismatchError / WeightsError: the weights do not match the part exactly.
+    """
+    from datastore.conventions import NUM_CLASSES
+    from trainers.models.unet import UNet2d
+    from trainers.weights import load_pretrained
+
+    torch.manual_seed(config.seed)
+    model = UNet2d(image_size, NUM_CLASSES)
+    if config.weights is None:
+        return model, None
+    report = load_pretrained(model, config.weights, config.part)
+    return model, {"matched": len(report.matched), "ignored": len(report.ignored), "part": config.part}
+
+
+def save_model_dir(
+    directory: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> Path:
+    """Write a fine-tuned model: ``model.pt`` (plain state dict, ``weights_only``-safe) + ``model.json``.
+
+    ``meta`` must hold ``image_size`` and ``spacing_mm``; ``num_classes`` and ``format`` are added.
+    """
+    from trainers.weights import save_weights
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for key in ("image_size", "spacing_mm"):
+        if key not in meta:
+            raise FinetuneError(f"{directory / MODEL_META}: missing key {key}")
+    sha = save_weights(state_dict, directory / MODEL_FILE)
+    full = {"format": MODEL_FORMAT, "num_classes": 4, "file": MODEL_FILE, "sha256": sha, **meta}
+    (directory / MODEL_META).write_text(json.dumps(full, indent=2, default=str))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _ray_context() -> tuple[int, int, bool]:
+    """``(rank, world_size, in_ray)``: Ray Train's values inside a worker, ``(0, 1, False)`` outside."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), True
+    except Exception:  # noqa: BLE001 - plain process (unit use)
+        return 0, 1, False
+
+
+def _resume_state(in_ray: bool) -> TrainState | None:
+    if not in_ray:
+        return None
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_checkpoint(directory)
+
+
+def _report(metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int, in_ray: bool) -> None:
+    if not in_ray:
+        return
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def _sum_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All-reduce (sum) a float64 CPU vector over ranks; identity for one rank."""
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    out = values.to(device)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device, world_size: int) -> dict[str, float]:
+    """Mean validation loss (deep-supervision loss, as in training) and mean 2D Dice per class.
+
+    Every slice counts once per rank; the sums are reduced over ranks.
+    """
+    from datastore.conventions import FOREGROUND_CLASSES, LABEL_NAMES
+    from trainers.metrics import batch_dice_2d
+
+    model.eval()
+    sums = torch.zeros(2 + len(FOREGROUND_CLASSES), dtype=torch.float64)  # loss*n, n, dice sums
+    with torch.no_grad():
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            heads = model(image, deep_supervision=True)
+            n = image.shape[0]
+            sums[0] += float(loss_fn(heads, label)) * n
+            sums[1] += n
+            dice = batch_dice_2d(heads[0].argmax(1).cpu(), label.cpu())
+            sums[2:] += dice.sum(0)
+    model.train()
+    sums = _sum_over_ranks(sums, world_size)
+    n = max(float(sums[1]), 1.0)
+    out = {"valid_loss": float(sums[0]) / n}
+    per_class = {f"valid_dice_{LABEL_NAMES[c]}": float(sums[2 + j]) / n for j, c in enumerate(FOREGROUND_CLASSES)}
+    out.update(per_class)
+    out["valid_dice"] = sum(per_class.values()) / len(per_class)
+    return out
+
+
+def poly_factor(epochs: int, power: float) -> Any:
+    """LR factor of epoch ``e``: ``(1 - e / epochs) ** power`` (0 from ``epochs`` on).
+
+    The closed form of ``torch.optim.lr_scheduler.PolynomialLR(total_iters=epochs, power)`` at integer
+    epochs; unlike that scheduler's recursive update it stays right when a resumed run changes
+    ``epochs``.
+    """
+
+    def factor(epoch: int) -> float:
+        return max(0.0, 1.0 - min(epoch, epochs) / epochs) ** power
+
+    return factor
+
+
+def train_step(
+    net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, image: torch.Tensor,
+    label: torch.Tensor, frozen: list[nn.Parameter] | None = None,
+) -> float:
+    """One SGD step on ``image`` ``(B, 1, H, W)`` / ``label`` ``(B, H, W)``; returns the loss value.
+
+    Parameters in ``frozen`` lose their gradient before the step, so SGD leaves them (and their
+    momentum and weight decay) untouched, as with ``requires_grad=False`` in the published code.
+    """
+    loss = loss_fn(net(image, deep_supervision=True), label)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in frozen or ():
+        p.grad = None
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _encoder_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.encoder.parameters())  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker
+# ----------------------------------------------------------------------------------------------
+
+
+def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """One rank of one fine-tuning cell (see the module docstring for ``loop_config``).
+
+    Returns (rank 0's value becomes ``Result.return_value``)::
+
+        {"dice": [{"subject_id", "phase", "class", "dice"}, ...]   # 3D test Dice, native space
+         "summary": {"dice_mean", "dice_LV", "dice_MYO", "dice_RV"},
+         "valid": {last validation metrics}, "best_valid_loss": float, "epochs": int,
+         "output": str, "model": str, "resumed_from": int | None}
+
+    Other ranks return the same keys with an empty ``dice`` list and ``summary``.
+    """
+    from datastore.loader import SliceLoader
+    from datastore.splits import load_split
+    from datastore.store import SliceStore
+    from trainers.losses.segmentation import SegmentationLoss
+    from trainers.pretrain import RuntimeOptions, augmentation_seed, per_rank_batch, select_device, wrap_model
+
+    rank, world_size, in_ray = _ray_context()
+    config = FinetuneConfig.model_validate(loop_config["config"])
+    options = RuntimeOptions.model_validate(loop_config.get("runtime") or {})
+    output = Path(loop_config["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    tracker: Tracker = (loop_config.get("tracker") or NullTracker()) if rank == 0 else NullTracker()
+    device = select_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    store_path = loop_config["store"]
+    store = SliceStore.open(store_path)
+    image_size = store.image_size
+    spacing_mm = float(store.attrs.get("spacing", 1.25))
+    if config.image_size is not None and config.image_size != image_size:
+        raise FinetuneError(f"config.image_size: {config.image_size} px differs from the store's {image_size} px ({store_path})")
+    split = load_split(loop_config["split"])
+    train_ids = split.budget(config.budget, config.seed)
+    valid_ids = split.subjects("valid")
+
+    batch = per_rank_batch(config.batch_size, world_size)
+    train_loader = SliceLoader(store_path, train_ids, labelled_only=True, batch_size=batch, rank=rank,
+                               world_size=world_size, seed=config.seed, cache=options.cache, progress=False)
+    valid_loader = None
+    if valid_ids:
+        valid_batch = max(1, config.valid_batch_size // world_size)
+        valid_loader = SliceLoader(store_path, valid_ids, labelled_only=True, batch_size=valid_batch, rank=rank,
+                                   world_size=world_size, seed=config.seed, shuffle=False, drop_last=False,
+                                   cache=options.cache, progress=False)
+    steps_per_epoch = len(train_loader)
+    if config.iterations_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.iterations_per_epoch)
+
+    model, load_report = build_model(image_size, config)
+    net, modules = wrap_model(model, device, world_size, options)
+    optimizer = torch.optim.SGD(modules.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_factor(config.epochs, config.poly_power))
+    loss_fn = SegmentationLoss()
+    resolved = config.model_dump(mode="json")
+
+    start_epoch, global_step = 0, 0
+    best_valid = math.inf
+    valid_metrics: dict[str, float] = {}
+    state = _resume_state(in_ray)
+    if state is not None:
+        modules.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        if state.scheduler:
+            scheduler.load_state_dict(state.scheduler)
+        factor = poly_factor(config.epochs, config.poly_power)(state.epoch + 1)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor  # closed form: follows this run's epochs
+        if state.rng:
+            restore_rng(state.rng)
+        start_epoch, global_step = state.epoch + 1, state.global_step
+        best_valid = float(state.metrics.get("best_valid_loss", math.inf))
+        valid_metrics = {k: v for k, v in state.metrics.items() if k.startswith("valid_")}
+
+    if rank == 0:
+        tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
+                          "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
+                          "sspctl.device": device.type, "sspctl.world_size": str(world_size)})
+        if state is None:
+            tracker.log_params({**resolved, "learning_rate": config.learning_rate, "world_size": world_size,
+                                "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch,
+                                "train_subjects": len(train_ids), "train_slices": train_loader.n_selected,
+                                "valid_subjects": len(valid_ids), "store_hash": store.hash or "",
+                                "pretrained_keys": (load_report or {}).get("matched", 0)})
+
+    frozen_params = _encoder_params(modules) if config.pretrained and config.frozen_encoder_epochs else []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"finetune {config.method}/{config.budget}/{config.seed}",
+               unit="epoch", disable=rank != 0, leave=False)
+    for epoch in range(start_epoch, config.epochs):
+        train_loader.set_epoch(epoch)
+        generator = torch.Generator(device=device).manual_seed(augmentation_seed(config.seed, rank, epoch))
+        net.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        for step, data in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            image, label = data["image"].to(device), data["label"].to(device)
+            if config.augment_enabled:
+                image, label = augment_pair(image, label, config.augment, generator)
+            frozen = frozen_params if epoch < config.frozen_encoder_epochs else []
+            loss = train_step(net, optimizer, loss_fn, image, label, frozen)
+            global_step += 1
+            loss_sum += torch.tensor([loss, 1.0], dtype=torch.float64)
+        scheduler.step()
+        loss_sum = _sum_over_ranks(loss_sum, world_size)
+        train_loss = float(loss_sum[0] / max(float(loss_sum[1]), 1.0))
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; lower config.lr")
+        last = epoch + 1 == config.epochs
+        do_validate = valid_loader is not None and ((epoch + 1) % config.val_every == 0 or last)
+        metrics: dict[str, float] = {"train_loss": train_loss, "lr": lr, "epoch": float(epoch),
+                                     "epoch_time_s": time.perf_counter() - started}
+        if do_validate:
+            valid_metrics = validate(net, valid_loader, loss_fn, device, world_size)
+            if rank == 0 and valid_metrics["valid_loss"] < best_valid:
+                from trainers.weights import save_weights
+
+                best_valid = valid_metrics["valid_loss"]
+                save_weights(modules.state_dict(), output / BEST_FILE)
+        metrics.update(valid_metrics)
+        metrics["best_valid_loss"] = best_valid if math.isfinite(best_valid) else float("nan")
+        if rank == 0:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch" and math.isfinite(v)}, step=epoch)
+            bar.set_postfix(loss=f"{train_loss:.3f}", valid=f"{valid_metrics.get('valid_dice', float('nan')):.3f}")
+            bar.update(1)
+        if do_validate or last or valid_loader is None:
+            checkpoint_dir = None
+            if rank == 0:
+                checkpoint_dir = Path(tempfile.mkdtemp(prefix="sspctl-ft-ckpt-"))
+                save_checkpoint(checkpoint_dir, TrainState(
+                    epoch=epoch, global_step=global_step, model=modules.state_dict(),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=capture_rng(),
+                    config=resolved, metrics=metrics,
+                ))
+            _report(metrics, checkpoint_dir, epoch, in_ray)
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    bar.close()
+
+    result: dict[str, Any] = {"dice": [], "summary": {}, "valid": valid_metrics,
+                              "best_valid_loss": best_valid, "epochs": config.epochs, "output": str(output),
+                              "model": str(output), "resumed_from": None if state is None else state.epoch}
+    if rank != 0:
+        return result
+
+    final_state = modules.state_dict()
+    which = "last"
+    if config.eval_checkpoint == "best" and (output / BEST_FILE).is_file():
+        from trainers.weights import load_weights
+
+        final_state = load_weights(output / BEST_FILE)
+        which = "best"
+    save_model_dir(output, final_state, {
+        "image_size": image_size, "spacing_mm": spacing_mm, "checkpoint": which, "epochs": config.epochs,
+        "config": resolved, "store": str(store_path), "store_hash": store.hash, "split": str(loop_config["split"]),
+        "best_valid_loss": best_valid if math.isfinite(best_valid) else None, "valid": valid_metrics,
+    })
+    tracker.log_artifact(output / MODEL_META, "model")
+    if loop_config.get("evaluate", True):
+        from trainers.evaluation import evaluate_store, model_scores_fn
+        from trainers.models.unet import UNet2d
+
+        eval_model = UNet2d(image_size, 4)
+        eval_model.load_state_dict(final_state)
+        eval_model.to(device)
+        test_ids = split.subjects("test")
+        evaluation = evaluate_store(model_scores_fn(eval_model, device), store, test_ids, image_size, spacing_mm,
+                                    progress=True)
+        for path in evaluation.write(output, prefix="test"):
+            tracker.log_artifact(path, "evaluation")
+        summary = evaluation.summary()
+        tracker.log_metrics({f"test_{k}": v for k, v in summary.items()}, step=config.epochs)
+        result["dice"] = evaluation.dice3d.to_dict(orient="records")
+        result["summary"] = summary
+    return result
+
+
+__all__ = ["BEST_FILE", "MODEL_FILE", "MODEL_META", "FinetuneError", "augment_pair", "build_model",
+           "finetune_worker", "poly_factor", "save_model_dir", "train_step", "validate"]
