@@ -185,5 +185,5 @@ def run_study(
             gpus_per_trial=config.finetune.gpus_per_trial, config=finetune_config(config),
             study=config.name, workspace=workspace, progress=progress,
         )
-    report = build_report(config.name, workspace.tracking_uri, workspace.root / "report")
+    report = build_report(config.name, workspace.tracking_uri, workspace.root / "reports" / config.name)
     return StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)

@@ -1,7 +1,162 @@
-"""CLI commands of this stage (being written)."""
+"""``sspctl finetune``, ``sspctl report`` and ``sspctl ui``: the fine-tuning grid and its results.
+
+Heavy imports (Ray, MLflow, torch, matplotlib) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
+from orchestrator.commands._common import fail
+
+
+def finetune(
+    store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) to fine-tune and test on."),
+    split: Path = typer.Option(..., "--split", help="Split YAML with test/train/valid and the label-budget subsets."),
+    pretrained: str = typer.Option(
+        "", "--pretrained",
+        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json) "
+        "or a run name under <output>/pretrain/.",
+    ),
+    budgets: str = typer.Option("10,15,25,50,all", "--budgets", help="Label budgets: labelled training subjects per cell, or 'all'."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds: each selects a nested label subset and seeds training."),
+    methods: str | None = typer.Option(
+        None, "--methods",
+        help="Initialisations to run (scratch,simclr,pcl,dino,mim). Default: scratch plus every --pretrained method. "
+        "scratch is always included.",
+    ),
+    workers_per_trial: int = typer.Option(1, "--workers-per-trial", min=1, help="Ray Train DDP workers per cell."),
+    gpus_per_trial: float = typer.Option(
+        0.0, "--gpus-per-trial", min=0.0, help="GPUs per cell; a fraction (e.g. 0.25) packs small cells onto one GPU."
+    ),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", min=0.01, help="Logical CPUs per Train worker."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML of FinetuneConfig keys applied to every cell (method/budget/seed/weights are set per cell)."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the number of epochs per cell (paper: 1000)."),
+    study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study. Default: sspctl-<store hash8>."),
+    output: Path | None = typer.Option(None, "--output", help="Workspace root (MLflow db, Ray storage, outputs). Default: $SSPCTL_HOME or ./runs."),
+    num_cpus: int | None = typer.Option(
+        None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
+    ),
+    max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
+) -> None:
+    """Run the methods x budgets x seeds fine-tuning grid on Ray Tune (rerun the same command to resume).
+
+    Finished cells are skipped, interrupted cells resume from their last checkpoint.
+
+    Each cell is an MLflow child run of the grid's parent run in the study's experiment.
+    """
+    from orchestrator.configio import ConfigError, read_yaml
+    from orchestrator.grid import GridError, parse_budgets, parse_pretrained, parse_seeds, run_grid
+    from orchestrator.workspace import Workspace
+
+    try:
+        base = read_yaml(config) if config else {}
+        if epochs is not None:
+            base["epochs"] = epochs
+        method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        outcome = run_grid(
+            store=store, split=split, budgets=parse_budgets(budgets), seeds=parse_seeds(seeds),
+            pretrained=parse_pretrained(pretrained), methods=method_list,
+            workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
+            config=base, study=study, workspace=Workspace.resolve(output), num_cpus=num_cpus,
+            max_failures=max_failures,
+        )
+    except (GridError, ConfigError) as exc:
+        fail(str(exc))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"grid {outcome.grid_id} (study {outcome.study})")
+    for column in ("cell", "status", "test Dice (mean)"):
+        table.add_column(column, justify="right" if column.startswith("test") else "left")
+    for cell in outcome.cells:
+        dice = cell.metrics.get("test_dice_mean")
+        table.add_row(cell.cell.name, cell.status, "-" if dice is None else f"{dice:.3f}")
+    Console().print(table)
+    counts = {s: sum(c.status == s for c in outcome.cells) for s in ("done", "skipped", "failed")}
+    typer.echo(
+        f"study {outcome.study}, grid {outcome.grid_id}: {counts['done']} cells run, {counts['skipped']} already "
+        f"complete, {counts['failed']} failed (MLflow parent run {outcome.parent_run_id})"
+    )
+    for cell in outcome.cells:
+        if cell.status == "failed":
+            typer.secho(f"  {cell.cell.name}: {cell.error}", fg=typer.colors.RED, err=True)
+    if not outcome.ok:
+        fail("some cells failed; rerun the same command to retry them")
+
+
+def report(
+    study: str = typer.Option(..., "--study", help="MLflow experiment name of the study (as given to finetune)."),
+    output: Path | None = typer.Option(None, "--output", help="Workspace root holding the MLflow db. Default: $SSPCTL_HOME or ./runs."),
+    report_dir: Path | None = typer.Option(
+        None, "--report-dir", help="Where to write report.md/.html, CSVs and plots. Default: <output>/reports/<study>/."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list of rows instead of a table."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to the study's grid parent run."),
+) -> None:
+    """Build the study report: Dice table (method x budget), Wilcoxon tests vs scratch, plots, overlays."""
+    from orchestrator.report import ReportError, build_report
+    from orchestrator.workspace import Workspace
+
+    workspace = Workspace.resolve(output)
+    target = report_dir or workspace.root / "reports" / study
+    try:
+        result = build_report(study, workspace.tracking_uri, target, log_to_mlflow=not no_log)
+    except ReportError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.rows(), indent=1))
+        return
+    print_report(result, study)
+
+
+def print_report(result: object, study: str) -> None:
+    """Print a built report as a table in the terminal, with its test summary and file paths."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.report import pivot_table
+
+    console = Console()
+    pivot = pivot_table(result.summary)  # type: ignore[attr-defined]
+    table = Table(title=f"3D Dice, study {study} (mean ± sd over seeds and test subject-phases)")
+    for column in pivot.columns:
+        table.add_column(str(column), justify="left" if column == "method" else "right")
+    for row in pivot.itertuples(index=False):
+        table.add_row(*[str(v) for v in row])
+    console.print(table)
+    tests = result.tests  # type: ignore[attr-defined]
+    significant = tests[tests["p_value"] < 0.05]
+    console.print(f"Wilcoxon vs scratch: {len(significant)} of {len(tests)} comparisons with p < 0.05")
+    for note in result.notes[:10]:  # type: ignore[attr-defined]
+        console.print(f"[yellow]note:[/yellow] {note}")
+    files = result.files  # type: ignore[attr-defined]
+    console.print(f"report: {files['html']}  ({files['markdown'].name}, summary.csv, wilcoxon.csv)")
+
+
+def ui(
+    output: Path | None = typer.Option(None, "--output", help="Workspace root whose MLflow backend to browse. Default: $SSPCTL_HOME or ./runs."),
+    port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C stops it)."""
+    from orchestrator.ui import UiError, serve
+    from orchestrator.workspace import Workspace
+
+    try:
+        code = serve(Workspace.resolve(output), port=port, echo=typer.echo)
+    except UiError as exc:
+        fail(str(exc))
+    if code:
+        fail(f"mlflow server exited with code {code}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``finetune``, ``report`` and ``ui`` to the root app."""
+    app.command("finetune")(finetune)
+    app.command("report")(report)
+    app.command("ui")(ui)

@@ -1,0 +1,412 @@
+"""The study report: the paper's table, Wilcoxon tests against scratch, plots, Markdown/CSV/HTML.
+
+Input: the finished grid-cell runs of one MLflow study (experiment) and their per-subject Dice
+tables (artifact ``per_subject_dice.csv``, rows ``subject_id, phase, class, dice``).
+
+- Table: for each method x budget and each class (LV, MYO, RV, and ``mean`` = mean of the three
+  classes per subject-phase), the mean and sample sd (ddof 1) of 3D Dice over all seeds and test
+  subject-phases, with ``n`` the number of values pooled.
+- Tests: for each budget and each method other than scratch, the per-(subject, phase) Dice averaged
+  over seeds is paired with scratch's and compared with ``scipy.stats.wilcoxon`` (two-sided). Too few
+  pairs or all-zero differences give no p-value and a note instead of an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.study_tracking import (
+    COMPLETION_METRIC,
+    PER_SUBJECT_ARTIFACT,
+    StudyTracking,
+    cell_runs,
+    grid_runs,
+    open_study,
+)
+
+log = logging.getLogger("sspctl.report")
+
+CLASSES = ("LV", "MYO", "RV")
+MEAN = "mean"
+SCRATCH = "scratch"
+#: Below this many pairs a two-sided Wilcoxon test cannot reach p < 0.05.
+MIN_PAIRS_FOR_SIGNIFICANCE = 6
+_METHOD_ORDER = ("scratch", "simclr", "pcl", "dino", "mim")
+
+
+class ReportError(ValueError):
+    """The study cannot be reported (missing, or no finished cells); one line."""
+
+
+@dataclass
+class Report:
+    """Everything ``build_report`` produced: tables, notes and the files written."""
+
+    study: str
+    summary: pd.DataFrame
+    tests: pd.DataFrame
+    files: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    parent_run_id: str | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Summary rows as JSON-ready dicts (``method, budget, class, dice_mean, dice_sd, n, ...``)."""
+        return [_json_row(r) for r in self.summary.to_dict(orient="records")]
+
+    def test_rows(self) -> list[dict[str, Any]]:
+        return [_json_row(r) for r in self.tests.to_dict(orient="records")]
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        elif hasattr(value, "item"):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+# -- ordering helpers ----------------------------------------------------------------------------
+
+
+def budget_key(budget: Any) -> tuple[int, float]:
+    """Sort key: numeric budgets ascending, then ``all``."""
+    text = str(budget)
+    return (1, math.inf) if text == "all" else (0, float(text))
+
+
+def method_key(method: str) -> tuple[int, str]:
+    return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), method)
+
+
+def _sorted_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    keys = frame.apply(
+        lambda r: (method_key(r["method"]), budget_key(r["budget"]),
+                   (CLASSES + (MEAN,)).index(r["class"]) if r["class"] in CLASSES + (MEAN,) else 9),
+        axis=1,
+    )
+    return frame.assign(_k=keys).sort_values("_k").drop(columns="_k").reset_index(drop=True)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_study_table(study: StudyTracking, cache_dir: Path) -> tuple[pd.DataFrame, list[Any], list[str]]:
+    """Per-subject Dice of every finished cell of ``study``.
+
+    Returns ``(table, runs, notes)``: table columns ``method, budget, seed, run_id, cell, subject_id,
+    phase, class, dice`` (budget as string); the finished cell runs; notes on skipped runs.
+    """
+    from orchestrator.grid import normalise_dice_table
+
+    notes: list[str] = []
+    frames = []
+    finished = []
+    latest: dict[tuple[str, str, str], Any] = {}
+    for run in cell_runs(study):
+        name = run.info.run_name
+        if run.info.status != "FINISHED" or COMPLETION_METRIC not in run.data.metrics:
+            notes.append(f"cell {name} skipped: not finished ({run.info.status})")
+            continue
+        # A study may hold several grids (e.g. rerun with another config): the same method, budget
+        # and seed count once, from the run that finished last.
+        key = (run.data.tags.get("method", "?"), str(run.data.tags.get("budget", "?")), str(run.data.tags.get("seed", "0")))
+        previous = latest.get(key)
+        if previous is not None and (previous.info.end_time or 0) > (run.info.end_time or 0):
+            notes.append(f"cell {name} skipped: superseded by {previous.info.run_name}")
+            continue
+        if previous is not None:
+            notes.append(f"cell {previous.info.run_name} skipped: superseded by {name}")
+        latest[key] = run
+    for run in latest.values():
+        name = run.info.run_name
+        try:
+            local = study.client.download_artifacts(run.info.run_id, PER_SUBJECT_ARTIFACT, str(cache_dir / name))
+            table = normalise_dice_table(pd.read_csv(local))
+        except Exception as exc:  # noqa: BLE001 - one broken cell must not sink the report
+            notes.append(f"cell {name} skipped: no readable {PER_SUBJECT_ARTIFACT} ({str(exc).splitlines()[0][:120]})")
+            continue
+        tags = run.data.tags
+        table = table.assign(
+            method=tags.get("method", "?"), budget=str(tags.get("budget", "?")), seed=int(tags.get("seed", 0)),
+            run_id=run.info.run_id, cell=name,
+        )
+        frames.append(table)
+        finished.append(run)
+    if not frames:
+        raise ReportError(f"study {study.study!r} has no finished fine-tuning cells yet")
+    columns = ["method", "budget", "seed", "run_id", "cell", "subject_id", "phase", "class", "dice"]
+    return pd.concat(frames, ignore_index=True)[columns], finished, notes
+
+
+def with_mean_class(table: pd.DataFrame) -> pd.DataFrame:
+    """Add rows of class ``mean``: per (cell, subject, phase), the mean Dice of LV, MYO and RV."""
+    keys = ["method", "budget", "seed", "run_id", "cell", "subject_id", "phase"]
+    keys = [k for k in keys if k in table.columns]
+    per_class = table[table["class"].isin(CLASSES)]
+    mean = per_class.groupby(keys, as_index=False)["dice"].mean().assign(**{"class": MEAN})
+    return pd.concat([per_class, mean[per_class.columns]], ignore_index=True)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd of Dice over seeds and subject-phases per method x budget x class (incl. ``mean``).
+
+    Columns: ``method, budget, class, dice_mean, dice_sd, n, n_seeds``.
+    """
+    full = with_mean_class(table)
+    grouped = full.groupby(["method", "budget", "class"])
+    summary = grouped["dice"].agg(dice_mean="mean", dice_sd=lambda s: s.std(ddof=1), n="count").reset_index()
+    summary["n_seeds"] = grouped["seed"].nunique().values
+    return _sorted_frame(summary)
+
+
+def wilcoxon_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Paired two-sided Wilcoxon signed-rank test of each method vs scratch per budget and class.
+
+    Pairs are (subject_id, phase) values averaged over seeds. Columns: ``method, budget, class,
+    n_pairs, median_diff, statistic, p_value, note`` (``p_value`` NaN with a note when the test is
+    undefined: no pairs, all differences zero).
+    """
+    from scipy.stats import wilcoxon
+
+    full = with_mean_class(table)
+    per_pair = full.groupby(["method", "budget", "class", "subject_id", "phase"], as_index=False)["dice"].mean()
+    rows = []
+    for (method, budget, cls), group in per_pair.groupby(["method", "budget", "class"]):
+        if method == SCRATCH:
+            continue
+        base = per_pair[(per_pair["method"] == SCRATCH) & (per_pair["budget"] == budget) & (per_pair["class"] == cls)]
+        paired = group.merge(base, on=["subject_id", "phase"], suffixes=("", "_scratch"))
+        diffs = paired["dice"] - paired["dice_scratch"]
+        row = {"method": method, "budget": budget, "class": cls, "n_pairs": len(paired),
+               "median_diff": float(diffs.median()) if len(paired) else math.nan,
+               "statistic": math.nan, "p_value": math.nan, "note": ""}
+        if len(paired) == 0:
+            row["note"] = "no scratch cell with the same subjects at this budget"
+        elif (diffs == 0).all():
+            row["note"] = "all paired differences are zero"
+        else:
+            try:
+                result = wilcoxon(paired["dice"].to_numpy(), paired["dice_scratch"].to_numpy())
+                row["statistic"], row["p_value"] = float(result.statistic), float(result.pvalue)
+            except ValueError as exc:
+                row["note"] = str(exc).splitlines()[0]
+            if len(paired) < MIN_PAIRS_FOR_SIGNIFICANCE and not row["note"]:
+                row["note"] = f"only {len(paired)} pairs: p cannot reach 0.05"
+        rows.append(row)
+    columns = ["method", "budget", "class", "n_pairs", "median_diff", "statistic", "p_value", "note"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    return _sorted_frame(pd.DataFrame(rows, columns=columns))
+
+
+def pivot_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """The paper's layout: one row per method x budget, one ``mean ± sd`` column per class."""
+    rows = []
+    for (method, budget), group in summary.groupby(["method", "budget"], sort=False):
+        row: dict[str, Any] = {"method": method, "budget": budget}
+        for _, item in group.iterrows():
+            sd = "" if pd.isna(item["dice_sd"]) else f" ± {item['dice_sd']:.{digits}f}"
+            row[item["class"]] = f"{item['dice_mean']:.{digits}f}{sd}"
+        row["n"] = int(group["n"].max())
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame[["method", "budget", *[c for c in (*CLASSES, MEAN) if c in frame.columns], "n"]]
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def plot_dice_vs_budget(summary: pd.DataFrame, output: Path) -> dict[str, Path]:
+    """One PNG per class (and ``mean``): Dice (mean ± sd) against label budget, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(summary["budget"].unique(), key=budget_key)
+    positions = {b: i for i, b in enumerate(budgets)}
+    paths = {}
+    for cls in (*CLASSES, MEAN):
+        part = summary[summary["class"] == cls]
+        if part.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        methods = sorted(part["method"].unique(), key=method_key)
+        for i, method in enumerate(methods):
+            rows = part[part["method"] == method].sort_values("budget", key=lambda s: s.map(budget_key))
+            dodge = (i - (len(methods) - 1) / 2) * 0.06  # keep overlapping error bars apart
+            x = [positions[b] + dodge for b in rows["budget"]]
+            ax.errorbar(x, rows["dice_mean"], yerr=rows["dice_sd"].fillna(0), marker="o", capsize=3, label=method)
+        ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
+        ax.set_xlabel("labelled training subjects")
+        ax.set_ylabel("3D Dice")
+        ax.set_title(f"Dice vs label budget: {cls}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = output / f"dice_vs_budget_{cls}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths[cls] = path
+    return paths
+
+
+def collect_overlays(study: StudyTracking, runs: Sequence[Any], output: Path) -> list[tuple[str, Path]]:
+    """Download one overlay figure per method x budget (lowest seed), if the cells logged any.
+
+    An overlay is any logged ``.png`` artifact whose name contains ``overlay``.
+    """
+    chosen: dict[tuple[str, str], Any] = {}
+    for run in sorted(runs, key=lambda r: int(r.data.tags.get("seed", 0))):
+        key = (run.data.tags.get("method", "?"), str(run.data.tags.get("budget", "?")))
+        chosen.setdefault(key, run)
+    found = []
+    for (method, budget), run in sorted(chosen.items(), key=lambda kv: (method_key(kv[0][0]), budget_key(kv[0][1]))):
+        try:
+            path = _find_artifact(study, run.info.run_id, "", lambda p: p.endswith(".png") and "overlay" in p.lower())
+            if path is None:
+                continue
+            target = output / run.info.run_name
+            target.mkdir(parents=True, exist_ok=True)
+            local = study.client.download_artifacts(run.info.run_id, path, str(target))
+            found.append((f"{method}, budget {budget} ({run.info.run_name})", Path(local)))
+        except Exception as exc:  # noqa: BLE001 - a missing figure is not worth failing the report
+            log.warning("overlay of %s not available (%s)", run.info.run_name, exc)
+    return found
+
+
+def _find_artifact(study: StudyTracking, run_id: str, path: str, match: Any, depth: int = 3) -> str | None:
+    for item in study.client.list_artifacts(run_id, path or None):
+        if item.is_dir and depth > 0:
+            hit = _find_artifact(study, run_id, item.path, match, depth - 1)
+            if hit:
+                return hit
+        elif match(item.path):
+            return item.path
+    return None
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` (NaN shown as ``-``)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _embed(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def write_report(
+    report: Report, output: Path, plots: dict[str, Path], overlays: list[tuple[str, Path]]
+) -> dict[str, Path]:
+    """Write ``summary.csv``, ``wilcoxon.csv``, ``per_subject.csv``-free ``report.md`` and ``report.html``."""
+    pivot = pivot_table(report.summary)
+    files = {"summary_csv": output / "summary.csv", "wilcoxon_csv": output / "wilcoxon.csv",
+             "markdown": output / "report.md", "html": output / "report.html"}
+    report.summary.to_csv(files["summary_csv"], index=False)
+    report.tests.to_csv(files["wilcoxon_csv"], index=False)
+    title = f"Fine-tuning study {report.study}"
+    intro = ("3D Dice on the test subjects (ED and ES), mean ± sd over seeds and subject-phases; "
+             "`mean` is the mean of LV, MYO and RV per subject-phase. Wilcoxon: paired signed-rank test "
+             "of each method against scratch on per-subject-phase Dice averaged over seeds (two-sided).")
+    md = [f"# {title}", "", intro, "", "## Dice", "", markdown_table(pivot), "",
+          "## Wilcoxon signed-rank tests against scratch", "", markdown_table(report.tests), ""]
+    md += ["## Dice vs label budget", ""] + [f"![{cls}]({p.name})" for cls, p in plots.items()] + [""]
+    if overlays:
+        md += ["## Overlays", ""] + [f"![{label}]({p.relative_to(output)})" for label, p in overlays] + [""]
+    if report.notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    files["markdown"].write_text("\n".join(md))
+
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:540px;margin:4px}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
+             "<h2>Dice</h2>", pivot.to_html(index=False, na_rep="-"),
+             "<h2>Wilcoxon signed-rank tests against scratch</h2>", report.tests.to_html(index=False, na_rep="-"),
+             "<h2>Dice vs label budget</h2>", "".join(_embed(p) for p in plots.values())]
+    if overlays:
+        parts += ["<h2>Overlays</h2>"] + [f"<figure>{_embed(p)}<figcaption>{html.escape(label)}</figcaption></figure>"
+                                          for label, p in overlays]
+    if report.notes:
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in report.notes] + ["</ul>"]
+    parts.append("</body></html>")
+    files["html"].write_text("".join(parts))
+    return files
+
+
+def build_report(
+    study: str,
+    tracking_uri: str,
+    output: Path,
+    log_to_mlflow: bool = True,
+) -> Report:
+    """Read ``study`` from MLflow, compute the table and tests, write the files, log them.
+
+    Args:
+        study: MLflow experiment name of the study.
+        tracking_uri: MLflow backend (``Workspace.tracking_uri``).
+        output: directory for ``report.md``, ``report.html``, ``summary.csv``, ``wilcoxon.csv``,
+            ``dice_vs_budget_<class>.png`` and ``overlays/``.
+        log_to_mlflow: log the output directory under ``report/`` of the latest grid parent run.
+
+    Raises:
+        ReportError: the study does not exist or has no finished cells.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        tracking = open_study(tracking_uri, study, create=False)
+    except LookupError as exc:
+        raise ReportError(str(exc)) from None
+    output = Path(output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    table, runs, notes = load_study_table(tracking, output / ".cache")
+    report = Report(study=study, summary=summary_table(table), tests=wilcoxon_table(table), notes=notes)
+    for row in report.test_rows():
+        if row["note"]:
+            report.notes.append(f"{row['method']} vs scratch, budget {row['budget']}, {row['class']}: {row['note']}")
+    plots = plot_dice_vs_budget(report.summary, output)
+    overlays = collect_overlays(tracking, runs, output / "overlays")
+    report.files = write_report(report, output, plots, overlays)
+    report.files.update({f"plot_{cls}": p for cls, p in plots.items()})
+    (output / "summary.json").write_text(json.dumps(report.rows(), indent=1))
+    report.files["json"] = output / "summary.json"
+    parents = grid_runs(tracking)
+    if parents:
+        report.parent_run_id = parents[-1].info.run_id
+    if log_to_mlflow and report.parent_run_id:
+        from orchestrator.tracking import MlflowTracker
+
+        tracker = MlflowTracker(tracking_uri, report.parent_run_id)
+        for path in [*report.files.values(), *(p for _, p in overlays)]:
+            rel = path.parent.relative_to(output)
+            tracker.log_artifact(path, "report" if str(rel) == "." else f"report/{rel}")
+    return report

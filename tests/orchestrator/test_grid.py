@@ -1,0 +1,243 @@
+"""The fine-tuning grid: unit checks, then one real 2 x 2 x 1 grid through Ray Tune + Train.
+
+End to end: synthetic phantom -> ingest -> split -> a fabricated SimCLR run (a freshly initialised
+UNet2d encoder saved per the weights contract) -> ``run_grid`` with the real
+``trainers.finetune.finetune_worker`` (1 epoch, 1 step) on a private local Ray -> every cell in a
+real sqlite MLflow with tags, curves, test Dice and artifacts -> rerun skips everything -> deleting
+one completion marker makes exactly that cell run again, resuming from its final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.grid import (
+    MARKER_NAME,
+    GridError,
+    GridSpec,
+    _record_cell,
+    dice_metrics,
+    execute_plan,
+    max_concurrent_trials,
+    parse_budgets,
+    parse_pretrained,
+    parse_seeds,
+    plan_grid,
+    resolve_pretrained,
+    run_grid,
+)
+from orchestrator.study_tracking import PER_SUBJECT_ARTIFACT, open_study
+from orchestrator.tracking import MlflowTracker
+from orchestrator.workspace import Workspace
+
+SIZE = 32
+CONFIG = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 2, "valid_batch_size": 8}
+
+
+# -- unit checks (no Ray) ------------------------------------------------------------------------
+
+
+def test_parsers_and_their_errors() -> None:
+    assert parse_budgets("10, 15,all") == (10, 15, "all")
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    assert parse_pretrained("simclr=a, mim=/x/y") == {"simclr": "a", "mim": "/x/y"}
+    for bad, match in (("10,x", "--budgets: 'x'"), ("0", "--budgets: 0 must be a positive"), ("", "--budgets: empty")):
+        with pytest.raises(GridError, match=match):
+            parse_budgets(bad)
+    with pytest.raises(GridError, match="--seeds"):
+        parse_seeds("a")
+    with pytest.raises(GridError, match="unknown SSP method 'moco'"):
+        parse_pretrained("moco=r")
+    with pytest.raises(GridError, match="not METHOD=RUN"):
+        parse_pretrained("simclr")
+
+
+def test_max_concurrent_trials_from_resources() -> None:
+    spec = GridSpec(methods=("scratch",), budgets=(10,), seeds=(0,), workers_per_trial=1, gpus_per_trial=0.25,
+                    cpus_per_worker=2)
+    # 16 CPUs / 2.01 per cell = 7; 1 GPU / 0.25 = 4 -> 4 cells share the GPU
+    assert max_concurrent_trials(spec, {"CPU": 16, "GPU": 1}, n_cells=65) == 4
+    assert max_concurrent_trials(spec, {"CPU": 16, "GPU": 8}, n_cells=65) == 7
+    assert max_concurrent_trials(spec, {"CPU": 16, "GPU": 8}, n_cells=3) == 3
+    cpu_only = GridSpec(methods=("scratch",), budgets=(10,), seeds=(0,), workers_per_trial=2)
+    assert max_concurrent_trials(cpu_only, {"CPU": 3}, n_cells=4) == 1  # the 2-worker cell fits on num_cpus=3
+    with pytest.raises(GridError, match="needs 2.01 CPUs"):
+        max_concurrent_trials(cpu_only, {"CPU": 2}, n_cells=4)
+    with pytest.raises(GridError, match="0.25 GPUs"):
+        max_concurrent_trials(spec, {"CPU": 16}, n_cells=4)
+
+
+def test_spec_always_includes_scratch_and_rejects_unknown_methods() -> None:
+    assert GridSpec(methods=("mim", "simclr"), budgets=(10,), seeds=(0,)).methods == ("scratch", "simclr", "mim")
+    with pytest.raises(ValueError, match="unknown method"):
+        GridSpec(methods=("byol",), budgets=(10,), seeds=(0,))
+
+
+def test_dice_metrics_closed_form() -> None:
+    rows = [
+        {"subject_id": "a", "phase": "ED", "class": "LV", "dice": 1.0},
+        {"subject_id": "a", "phase": "ES", "class": "LV", "dice": 0.5},
+        {"subject_id": "b", "phase": 1, "class": 2, "dice": 0.25},  # integer codes: ED, MYO
+        {"subject_id": "b", "phase": "ES", "class": "MYO", "dice": 0.0},
+    ]
+    metrics = dice_metrics(rows)
+    assert metrics["test_dice_LV_ED"] == 1.0 and metrics["test_dice_MYO_ED"] == 0.25
+    assert metrics["test_dice_LV"] == 0.75 and metrics["test_dice_MYO"] == 0.125
+    assert metrics["test_dice_ED"] == pytest.approx(0.625) and metrics["test_dice_ES"] == 0.25
+    assert metrics["test_dice_mean"] == pytest.approx(1.75 / 4)
+    with pytest.raises(GridError, match="lacks columns"):
+        dice_metrics([{"subject_id": "a", "dice": 1.0}])
+
+
+def test_resolve_pretrained_errors(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    with pytest.raises(GridError, match="no manifest.json"):
+        resolve_pretrained("simclr", "nope", ws)
+    run = tmp_path / "pretrain" / "r1"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"method": "pcl"}))
+    with pytest.raises(GridError, match="method is 'pcl', but it was given for 'simclr'"):
+        resolve_pretrained("simclr", "r1", ws)
+    assert resolve_pretrained("pcl", "r1", ws).path == run.resolve()
+    (run / "manifest.json").write_text("{oops")
+    with pytest.raises(GridError, match="unreadable manifest"):
+        resolve_pretrained("pcl", str(run), ws)
+
+
+def test_recording_survives_a_dead_tracking_server(tmp_path: Path) -> None:
+    """Tracking that goes away at the end of a cell does not fail it: results land on disk."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    rows = [{"subject_id": "a", "phase": "ED", "class": c, "dice": d} for c, d in (("LV", 0.9), ("MYO", 0.6), ("RV", 0.3))]
+    cell = {"name": "ft-x", "run_id": "0" * 32, "tracking_uri": uri,
+            "loop_config": {"output": str(tmp_path / "ft-x"), "config": {"epochs": 3}}}
+    metrics = _record_cell(cell, rows, MlflowTracker(uri, "0" * 32, retry_after_s=0))
+    assert metrics["test_dice_mean"] == pytest.approx(0.6)
+    marker = json.loads((tmp_path / "ft-x" / MARKER_NAME).read_text())
+    assert marker["metrics"]["test_dice_LV"] == pytest.approx(0.9)
+    assert len(pd.read_csv(tmp_path / "ft-x" / PER_SUBJECT_ARTIFACT)) == 3
+
+
+def test_cli_rejects_bad_flags_in_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", "--store", str(tmp_path / "missing.zarr"), "--split", str(tmp_path / "s.yaml"),
+                                 "--budgets", "10,lots", "--output", str(tmp_path / "ws")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: --budgets: 'lots' is neither a number of subjects nor 'all'"
+    result = runner.invoke(app, ["finetune", "--store", str(tmp_path / "missing.zarr"), "--split", str(tmp_path / "s.yaml"),
+                                 "--output", str(tmp_path / "ws")])
+    assert result.exit_code == 1 and "missing.zarr: store not found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 10-subject 32-px phantom store, its split (budget 2, seed 0) and a fabricated SimCLR run."""
+    from datastore.config import IngestConfig
+    from datastore.ingest import execute_ingest, plan_ingest
+    from datastore.splits import make_splits
+    from datastore.store import SliceStore
+    from datastore.synth import write_dataset
+    from trainers.models.unet import UNet2d
+    from trainers.weights import WeightsManifest, save_weights, write_manifest
+
+    root = tmp_path_factory.mktemp("grid")
+    write_dataset(root / "raw", "mnms", n_subjects=10, seed=0, size=SIZE, frames=(3, 3), slices=(3, 4), trivial=True)
+    store = root / "store.zarr"
+    execute_ingest(plan_ingest({"mnms": root / "raw"}, store, IngestConfig(size=SIZE, chunk_slices=16)),
+                   executor="serial", progress=False)
+    opened = SliceStore.open(store)
+    split = make_splits(opened.subjects, test_per_vendor=1, seed=0, budgets=(2,), seeds=(0,))
+    split.save(root / "split.yaml")
+    ws = Workspace.resolve(root / "ws")
+    run = ws.root / "pretrain" / "simclr-tiny"
+    run.mkdir(parents=True)
+    encoder = {k: v for k, v in UNet2d(SIZE, 4).state_dict().items() if k.startswith("encoder.")}
+    save_weights(encoder, run / "encoder.pt")
+    write_manifest(run, WeightsManifest(method="simclr", run_name="simclr-tiny", config={}, dataset_hash=opened.hash,
+                                        epochs=1, final_loss=0.0, image_size=SIZE, mlflow_run_id="pre123",
+                                        files={"encoder": "encoder.pt"}))
+    return {"store": store, "split": root / "split.yaml", "ws": ws, "hash": opened.hash,
+            "test_subjects": split.subjects("test")}
+
+
+def _grid_kwargs(dataset: dict) -> dict:
+    return dict(store=dataset["store"], split=dataset["split"], budgets=[2, "all"], seeds=[0],
+                pretrained={"simclr": "simclr-tiny"}, config=CONFIG, study="grid-test", workspace=dataset["ws"])
+
+
+@pytest.fixture(scope="module")
+def first_run(dataset: dict):
+    return run_grid(**_grid_kwargs(dataset), num_cpus=4, progress=False)
+
+
+@pytest.mark.slow
+def test_every_cell_lands_in_mlflow(first_run, dataset: dict) -> None:
+    assert [c.status for c in first_run.cells] == ["done"] * 4, [c.error for c in first_run.cells]
+    assert [(c.cell.method, c.cell.budget) for c in first_run.cells] == [
+        ("scratch", 2), ("scratch", "all"), ("simclr", 2), ("simclr", "all")]
+    study = open_study(dataset["ws"].tracking_uri, "grid-test", create=False)
+    client = study.client
+    assert client.get_run(first_run.parent_run_id).info.status == "FINISHED"
+    for outcome in first_run.cells:
+        run = client.get_run(outcome.run_id)
+        tags, metrics = run.data.tags, run.data.metrics
+        assert run.info.status == "FINISHED" and run.info.run_name == outcome.cell.name
+        assert tags["mlflow.parentRunId"] == first_run.parent_run_id
+        assert (tags["method"], tags["budget"], tags["seed"]) == (outcome.cell.method, str(outcome.cell.budget), "0")
+        assert tags["dataset_hash"] == dataset["hash"]
+        assert tags["pretrain_run_id"] == ("pre123" if outcome.cell.method == "simclr" else "")
+        assert run.data.params["method"] == outcome.cell.method and run.data.params["epochs"] == "1"
+        assert client.get_metric_history(outcome.run_id, "train_loss")  # training curve from the worker
+        # the logged test Dice equals the mean of the logged per-subject table (recomputed here)
+        local = client.download_artifacts(outcome.run_id, PER_SUBJECT_ARTIFACT, str(dataset["ws"].root / "dl" / outcome.cell.name))
+        table = pd.read_csv(local)
+        assert set(table.subject_id.astype(str)) == set(dataset["test_subjects"])
+        assert len(table) == len(dataset["test_subjects"]) * 2 * 3
+        assert metrics["test_dice_mean"] == pytest.approx(table.dice.mean())
+        lv_ed = table[(table["class"] == "LV") & (table.phase == "ED")].dice.mean()
+        assert metrics["test_dice_LV_ED"] == pytest.approx(lv_ed)
+        artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
+        artifacts |= {a.path for a in client.list_artifacts(outcome.run_id, "evaluation")}
+        assert {"model/model.pt", "evaluation/test_overlay.png"} <= artifacts
+    assert np.isfinite([c.metrics["test_dice_mean"] for c in first_run.cells]).all()
+
+
+@pytest.mark.slow
+def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dataset: dict) -> None:
+    def must_not_run(loop_config: dict) -> None:
+        raise AssertionError("a finished cell was run again")
+
+    again = run_grid(**_grid_kwargs(dataset), worker_fn=must_not_run, num_cpus=4, progress=False)
+    assert [c.status for c in again.cells] == ["skipped"] * 4
+    assert again.parent_run_id == first_run.parent_run_id
+    assert [c.run_id for c in again.cells] == [c.run_id for c in first_run.cells]
+
+    victim = first_run.cells[2]
+    marker = dataset["ws"].root / "finetune" / "grid-test" / victim.cell.name / MARKER_NAME
+    marker.unlink()
+    plan = plan_grid(**_grid_kwargs(dataset))
+    assert [t["name"] for t in plan.pending] == [victim.cell.name]
+    study = open_study(dataset["ws"].tracking_uri, "grid-test", create=False)
+    curve_before = len(study.client.get_metric_history(victim.run_id, "train_loss"))
+    rerun = execute_plan(plan, num_cpus=4, progress=False)
+    assert [c.status for c in rerun.cells] == ["skipped", "skipped", "done", "skipped"]
+    assert marker.is_file()
+    # resumed from the cell's final checkpoint (same Train run name and storage): no epoch retrained
+    assert len(study.client.get_metric_history(victim.run_id, "train_loss")) == curve_before
+    assert rerun.cells[2].metrics["test_dice_mean"] == pytest.approx(first_run.cells[2].metrics["test_dice_mean"])
+    assert study.client.get_run(victim.run_id).info.status == "FINISHED"
+    assert len(study.client.search_runs([study.experiment_id])) == 5  # 4 cells + 1 parent, no duplicates

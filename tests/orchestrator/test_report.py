@@ -1,0 +1,175 @@
+"""``sspctl report`` on a fabricated MLflow study (real sqlite MLflow, no training).
+
+The per-subject Dice tables are generated here from a seeded RNG, logged as artifacts of real
+child runs, and the report's statistics are checked against numpy / scipy computed directly on
+the generated arrays (not through the report's pandas code).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import wilcoxon
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.report import build_report
+from orchestrator.study_tracking import (
+    PER_SUBJECT_ARTIFACT,
+    cell_run,
+    grid_parent_run,
+    open_study,
+    set_status,
+)
+from orchestrator.workspace import Workspace
+
+CLASSES = ("LV", "MYO", "RV")
+PHASES = ("ED", "ES")
+SUBJECTS = [f"S{i:02d}" for i in range(8)]
+SEEDS = (0, 1)
+BUDGETS = ("10", "all")
+METHODS = ("scratch", "simclr")
+
+
+def _dice(method: str, budget: str, seed: int) -> np.ndarray:
+    """Dice array (subject, phase, class) of one cell; simclr at 'all' equals scratch exactly."""
+    if method == "simclr" and budget == "all":
+        method = "scratch"
+    rng = np.random.default_rng(zlib.crc32(f"{method}/{budget}/{seed}".encode()))
+    shift = 0.05 if method == "simclr" else 0.0
+    return np.clip(rng.normal(0.8 + shift, 0.05, size=(len(SUBJECTS), len(PHASES), len(CLASSES))), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+    """A study with 2 methods x 2 budgets x 2 seeds finished cells, one unfinished cell, one overlay."""
+    ws = Workspace.resolve(tmp_path_factory.mktemp("ws"))
+    tracking = open_study(ws.tracking_uri, "s1", ws.artifact_root)
+    parent = grid_parent_run(tracking, "g1", tags={"dataset_hash": "abc"})
+    data = {}
+    tmp = tmp_path_factory.mktemp("csv")
+    # an older grid's cell for the same method/budget/seed: superseded by the later one below
+    stale = cell_run(tracking, "ft-scratch-b10-s0-11111111", parent, tags={"method": "scratch", "budget": "10", "seed": "0"})
+    (tmp / "stale").mkdir()
+    pd.DataFrame([{"subject_id": s, "phase": "ED", "class": "LV", "dice": 0.0} for s in SUBJECTS]).to_csv(
+        tmp / "stale" / PER_SUBJECT_ARTIFACT, index=False)
+    tracking.client.log_artifact(stale, str(tmp / "stale" / PER_SUBJECT_ARTIFACT))
+    tracking.client.log_metric(stale, "test_dice_mean", 0.0)
+    set_status(tracking, stale, "FINISHED")
+    for method in METHODS:
+        for budget in BUDGETS:
+            for seed in SEEDS:
+                name = f"ft-{method}-b{budget}-s{seed}-00000000"
+                run_id = cell_run(tracking, name, parent, tags={"method": method, "budget": budget, "seed": str(seed)})
+                values = _dice(method, budget, seed)
+                data[(method, budget, seed)] = values
+                rows = [
+                    {"subject_id": s, "phase": p, "class": c, "dice": values[i, j, k]}
+                    for i, s in enumerate(SUBJECTS) for j, p in enumerate(PHASES) for k, c in enumerate(CLASSES)
+                ]
+                csv = tmp / name / PER_SUBJECT_ARTIFACT
+                csv.parent.mkdir()
+                pd.DataFrame(rows).to_csv(csv, index=False)
+                client = tracking.client
+                client.log_artifact(run_id, str(csv))
+                client.log_metric(run_id, "test_dice_mean", float(values.mean()))
+                if (method, budget, seed) == ("simclr", "10", 0):
+                    import matplotlib
+
+                    matplotlib.use("Agg")
+                    import matplotlib.pyplot as plt
+
+                    fig = plt.figure(figsize=(1, 1))
+                    fig.savefig(csv.parent / "overlay.png")
+                    plt.close(fig)
+                    client.log_artifact(run_id, str(csv.parent / "overlay.png"), "outputs")
+                set_status(tracking, run_id, "FINISHED")
+    cell_run(tracking, "ft-scratch-b15-s0-00000000", parent, tags={"method": "scratch", "budget": "15", "seed": "0"})
+    return ws, data
+
+
+@pytest.fixture(scope="module")
+def report(study: tuple[Workspace, dict], tmp_path_factory: pytest.TempPathFactory):
+    ws, _ = study
+    return build_report("s1", ws.tracking_uri, tmp_path_factory.mktemp("report"))
+
+
+def test_summary_matches_numpy(report, study) -> None:
+    _, data = study
+    summary = report.summary
+    assert list(summary.columns[:6]) == ["method", "budget", "class", "dice_mean", "dice_sd", "n"]
+    assert len(summary) == len(METHODS) * len(BUDGETS) * 4
+    for method in METHODS:
+        for budget in BUDGETS:
+            stacked = np.stack([data[(method, budget, s)] for s in SEEDS])  # (seed, subject, phase, class)
+            for k, cls in enumerate((*CLASSES, "mean")):
+                values = stacked.mean(axis=-1) if cls == "mean" else stacked[..., k]
+                row = summary[(summary.method == method) & (summary.budget == budget) & (summary["class"] == cls)]
+                assert len(row) == 1
+                assert row.dice_mean.item() == pytest.approx(values.mean(), abs=1e-9)
+                assert row.dice_sd.item() == pytest.approx(values.std(ddof=1), abs=1e-9)
+                assert row.n.item() == len(SEEDS) * len(SUBJECTS) * len(PHASES)
+    # the unfinished cell is left out, with a note
+    assert "15" not in set(summary.budget)
+    assert any("ft-scratch-b15-s0" in n for n in report.notes)
+    assert "cell ft-scratch-b10-s0-11111111 skipped: superseded by ft-scratch-b10-s0-00000000" in report.notes
+
+
+def test_wilcoxon_matches_scipy(report, study) -> None:
+    _, data = study
+    tests = report.tests
+    assert set(tests.method) == {"simclr"}
+    for k, cls in enumerate((*CLASSES, "mean")):
+        def seed_mean(method: str) -> np.ndarray:
+            stacked = np.stack([data[(method, "10", s)] for s in SEEDS]).mean(axis=0)  # (subject, phase, class)
+            return (stacked.mean(axis=-1) if cls == "mean" else stacked[..., k]).ravel()
+
+        expected = wilcoxon(seed_mean("simclr"), seed_mean("scratch"))
+        row = tests[(tests.budget == "10") & (tests["class"] == cls)]
+        assert row.n_pairs.item() == len(SUBJECTS) * len(PHASES)
+        assert row.statistic.item() == pytest.approx(expected.statistic)
+        assert row.p_value.item() == pytest.approx(expected.pvalue)
+    # identical values at 'all': no p-value, a note instead of an exception
+    same = tests[tests.budget == "all"]
+    assert len(same) == 4 and same.p_value.isna().all()
+    assert (same.note == "all paired differences are zero").all()
+
+
+def test_files_and_mlflow_artifacts(report, study) -> None:
+    ws, _ = study
+    files = report.files
+    for key in ("markdown", "html", "summary_csv", "wilcoxon_csv", "plot_LV", "plot_mean"):
+        assert files[key].is_file() and files[key].stat().st_size > 0, key
+    page = files["html"].read_text()
+    assert page.count("data:image/png;base64,") == 4 + 1  # 4 budget plots + 1 overlay
+    assert "Overlays" in page and "src=\"dice_vs_budget" not in page
+    md = files["markdown"].read_text()
+    assert "| method | budget | LV | MYO | RV | mean | n |" in md
+    assert pd.read_csv(files["summary_csv"]).shape[0] == len(report.summary)
+    tracking = open_study(ws.tracking_uri, "s1", create=False)
+    logged = {a.path for a in tracking.client.list_artifacts(report.parent_run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/summary.csv"} <= logged
+
+
+def test_cli_json_and_errors(study, tmp_path: Path) -> None:
+    ws, _ = study
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "--study", "s1", "--output", str(ws.root), "--json", "--no-log",
+                                 "--report-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 16
+    assert {"method", "budget", "class", "dice_mean", "dice_sd", "n"} <= set(rows[0])
+    assert all(isinstance(r["dice_mean"], float) and not math.isnan(r["dice_mean"]) for r in rows)
+    table = runner.invoke(app, ["report", "--study", "s1", "--output", str(ws.root), "--no-log",
+                                "--report-dir", str(tmp_path / "r2")])
+    assert table.exit_code == 0 and "simclr" in table.stdout and "±" in table.stdout
+    missing = runner.invoke(app, ["report", "--study", "nope", "--output", str(ws.root)])
+    assert missing.exit_code == 1
+    assert "study 'nope' not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
