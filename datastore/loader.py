@@ -1,0 +1,675 @@
+"""Streaming slice loader: one training rank's share of every epoch, as shuffled batches.
+
+Design (measured in ``benchmarks/loader.py``, numbers in ``docs/benchmarks.md``):
+
+* **Ownership.** The selected slices (subject filter, optionally labelled only) are grouped by the
+  store's read unit (``chunk_slices`` consecutive rows), the groups are shuffled once with ``seed``
+  and the resulting sequence is cut into ``world_size`` contiguous blocks whose sizes differ by at
+  most one slice. Rank ``r`` owns block ``r`` for the whole run: ranks are disjoint, their union is
+  the selection, and a rank touches only about ``1/world_size`` of the store's chunks. Unlike
+  ``DistributedSampler``, slices do not move between ranks from epoch to epoch (the price of
+  decoding each chunk once); a global batch is still a random draw from every rank's share.
+* **Cache.** On first iteration (lazily, in the iterating process: store handles are not fork-safe)
+  the rank decodes each chunk it owns exactly once, in long sequential runs on a few threads, and
+  keeps only its rows in memory, in the store's dtype: float16 is 128 KiB per 256x256 slice, so a
+  rank holding 90,618 / 8 slices needs about 1.5 GB (all 90,618 in one process: 11.9 GB); labels
+  add 64 KiB per slice. Batches are converted to float32 after the move to ``device`` (on the GPU).
+* **Epochs.** Every epoch a rank permutes its own slices with ``(seed, epoch, rank)`` and cuts
+  ``len(loader)`` batches; the count is the same on every rank. With ``drop_last`` the few slices that
+  do not fill a batch change from epoch to epoch (fewer than ``world_size * (batch_size + 1)``).
+* **Bounded memory.** ``cache=False`` streams instead: each epoch the rank reads its chunks in a
+  shuffled order into a shuffle buffer of ``buffer_slices`` and draws batches from it.
+
+Usage in a train loop (one loader per rank, built inside the worker)::
+
+    loader = SliceLoader(store_path, split.budget(10, seed=0), labelled_only=True, batch_size=32 // world,
+                         rank=rank, world_size=world, seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:   # len(loader) batches, the same on every rank
+            ...
+
+Batches (``docs/architecture.md``): ``image`` float32 ``(B, 1, H, W)``, ``label`` int64 ``(B, H, W)``
+(labelled loaders only), ``position`` float32 ``(B,)`` = ``slice / slice_count``, ``subject`` int64
+``(B,)`` (row in the store's subject table), ``index`` int64 ``(B,)`` (global slice row).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+#: Default number of consecutive slices read in one call when filling the cache (16 MiB of float16
+#: at 256x256): long enough to decode at sequential speed; blocks this small are reused by the
+#: allocator instead of being mapped (and page-faulted) afresh, which measured faster than 512.
+DEFAULT_READ_SLICES = 128
+
+
+class LoaderError(ValueError):
+    """The loader cannot be built for this selection; the message is one line."""
+
+
+@runtime_checkable
+class SliceSource(Protocol):
+    """What the loader reads. ``datastore.store.SliceStore`` provides it (through ``as_source``).
+
+    ``meta`` holds per-slice numpy arrays of length ``n_slices`` with at least ``subject`` (row in
+    ``subjects``), ``slice``, ``slice_count`` and ``labelled``; ``subjects`` is a DataFrame with a
+    ``subject_id`` column whose row order matches ``meta["subject"]``.
+    """
+
+    @property
+    def n_slices(self) -> int: ...
+
+    @property
+    def chunk_slices(self) -> int: ...
+
+    @property
+    def meta(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def subjects(self) -> Any: ...
+
+    def read_image_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the image array, ``(stop - start, H, W)`` in the stored dtype."""
+        ...
+
+    def read_labels(self, indices: np.ndarray) -> np.ndarray:
+        """Label maps of the (sorted, labelled) global rows ``indices``: uint8 ``(n, H, W)``."""
+        ...
+
+
+@dataclass
+class ArraySource:
+    """A ``SliceSource`` over arrays: numpy arrays, or zarr arrays sliced lazily (tests, benchmarks).
+
+    ``images`` is ``(N, H, W)``; ``labels`` (optional) is ``(N, H, W)`` uint8 indexed by global row.
+    """
+
+    images: Any
+    meta: Mapping[str, np.ndarray]
+    subjects: Any
+    labels: Any = None
+    chunk_slices: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.chunk_slices:
+            chunks = getattr(self.images, "chunks", None)
+            self.chunk_slices = int(chunks[0]) if chunks else 64
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.images.shape[0])
+
+    def read_image_range(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.images[start:stop])
+
+    def read_labels(self, indices: np.ndarray) -> np.ndarray:
+        if self.labels is None:
+            raise LoaderError("this source has no labels")
+        if hasattr(self.labels, "get_orthogonal_selection"):
+            return np.asarray(self.labels.get_orthogonal_selection((np.asarray(indices),)))
+        return np.asarray(self.labels[np.asarray(indices)])
+
+
+class _StoreSource:
+    """Adapts a ``datastore.store.SliceStore`` to ``SliceSource``.
+
+    Image ranges are read in the stored dtype (float16 in schema 1) straight from the store's
+    documented ``images`` array, halving the cache compared with ``read_image_range`` (float32).
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._images: Any = None  # the zarr ``images`` array, opened on first read
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_store": self._store, "_images": None}
+
+    @property
+    def n_slices(self) -> int:
+        return int(self._store.n_slices)
+
+    @property
+    def chunk_slices(self) -> int:
+        return int(getattr(self._store, "chunk_slices", 64))
+
+    @property
+    def meta(self) -> Mapping[str, np.ndarray]:
+        return self._store.meta
+
+    @property
+    def subjects(self) -> Any:
+        return self._store.subjects
+
+    def read_image_range(self, start: int, stop: int) -> np.ndarray:
+        if self._images is None and getattr(self._store, "group", None) is not None:
+            self._images = self._store.group["images"]
+        if self._images is not None:
+            return np.asarray(self._images[start:stop])
+        reader = getattr(self._store, "read_image_range", None)
+        if reader is not None:
+            return np.asarray(reader(start, stop))
+        return np.asarray(self._store.read_images(np.arange(start, stop)))
+
+    def read_labels(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self._store.read_labels(indices))
+
+
+def as_source(store: Any) -> SliceSource:
+    """A ``SliceSource`` for a store path/URL, an opened ``SliceStore`` or a source already."""
+    if isinstance(store, (str, Path)):
+        from datastore.store import SliceStore
+
+        store = SliceStore.open(str(store))
+    if isinstance(store, (ArraySource, _StoreSource)):
+        return store
+    return _StoreSource(store)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure planning functions (no I/O): selection, ownership, batch counts, epoch order.
+# --------------------------------------------------------------------------------------------
+
+
+def subject_rows(subjects: Any, subject_ids: Sequence[str]) -> np.ndarray:
+    """Sorted rows of ``subjects`` (DataFrame: ``subject_id``, ``dataset``) for ``subject_ids``.
+
+    An id is either a plain ``subject_id`` or ``"<dataset>/<subject_id>"`` (needed only when two
+    datasets share an id). Unknown or ambiguous ids raise ``LoaderError`` listing them.
+    """
+    ids = [str(s) for s in subjects["subject_id"]]
+    datasets = [str(d) for d in subjects["dataset"]] if "dataset" in subjects else [""] * len(ids)
+    rows_of: dict[str, list[int]] = {}
+    for row, (dataset, sid) in enumerate(zip(datasets, ids)):
+        rows_of.setdefault(sid, []).append(row)
+        rows_of.setdefault(f"{dataset}/{sid}", []).append(row)
+    wanted = [str(s) for s in subject_ids]
+    unknown = [s for s in wanted if s not in rows_of]
+    ambiguous = [s for s in wanted if len(rows_of.get(s, [])) > 1]
+    for problem, bad in (("not in the store", unknown), ("in several datasets (use <dataset>/<id>)", ambiguous)):
+        if bad:
+            shown = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+            raise LoaderError(f"{len(bad)} subject id(s) {problem}: {shown}")
+    return np.array(sorted({rows_of[s][0] for s in wanted}), dtype=np.int64)
+
+
+def select_indices(
+    meta: Mapping[str, np.ndarray], rows: np.ndarray | None, labelled_only: bool
+) -> np.ndarray:
+    """Sorted global slice indices whose subject row is in ``rows`` (all if None), int64 ``(n,)``."""
+    keep = np.ones(len(meta["subject"]), dtype=bool)
+    if rows is not None:
+        keep &= np.isin(np.asarray(meta["subject"]), rows)
+    if labelled_only:
+        keep &= np.asarray(meta["labelled"]).astype(bool)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def partition(
+    selected: np.ndarray, chunk_slices: int, world_size: int, seed: int, shuffle: bool = True
+) -> list[np.ndarray]:
+    """Split ``selected`` into ``world_size`` disjoint, sorted index arrays (sizes differ by <= 1).
+
+    With ``shuffle`` the store chunks are dealt in an order drawn from ``seed`` so each rank gets
+    a random mix of whole chunks; without it rank ``r`` gets the ``r``-th contiguous block.
+    """
+    order = selected
+    if shuffle and len(selected):
+        chunk_of = selected // max(int(chunk_slices), 1)
+        chunks = np.unique(chunk_of)
+        rank_of_chunk = np.empty(int(chunks.max()) + 1, dtype=np.int64)
+        rank_of_chunk[np.random.default_rng([seed, 0x0A11]).permutation(chunks)] = np.arange(len(chunks))
+        order = selected[np.lexsort((selected, rank_of_chunk[chunk_of]))]
+    base, extra = divmod(len(order), world_size)
+    bounds = np.cumsum([0] + [base + (r < extra) for r in range(world_size)])
+    return [np.sort(order[bounds[r] : bounds[r + 1]]) for r in range(world_size)]
+
+
+def batches_per_epoch(n_selected: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Batches every rank yields per epoch (the same on all ranks)."""
+    largest_share = -(-n_selected // world_size)
+    smallest_share = n_selected // world_size
+    return smallest_share // batch_size if drop_last else -(-largest_share // batch_size)
+
+
+def epoch_order(
+    n_owned: int,
+    n_batches: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> np.ndarray:
+    """Positions into a rank's owned slices for one epoch, in batch order, int64.
+
+    Length ``n_batches * batch_size`` with ``drop_last``; otherwise every owned slice once, padded
+    by repeating the first one where a rank is one slice short of a non-empty last batch.
+    """
+    order = np.arange(n_owned, dtype=np.int64)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch, rank, 0xE90C]).permutation(n_owned)
+    if drop_last:
+        return order[: n_batches * batch_size]
+    needed = (n_batches - 1) * batch_size + 1
+    if n_owned < needed:
+        order = np.concatenate([order, order[: needed - n_owned]])
+    return order
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cache:
+    """One rank's slices in memory, rows aligned with the sorted owned indices."""
+
+    images: np.ndarray  # (n, H, W), cache dtype
+    labels: np.ndarray | None  # (n, H, W) uint8
+    bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bytes = self.images.nbytes + (0 if self.labels is None else self.labels.nbytes)
+
+
+def _chunk_runs(indices: np.ndarray, chunk_slices: int, n_slices: int, max_slices: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` covering the chunks that hold ``indices``, in ascending order.
+
+    Consecutive chunks are merged into one range of at most ``max_slices`` rows (rounded to chunks).
+    """
+    if not len(indices):
+        return []
+    chunks = np.unique(indices // chunk_slices)
+    per_run = max(1, max_slices // chunk_slices)
+    runs: list[tuple[int, int]] = []
+    start = prev = int(chunks[0])
+    for c in chunks[1:].tolist():
+        if c != prev + 1 or c - start >= per_run:
+            runs.append((start, prev + 1))
+            start = c
+        prev = c
+    runs.append((start, prev + 1))
+    return [(a * chunk_slices, min(b * chunk_slices, n_slices)) for a, b in runs]
+
+
+class SliceLoader:
+    """Shuffled batches of one rank's share of the selected slices (see the module docstring).
+
+    Args:
+        store: store path/URL, an opened ``SliceStore``, or any ``SliceSource``. A path is opened
+            lazily in the process that iterates (and dropped when the loader is pickled).
+        subject_ids: subject ids (``subjects.subject_id``) to draw from; ``None`` = every subject.
+        labelled_only: keep only labelled (ED/ES) slices and add ``label`` to each batch.
+        batch_size: slices per batch on this rank; the global batch is ``batch_size * world_size``.
+        rank, world_size: this rank and the number of ranks.
+        seed: drives ownership (fixed for the run) and, with the epoch, the order of every epoch.
+        drop_last: drop the slices that do not fill a batch (default); otherwise the last batch is
+            partial.
+        shuffle: ``False`` gives each rank a contiguous block in store order (validation).
+        device: move batches there (``image`` is converted to float32 after the transfer).
+        cache: keep the rank's slices in memory (default); ``False`` streams with bounded memory.
+        buffer_slices: shuffle-buffer size of the streaming mode.
+        read_threads: threads decoding store chunks in parallel.
+        read_slices: slices per read call when filling the cache (rounded to whole chunks).
+        cache_dtype: dtype of the cache; default: the stored dtype (float16). Batches are converted
+            to float32 after the move to ``device`` (on the GPU for CUDA). ``"float32"`` converts
+            once at fill time instead (twice the memory, faster CPU batches).
+        prefetch: batches prepared ahead on a background thread (0 = none).
+        progress: show a progress bar while filling the cache (default: on rank 0).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        subject_ids: Sequence[str] | None = None,
+        *,
+        labelled_only: bool = False,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        device: Any = None,
+        cache: bool = True,
+        buffer_slices: int = 4096,
+        read_threads: int = 2,
+        read_slices: int = DEFAULT_READ_SLICES,
+        cache_dtype: str | None = None,
+        prefetch: int = 2,
+        progress: bool | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise LoaderError(f"rank {rank} is not in [0, world_size={world_size})")
+        self._store_ref = store if isinstance(store, (str, Path)) else None
+        self._source: SliceSource | None = as_source(store)
+        self.labelled_only = labelled_only
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed, self.drop_last, self.shuffle = int(seed), drop_last, shuffle
+        self.device = device
+        self.cache, self.buffer_slices = cache, max(int(buffer_slices), self.batch_size)
+        self.read_threads, self.read_slices = max(1, int(read_threads)), int(read_slices)
+        self.cache_dtype = cache_dtype
+        self.prefetch = int(prefetch)
+        self.progress = (rank == 0) if progress is None else progress
+        self._epoch = 0
+
+        source = self._source
+        meta = source.meta
+        rows = None if subject_ids is None else subject_rows(source.subjects, subject_ids)
+        if rows is not None and not len(rows):
+            raise LoaderError("subject_ids is empty")
+        selected = select_indices(meta, rows, labelled_only)
+        what = "labelled slices" if labelled_only else "slices"
+        if not len(selected):
+            raise LoaderError(f"no {what} for the {0 if rows is None else len(rows)} requested subjects")
+        self.n_selected = len(selected)
+        self.chunk_slices = int(source.chunk_slices)
+        self.n_store_slices = int(source.n_slices)
+        self._n_batches = batches_per_epoch(len(selected), self.batch_size, world_size, drop_last)
+        if self._n_batches == 0 or len(selected) < world_size:
+            raise LoaderError(
+                f"{len(selected)} {what} cannot give every one of {world_size} rank(s) a batch of "
+                f"{batch_size}; lower batch_size or world_size"
+            )
+        #: Sorted global slice indices this rank owns.
+        self.indices = partition(selected, self.chunk_slices, world_size, self.seed, shuffle)[rank]
+        # conventions.slice_position, vectorised: slice_index / slice_count (0-based from the base).
+        self._position = (
+            np.asarray(meta["slice"])[self.indices] / np.asarray(meta["slice_count"])[self.indices]
+        ).astype(np.float32)
+        self._subject = np.asarray(meta["subject"])[self.indices].astype(np.int64)
+        self._cache: _Cache | None = None
+        if self._store_ref is not None:
+            self._source = None  # reopened by the process that iterates (handles are not fork-safe)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (equal on every rank)."""
+        return self._n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields."""
+        self._epoch = int(epoch)
+
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
+        """Global slice indices this rank yields in ``epoch`` (default: the current), in order."""
+        return self.indices[self._order(self._epoch if epoch is None else epoch)]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the in-memory cache (0 before the first iteration or when streaming)."""
+        return 0 if self._cache is None else self._cache.bytes
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = self._iter_cached() if self.cache else self._iter_streaming()
+        if self.prefetch > 0:
+            return _prefetched(batches, self.prefetch)
+        return batches
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        if self._store_ref is not None:
+            state["_source"] = None
+        return state
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_order(
+            len(self.indices), self._n_batches, self.batch_size, seed=self.seed, epoch=epoch,
+            rank=self.rank, shuffle=self.shuffle, drop_last=self.drop_last,
+        )  # fmt: skip
+
+    def _src(self) -> SliceSource:
+        if self._source is None:
+            self._source = as_source(self._store_ref)
+        return self._source
+
+    def _cache_dtype(self, stored: np.dtype) -> np.dtype:
+        """``cache_dtype`` if given, else the stored dtype (float16 for our store)."""
+        return np.dtype(self.cache_dtype) if self.cache_dtype is not None else np.dtype(stored)
+
+    def _fill_cache(self) -> _Cache:
+        """Decode every chunk this rank owns once and keep its rows (rows follow ``indices``).
+
+        Runs are decoded on ``read_threads`` threads, each casting its rows straight into the cache.
+        """
+        source = self._src()
+        runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.read_slices)
+        bar = _progress(len(self.indices), "caching slices", self.progress)
+        images: np.ndarray | None = None
+
+        def read(run: tuple[int, int]) -> int:
+            start, stop = run
+            lo, hi = (int(i) for i in np.searchsorted(self.indices, [start, stop]))
+            block = source.read_image_range(start, stop)
+            assert images is not None
+            if hi - lo == stop - start:  # the whole run is ours: one casting copy, no gather
+                images[lo:hi] = block
+            else:
+                images[lo:hi] = block[self.indices[lo:hi] - start]
+            return hi - lo
+
+        first = source.read_image_range(runs[0][0], min(runs[0][0] + 1, runs[0][1]))
+        images = np.empty((len(self.indices), *first.shape[1:]), dtype=self._cache_dtype(first.dtype))
+        with ThreadPoolExecutor(self.read_threads) as pool:
+            for count in pool.map(read, runs):
+                bar.update(count)
+        labels = None
+        if self.labelled_only:
+            labels = np.empty(images.shape, dtype=np.uint8)
+            step = 4096
+            for lo in range(0, len(self.indices), step):
+                labels[lo : lo + step] = source.read_labels(self.indices[lo : lo + step])
+        bar.close()
+        return _Cache(images, labels)
+
+    def _iter_cached(self) -> Iterator[dict[str, Any]]:
+        if self._cache is None:
+            self._cache = self._fill_cache()
+        cache = self._cache
+        order = self._order(self._epoch)
+        for start in range(0, len(order), self.batch_size):
+            pos = order[start : start + self.batch_size]
+            yield self._batch(pos, cache.images[pos], None if cache.labels is None else cache.labels[pos])
+
+    def _iter_streaming(self) -> Iterator[dict[str, Any]]:
+        """Read this rank's chunks in a shuffled order through a shuffle buffer (bounded memory)."""
+        source = self._src()
+        rng = np.random.default_rng([self.seed, self._epoch, self.rank, 0x5793])
+        runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.chunk_slices)
+        if self.shuffle:
+            runs = [runs[i] for i in rng.permutation(len(runs))]
+        total = len(self._order(self._epoch))  # includes drop_last=False padding
+
+        def read(run: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+            start, stop = run
+            lo, hi = np.searchsorted(self.indices, [start, stop])
+            img = source.read_image_range(start, stop)[self.indices[lo:hi] - start]
+            lab = source.read_labels(self.indices[lo:hi]) if self.labelled_only else None
+            return np.arange(lo, hi), img, lab
+
+        buffer = _ShuffleBuffer(self.buffer_slices + self.chunk_slices)
+        emitted = 0
+        with ThreadPoolExecutor(self.read_threads) as pool:
+            pending = _bounded_map(pool, read, runs, ahead=2 * self.read_threads)
+            exhausted = False
+            while emitted < total:
+                while not exhausted and buffer.size < self.buffer_slices:
+                    part = next(pending, None)
+                    exhausted = part is None
+                    if part is not None:
+                        buffer.add(*part)
+                if buffer.size == 0:  # drop_last=False: a rank one slice short repeats one slice
+                    buffer.add(*buffer.first)
+                take = min(self.batch_size, total - emitted, buffer.size)
+                yield self._batch(*buffer.take(take, rng if self.shuffle else None))
+                emitted += take
+
+    def _batch(self, pos: np.ndarray, images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        """Assemble one batch dict from cache positions and their rows."""
+        import torch
+
+        batch: dict[str, Any] = {
+            "image": torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1),
+            "position": torch.from_numpy(self._position[pos]),
+            "subject": torch.from_numpy(self._subject[pos]),
+            "index": torch.from_numpy(self.indices[pos]),
+        }
+        if labels is not None:
+            batch["label"] = torch.from_numpy(np.ascontiguousarray(labels))
+        if self.device is not None:
+            device = torch.device(self.device)
+            pin = device.type == "cuda"
+            batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+        # Widen after the transfer: float16 / uint8 cross the bus, the GPU does the conversion.
+        batch["image"] = batch["image"].float()
+        if "label" in batch:
+            batch["label"] = batch["label"].long()
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Sequence[Any], ahead: int) -> Iterator[Any]:
+    """``pool.map`` that keeps at most ``ahead`` calls in flight (bounded memory), in order."""
+    pending: deque[Any] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _ShuffleBuffer:
+    """Fixed-capacity pool of (position, image, label) rows; ``take`` removes rows at random."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.size = capacity, 0
+        self._pos: np.ndarray | None = None
+        self._img: np.ndarray | None = None
+        self._lab: np.ndarray | None = None
+        self.first: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+
+    def add(self, pos: np.ndarray, img: np.ndarray, lab: np.ndarray | None) -> None:
+        if self._img is None:
+            self._pos = np.empty(self.capacity, dtype=np.int64)
+            self._img = np.empty((self.capacity, *img.shape[1:]), dtype=img.dtype)
+            if lab is not None:
+                self._lab = np.empty((self.capacity, *lab.shape[1:]), dtype=lab.dtype)
+        if self.first is None and len(pos):
+            self.first = (pos[:1].copy(), img[:1].copy(), None if lab is None else lab[:1].copy())
+        assert self._pos is not None and self.size + len(pos) <= self.capacity
+        end = self.size + len(pos)
+        self._pos[self.size : end], self._img[self.size : end] = pos, img
+        if self._lab is not None and lab is not None:
+            self._lab[self.size : end] = lab
+        self.size = end
+
+    def take(
+        self, k: int, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Remove ``k`` rows (random with ``rng``, else the oldest) and return copies of them."""
+        assert self._pos is not None and self._img is not None
+        n = self.size
+        if rng is None:  # keep stream order: shift the rest down
+            pick, src, dst = np.arange(k), np.arange(k, n), np.arange(n - k)
+        else:  # fill the holes below n - k with the unpicked rows of the tail
+            pick = rng.choice(n, k, replace=False)
+            taken = np.zeros(n, dtype=bool)
+            taken[pick] = True
+            src, dst = np.flatnonzero(~taken[n - k :]) + (n - k), np.flatnonzero(taken[: n - k])
+        out = (self._pos[pick], self._img[pick], None if self._lab is None else self._lab[pick])
+        self._move(src, dst)
+        self.size = n - k
+        return out
+
+    def _move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        assert self._pos is not None and self._img is not None
+        self._pos[dst], self._img[dst] = self._pos[src], self._img[src]
+        if self._lab is not None:
+            self._lab[dst] = self._lab[src]
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="slice", disable=not enabled or None, leave=False)
+
+
+_DONE = object()
+
+
+def _prefetched(batches: Iterator[dict[str, Any]], depth: int) -> Iterator[dict[str, Any]]:
+    """Run ``batches`` on a daemon thread, ``depth`` items ahead; errors re-raise in the consumer."""
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        """Put ``item`` unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not offer(item):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            offer(exc)
+
+    worker = threading.Thread(target=produce, name="slice-loader-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+__all__: list[str] = [
+    "ArraySource",
+    "LoaderError",
+    "SliceLoader",
+    "SliceSource",
+    "as_source",
+    "batches_per_epoch",
+    "epoch_order",
+    "partition",
+    "select_indices",
+    "subject_rows",
+]
