@@ -1,7 +1,73 @@
-"""CLI commands of this stage (being written)."""
+"""``sspctl pretrain``: one self-supervised pretraining run on Ray Train (docs/pretraining.md)."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
 
 import typer
 
+from orchestrator.commands._common import fail
+
+
+class Method(str, Enum):
+    simclr = "simclr"
+    pcl = "pcl"
+    dino = "dino"
+    mim = "mim"
+
+
+def pretrain(
+    method: Method = typer.Option(..., "--method", help="SSP method: simclr, pcl, dino or mim (paper defaults per method)."),
+    store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) written by 'sspctl ingest'."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel workers (DDP ranks). The GLOBAL batch stays the configured value: each worker gets batch/N, so N must divide it."),
+    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0, help="GPUs per worker (fractions allowed). Default: 1 if the Ray cluster has a GPU per worker, else 0 (CPU, fp32)."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", min=0.0, help="Logical CPUs Ray reserves per worker (data loading and augmentation threads)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML PretrainConfig overriding the paper defaults (keys: epochs, batch_size, optimizer, schedule, method.*, ...)."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the number of epochs (paper: 100)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Override the GLOBAL batch size in images (paper: simclr 224, pcl 64, dino 64, mim 128)."),
+    steps_per_epoch: int | None = typer.Option(None, "--steps-per-epoch", min=1, help="Cap optimizer steps per epoch (quick demos; default: one full pass over the data)."),
+    output: Path | None = typer.Option(None, "--output", help="Workspace root holding pretrain/, ray/ and mlflow.db (default: $SSPCTL_HOME or ./runs)."),
+    max_failures: int = typer.Option(1, "--max-failures", min=-1, help="Worker-group restarts from the last checkpoint before giving up (-1: unlimited)."),
+    split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on its train subjects (all frames). Default: every subject in the store."),
+    study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>)."),
+    no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
+) -> None:
+    """Pretrain an encoder with one SSP method; rerunning the same command resumes or reports it done.
+
+    Writes <output>/pretrain/<run>/encoder.pt (MIM also encoder_decoder.pt) and manifest.json, logs to MLflow (params, per-epoch loss, lr, slices/s, epoch time; MIM reconstructions) and checkpoints every epoch into <output>/ray/<run>/.
+
+    The run name is derived from config + data, so the same command resumes after a crash and skips a finished run.
+    """
+    from orchestrator.pretrain_launch import LaunchError, PretrainRequest, launch_pretrain
+    from orchestrator.workspace import Workspace
+
+    overrides = {"epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
+    request = PretrainRequest(
+        method=method.value, store=store, workspace=Workspace.resolve(output), config_file=config,
+        overrides={k: v for k, v in overrides.items() if v is not None}, split=split, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+        runtime={"sync_batchnorm": not no_sync_bn}, study=study,
+    )
+    try:
+        launch_pretrain(request, echo=typer.echo, progress=not no_progress)
+    except LaunchError as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a training failure: one line, non-zero exit
+        fail(f"pretraining failed: {root_cause(exc)}")
+
+
+def root_cause(exc: BaseException) -> str:
+    """One line for a training failure: the innermost ``SomethingError: message`` line Ray's report holds."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", line)
+              and not line.startswith(("ray.train.", "Error:", "WorkerGroupError"))]
+    text = causes[-1] if causes else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:300]}"
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``pretrain`` to the root app."""
+    app.command("pretrain")(pretrain)

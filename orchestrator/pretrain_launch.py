@@ -1,0 +1,381 @@
+"""Launch one SSP pretraining run on Ray Train and track it in MLflow (driver side of ``sspctl pretrain``).
+
+Run identity: ``pretrain-<method>-<8 hex>`` where the hex digest covers the store's content hash,
+the resolved method config and the subject list, and nothing else (no time, no worker count). So:
+
+* rerunning the same command resumes the same Ray Train run (same ``RunConfig(name, storage_path)``)
+  from its last checkpoint, and logs into the same MLflow run (found by its ``sspctl_key`` tag);
+* a run whose ``manifest.json`` exists is finished: it is not retrained, the command prints where it is;
+* changing the config or the data gives a new run name, so an old checkpoint is never resumed with
+  a different recipe.
+
+Outputs: ``<workspace>/pretrain/<run_name>/`` (weights, manifest, progress, events), Ray state and
+checkpoints under ``<workspace>/ray/<run_name>/``, the MLflow run in the workspace tracking URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.workspace import Workspace
+
+log = logging.getLogger("sspctl.pretrain")
+
+#: ``sspctl_kind`` tag of a pretraining run (its parent, per method, is ``sspctl_kind=pretrain``).
+RUN_KIND = "pretrain_run"
+
+
+class LaunchError(ValueError):
+    """The run cannot be launched; the message is one line naming the file/flag and the problem."""
+
+
+@dataclass(frozen=True)
+class PretrainRequest:
+    """What ``sspctl pretrain`` asks for (flags already parsed)."""
+
+    method: str
+    store: str
+    workspace: Workspace
+    config_file: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    split: Path | None = None
+    workers: int = 1
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    runtime: dict[str, Any] = field(default_factory=dict)
+    fault_inject: str | None = None
+    study: str | None = None
+
+
+@dataclass(frozen=True)
+class PretrainOutcome:
+    """Where a finished (or previously finished) run's products are."""
+
+    run_name: str
+    run_dir: Path
+    manifest: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_uri: str
+    skipped: bool
+    resumed_from: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Config, data and run identity
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_config(method: str, config_file: Path | None, overrides: dict[str, Any], image_size: int) -> Any:
+    """``PretrainConfig`` from paper defaults <- YAML file <- flags; the store fixes ``image_size``.
+
+    Raises:
+        LaunchError: invalid file/flag (one line naming the key), a method that disagrees with the
+            file, or an ``image_size`` different from the store's.
+    """
+    from orchestrator.configio import ConfigError, load_config, read_yaml
+    from trainers.methods.config import PretrainConfig
+
+    file_data = read_yaml(config_file) if config_file is not None else {}
+    file_method = file_data.get("method")
+    file_name = file_method.get("name") if isinstance(file_method, dict) else file_method
+    if file_name is not None and file_name != method:
+        raise LaunchError(f"{config_file}: method.name is {file_name!r} but --method is {method!r}")
+    defaults = {"method": {"name": method}, "image_size": image_size}
+    try:
+        config = load_config(PretrainConfig, config_file, overrides=overrides, defaults=defaults)
+    except ConfigError as exc:
+        raise LaunchError(str(exc)) from None
+    if config.image_size != image_size:
+        raise LaunchError(
+            f"{config_file or 'config'}: image_size {config.image_size} differs from the store's {image_size} px"
+        )
+    return config
+
+
+def pretrain_subjects(store: Any, split: Path | None) -> list[str] | None:
+    """Subject ids to pretrain on: the split's ``train`` part, or ``None`` (every subject) without a split.
+
+    Raises:
+        LaunchError: unreadable split, or train subjects the store does not hold.
+    """
+    if split is None:
+        return None
+    from datastore.splits import SplitError, load_split
+
+    try:
+        parsed = load_split(split)
+        subjects = parsed.subjects("train")
+    except (SplitError, OSError) as exc:
+        raise LaunchError(str(exc).splitlines()[0]) from None
+    known = {str(s) for s in store.subjects["subject_id"]}
+    unknown = [s for s in subjects if s not in known]
+    if unknown:
+        raise LaunchError(f"{split}: {len(unknown)} train subject(s) not in the store (e.g. {', '.join(unknown[:3])})")
+    return subjects
+
+
+def run_name_for(method: str, config: dict[str, Any], dataset_hash: str, subjects: list[str] | None) -> str:
+    """Deterministic run name ``pretrain-<method>-<8 hex>`` (see the module docstring)."""
+    identity = json.dumps({"config": config, "data": dataset_hash, "subjects": subjects}, sort_keys=True)
+    return f"pretrain-{method}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+
+
+def run_dir_for(workspace: Workspace, run_name: str) -> Path:
+    """``<workspace>/pretrain/<run_name>`` (created)."""
+    path = workspace.root / "pretrain" / run_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow run: create once, find again by tag
+# ----------------------------------------------------------------------------------------------
+
+
+def ensure_mlflow_run(
+    workspace: Workspace, study: str, run_name: str, method: str, dataset_hash: str, tags: dict[str, str]
+) -> str | None:
+    """The id of this run's MLflow run, found by its deterministic name tag or created.
+
+    Layout (``orchestrator.study_tracking``): experiment ``study``; the run nests under the method's
+    parent run ``pretrain-{method}``; tags ``sspctl_kind=pretrain_run``, ``sspctl_key=<run_name>``.
+    A run left FAILED/KILLED by an earlier attempt is set back to RUNNING. Returns ``None`` (and warns)
+    when the tracking server cannot be reached: training then runs untracked rather than not at all.
+    """
+    from orchestrator import study_tracking as st
+
+    uri = workspace.tracking_uri
+    try:
+        handle = st.open_study(uri, study, artifact_root=workspace.artifact_root)
+        parent = st.pretrain_parent_run(handle, method, dataset_hash)
+        all_tags = {st.KIND_TAG: RUN_KIND, st.KEY_TAG: run_name, st.PARENT_TAG: parent, "method": method,
+                    "dataset_hash": dataset_hash, **tags}
+        run_id, created = st.find_or_create_run(handle, run_name, all_tags)
+        if not created:
+            handle.client.update_run(run_id, status="RUNNING")
+        return run_id
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+        log.warning("MLflow at %s unreachable (%s); training runs without tracking", uri, str(exc).splitlines()[0][:200])
+        return None
+
+
+def finish_mlflow_run(tracking_uri: str, run_id: str | None, status: str) -> None:
+    """Mark the MLflow run ``FINISHED``/``FAILED``/``KILLED``; never raises."""
+    if run_id is None:
+        return
+    try:
+        from orchestrator.study_tracking import client_for
+
+        client_for(tracking_uri).set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(exc).splitlines()[0][:200])
+
+
+# ----------------------------------------------------------------------------------------------
+# Live progress in the driver
+# ----------------------------------------------------------------------------------------------
+
+
+class ProgressMonitor:
+    """Polls rank 0's ``progress.json`` and shows a tqdm bar: epoch, loss, slices/s, ETA."""
+
+    def __init__(self, run_dir: Path, interval_s: float = 0.5, enabled: bool = True) -> None:
+        from trainers.pretrain import PROGRESS_FILE
+
+        self.path = run_dir / PROGRESS_FILE
+        self.interval_s = interval_s
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sspctl-progress", daemon=True)
+        self._started_at = time.time()
+
+    def __enter__(self) -> ProgressMonitor:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if data.get("time", 0) >= self._started_at - 1 else None  # ignore an earlier attempt's file
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm
+
+        bar = None
+        last_loss: float | None = None
+        last_time = None
+        while not self._stop.wait(self.interval_s):
+            data = self._read()
+            if data is None:
+                continue
+            if bar is None:
+                bar = tqdm(total=data["total_steps"], unit="step", dynamic_ncols=True,
+                           bar_format="pretrain {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}] {desc}")
+            if data["time"] == last_time:
+                continue
+            last_time = data["time"]
+            bar.n = min(data["done_steps"], data["total_steps"])
+            if data.get("loss") is not None:
+                last_loss = data["loss"]
+            bar.set_description_str(format_progress(data, last_loss), refresh=True)
+        if bar is not None:
+            data = self._read()
+            if data is not None and data["time"] != last_time:
+                bar.n = min(data["done_steps"], data["total_steps"])
+                bar.set_description_str(format_progress(data, data.get("loss") or last_loss), refresh=True)
+            bar.close()
+
+
+def format_progress(data: dict[str, Any], loss: float | None) -> str:
+    """``epoch 3/100 loss 4.1234 412 slices/s ETA 1:02:03`` from a progress record."""
+    epoch = min(data["epoch"] + 1, data["epochs"]) if data.get("state") != "done" else data["epochs"]
+    parts = [f"epoch {epoch}/{data['epochs']}"]
+    if loss is not None and math.isfinite(loss):
+        parts.append(f"loss {loss:.4f}")
+    if data.get("slices_per_s"):
+        parts.append(f"{data['slices_per_s']:.0f} slices/s")
+    if data.get("eta_s") is not None:
+        seconds = int(data["eta_s"])
+        parts.append(f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The launch
+# ----------------------------------------------------------------------------------------------
+
+
+def _scaling(request: PretrainRequest) -> Any:
+    """``ScalingConfig``: GPUs if asked for (or, by default, if the cluster has any)."""
+    import ray
+    from ray.train import ScalingConfig
+
+    gpus = request.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= request.workers else 0.0
+    resources: dict[str, float] = {"CPU": request.cpus_per_worker}
+    if gpus > 0:
+        resources["GPU"] = gpus
+    return ScalingConfig(num_workers=request.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+
+
+def local_cluster_cpus(request: PretrainRequest) -> int:
+    """Logical CPUs for a private local Ray: the machine's cores, at least the workers' plus one for the controller."""
+    return max(os.cpu_count() or 1, math.ceil(request.workers * request.cpus_per_worker) + 1)
+
+
+def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = print, progress: bool = True) -> PretrainOutcome:
+    """Run (or resume, or skip) one pretraining run; see the module docstring.
+
+    Raises:
+        LaunchError: bad store/config/split/flags (before Ray starts).
+        ray.train.WorkerGroupError / ray.train.ControllerError: training failed after ``max_failures``.
+    """
+    from datastore.store import SliceStore, StoreError
+    from trainers.pretrain import RuntimeOptions, per_rank_batch
+    from trainers.weights import MANIFEST_FILE, WeightsError, read_manifest
+
+    if request.workers < 1:
+        raise LaunchError(f"--workers must be >= 1, got {request.workers}")
+    try:
+        store = SliceStore.open(request.store)
+        image_size, dataset_hash = store.image_size, store.hash
+    except StoreError as exc:
+        raise LaunchError(str(exc)) from None
+    if not dataset_hash:
+        raise LaunchError(f"{request.store}: the store has no content hash (ingest did not finish)")
+    config = resolve_config(request.method, request.config_file, request.overrides, image_size)
+    try:
+        per_rank_batch(config.batch_size, request.workers)
+    except ValueError as exc:
+        raise LaunchError(f"--workers {request.workers}: {exc}") from None
+    runtime = RuntimeOptions.model_validate(request.runtime).model_dump(mode="json")
+    subjects = pretrain_subjects(store, request.split)
+    resolved = config.model_dump(mode="json")
+    run_name = run_name_for(request.method, resolved, dataset_hash, subjects)
+    run_dir = run_dir_for(request.workspace, run_name)
+    uri = request.workspace.tracking_uri
+
+    if (run_dir / MANIFEST_FILE).is_file():
+        try:
+            manifest = read_manifest(run_dir).model_dump(mode="json")
+        except WeightsError as exc:
+            raise LaunchError(str(exc)) from None
+        echo(f"{run_name} is already finished: weights in {run_dir} (delete that directory to retrain)")
+        return PretrainOutcome(run_name, run_dir, manifest, manifest.get("mlflow_run_id"), uri, skipped=True)
+
+    n_subjects = len(store.subjects) if subjects is None else len(subjects)
+    echo(f"{run_name}: {request.method} on {n_subjects} subjects of {request.store} "
+         f"({config.epochs} epochs, global batch {config.batch_size} = {request.workers} x "
+         f"{config.batch_size // request.workers})")
+    from orchestrator.study_tracking import default_study_name
+
+    study = request.study or default_study_name(dataset_hash)
+    run_id = ensure_mlflow_run(request.workspace, study, run_name, request.method, dataset_hash, {
+        "ray_run_name": run_name, "ray_storage_path": request.workspace.storage_path, "run_dir": str(run_dir),
+    })
+    from orchestrator.tracking import MlflowTracker
+
+    tracker = MlflowTracker(uri, run_id) if run_id is not None else None
+    loop_config = {
+        "store": str(request.store), "subjects": subjects, "config": resolved, "runtime": runtime,
+        "run_name": run_name, "output": str(run_dir), "dataset_hash": dataset_hash, "tracker": tracker,
+        "mlflow_run_id": run_id, "fault_inject": request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
+    }
+    from orchestrator.ray_session import ray_session
+
+    status = "FAILED"
+    try:
+        with ray_session(num_cpus=local_cluster_cpus(request)):
+            result = _fit(request, run_name, loop_config, run_dir, progress)
+        status = "FINISHED"
+    finally:
+        finish_mlflow_run(uri, run_id, status)
+    returned = result.return_value or {}
+    manifest = read_manifest(run_dir).model_dump(mode="json")
+    echo(f"done: final loss {manifest['final_loss']:.4f}; weights {', '.join(manifest['files'].values())} in {run_dir}")
+    if run_id is not None:
+        echo(f"MLflow run {run_id} at {uri}")
+    return PretrainOutcome(run_name, run_dir, manifest, run_id, uri, skipped=False,
+                           resumed_from=returned.get("resumed_from") if isinstance(returned, dict) else None)
+
+
+def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], run_dir: Path, progress: bool) -> Any:
+    """Build the ``TorchTrainer`` and fit it while the progress monitor runs."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.pretrain import pretrain_worker
+
+    trainer = TorchTrainer(
+        pretrain_worker,
+        train_loop_config=loop_config,
+        scaling_config=_scaling(request),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=request.workspace.storage_path,
+            failure_config=FailureConfig(max_failures=request.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    with ProgressMonitor(run_dir, enabled=progress):
+        return trainer.fit()

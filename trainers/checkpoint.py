@@ -1,0 +1,190 @@
+"""The safe training-checkpoint format: tensors and JSON-able values only.
+
+A checkpoint directory holds one ``state.pt`` written with ``torch.save`` whose content is built only
+from tensors, numbers, strings, booleans, ``None`` and lists/tuples/dicts of those, so that it loads
+with ``torch.load(weights_only=True)`` (no pickled classes, no code execution on load). RNG states are
+stored as tensors. Next to it, ``meta.json`` repeats the epoch and the resolved config for humans and
+tools that do not want to import torch.
+
+Layout of ``state.pt``::
+
+    {"format": 1, "epoch": int (last finished epoch, 0-based), "global_step": int,
+     "model": state_dict, "optimizer": state_dict, "scheduler": state_dict | None,
+     "scaler": state_dict | None, "method_extra": dict[str, Tensor], "rng": dict[str, Tensor],
+     "config": dict (JSON-able), "metrics": dict[str, float]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the file and the key."""
+
+
+def check_safe(value: Any, where: str = "<root>") -> None:
+    """Raise ``CheckpointError`` naming the key if ``value`` holds anything but safe types.
+
+    Safe: tensors, ``bool/int/float/str/None``, and lists, tuples and dicts (str or int keys; optimizer
+    state dicts use int keys, which ``weights_only`` accepts) of safe values.
+    """
+    if isinstance(value, torch.Tensor) or isinstance(value, _SCALARS):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_safe(item, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise CheckpointError(f"checkpoint key {where}: dict key {key!r} is {type(key).__name__}, not str/int")
+            check_safe(item, f"{where}.{key}")
+        return
+    raise CheckpointError(f"checkpoint key {where}: {type(value).__name__} cannot be saved safely (tensors and JSON values only)")
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """RNG states of python ``random``, numpy's global generator, torch CPU and every CUDA device, as tensors."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor([py_version, *py_internal], dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_scalars": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if py_gauss is not None:
+        state["python_gauss"] = torch.tensor([py_gauss], dtype=torch.float64)
+    if np_name != "MT19937":  # pragma: no cover - numpy's legacy global state is always MT19937
+        raise CheckpointError(f"unexpected numpy RNG {np_name}")
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = cuda_state
+    return state
+
+
+def restore_rng(state: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of ``capture_rng`` (CUDA states are restored for the devices present in both)."""
+    py = state["python"].tolist()
+    gauss = float(state["python_gauss"][0]) if "python_gauss" in state else None
+    random.setstate((int(py[0]), tuple(int(v) for v in py[1:]), gauss))
+    pos, has_gauss, np_gauss = state["numpy_scalars"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(np_gauss)))
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in state:
+                torch.cuda.set_rng_state(state[f"cuda{i}"].to(torch.uint8), i)
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs (see module doc for the meaning of each field)."""
+
+    epoch: int
+    global_step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    method_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _to_cpu(value: Any) -> Any:
+    """Detached CPU copies of every tensor in a nested structure (so saving never touches the GPU state)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
+    """Write ``state`` into ``directory`` (created) as ``state.pt`` + ``meta.json``; return the directory.
+
+    The write is atomic per file (temporary name, then rename), so a crash never leaves a truncated
+    ``state.pt`` behind.
+
+    Raises:
+        CheckpointError: if any value is not a tensor or JSON-able (the key is named).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_VERSION,
+        "epoch": int(state.epoch),
+        "global_step": int(state.global_step),
+        "model": _to_cpu(state.model),
+        "optimizer": _to_cpu(state.optimizer),
+        "scheduler": _to_cpu(state.scheduler),
+        "scaler": _to_cpu(state.scaler),
+        "method_extra": _to_cpu(state.method_extra),
+        "rng": _to_cpu(state.rng),
+        "config": state.config,
+        "metrics": {k: float(v) for k, v in state.metrics.items()},
+    }
+    check_safe(payload)
+    try:
+        json.dumps(state.config)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint key config: not JSON-able ({exc})") from None
+    tmp = directory / f".{STATE_FILE}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / STATE_FILE)
+    meta = {"format": FORMAT_VERSION, "epoch": state.epoch, "global_step": state.global_step,
+            "metrics": payload["metrics"], "config": state.config}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> TrainState:
+    """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises:
+        CheckpointError: one line naming the file if it is missing, unreadable or of another format.
+    """
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem becomes one clear line
+        raise CheckpointError(f"{path}: not a readable safe checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown checkpoint format (expected format {FORMAT_VERSION})")
+    missing = [k for k in ("epoch", "global_step", "model", "optimizer") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks key(s) {', '.join(missing)}")
+    return TrainState(
+        epoch=int(payload["epoch"]),
+        global_step=int(payload["global_step"]),
+        model=payload["model"],
+        optimizer=payload["optimizer"],
+        scheduler=payload.get("scheduler"),
+        scaler=payload.get("scaler"),
+        method_extra=payload.get("method_extra") or {},
+        rng=payload.get("rng") or {},
+        config=payload.get("config") or {},
+        metrics=payload.get("metrics") or {},
+    )
