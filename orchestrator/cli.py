@@ -8,6 +8,7 @@ MLflow) happen inside the commands so that ``sspctl --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 
@@ -30,8 +31,10 @@ for module in (synth, data, splits, pretrain, finetune, evaluate, study, deploy)
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging and the Ray workers' logs.")) -> None:
     """Self-supervised pretraining studies for cardiac MR cine segmentation."""
+    if verbose:
+        os.environ["SSPCTL_RAY_LOGS"] = "1"
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

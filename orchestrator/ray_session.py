@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -15,7 +16,10 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
     """Initialise Ray for the duration of a command (no-op if already initialised).
 
     Without ``RAY_ADDRESS`` this starts a local cluster with ``address="local"`` so that a
-    ``ray start`` cluster elsewhere on the machine is never joined by accident.
+    ``ray start`` cluster elsewhere on the machine is never joined by accident. The dashboard
+    process runs because Train V2 polls the State API it serves (without it, Ray warns once a
+    second). Worker logs reach the terminal only with ``SSPCTL_RAY_LOGS=1`` (``sspctl -v``):
+    commands print their own progress, and errors come back as exceptions either way.
     """
     import ray
 
@@ -23,16 +27,19 @@ def ray_session(num_cpus: int | None = None, num_gpus: int | None = None) -> Ite
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
+    log_to_driver = os.environ.get("SSPCTL_RAY_LOGS", "0") == "1"
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     else:
         ray.init(
             address="local",
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=None,
+            log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,
         )
     try:
         yield

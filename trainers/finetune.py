@@ -122,7 +122,7 @@ def build_model(image_size: int, config: FinetuneConfig) -> tuple[nn.Module, dic
     from trainers.weights import load_pretrained
 
     torch.manual_seed(config.seed)
-    model = UNet2d(image_size, NUM_CLASSES)
+    model = UNet2d(image_size, NUM_CLASSES, width=config.model_width)
     if config.weights is None:
         return model, None
     report = load_pretrained(model, config.weights, config.part)
@@ -435,7 +435,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         final_state = load_weights(output / BEST_FILE)
         which = "best"
     save_model_dir(output, final_state, {
-        "image_size": image_size, "spacing_mm": spacing_mm, "checkpoint": which, "epochs": config.epochs,
+        "image_size": image_size, "model_width": config.model_width, "spacing_mm": spacing_mm, "checkpoint": which, "epochs": config.epochs,
         "config": resolved, "store": str(store_path), "store_hash": store.hash, "split": str(loop_config["split"]),
         "best_valid_loss": best_valid if math.isfinite(best_valid) else None, "valid": valid_metrics,
     })
@@ -444,7 +444,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         from trainers.evaluation import evaluate_store, model_scores_fn
         from trainers.models.unet import UNet2d
 
-        eval_model = UNet2d(image_size, 4)
+        eval_model = UNet2d(image_size, 4, width=config.model_width)
         eval_model.load_state_dict(final_state)
         eval_model.to(device)
         test_ids = split.subjects("test")

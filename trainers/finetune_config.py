@@ -50,6 +50,7 @@ class FinetuneConfig(BaseModel):
     frozen_encoder_epochs: int = Field(0, ge=0, description="epochs with the encoder frozen (pretrained only)")
     augment: AugmentConfig = AugmentConfig()
     augment_enabled: bool = Field(True, description="augment training batches (validation/test never are)")
+    model_width: int = Field(32, ge=1, description="U-Net base channels (paper 32); must equal the pretraining run's")
     image_size: int | None = Field(None, ge=8, description="model input edge (px); None = the store's; must match it")
     val_every: int = Field(1, ge=1, description="validate every k epochs (and after the last)")
     eval_checkpoint: Literal["last", "best"] = "last"

@@ -89,7 +89,7 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> Segm
     except WeightsError as exc:
         raise InferenceError(str(exc)) from None
     try:
-        model = UNet2d(int(meta["image_size"]), int(meta.get("num_classes", 4)))
+        model = UNet2d(int(meta["image_size"]), int(meta.get("num_classes", 4)), width=int(meta.get("model_width", 32)))
         model.load_state_dict(state)
     except (RuntimeError, ValueError) as exc:
         raise InferenceError(f"{directory / MODEL_FILE}: does not fit the model of {meta_path} ({str(exc).splitlines()[0]})") from None

@@ -212,6 +212,7 @@ class PretrainConfig(BaseModel):
     valid_batch_size: int | None = Field(None, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch; None = one full pass")
     image_size: int = Field(256, ge=8)
+    model_width: int = Field(32, ge=1, description="U-Net base channels (paper 32: 32..512); fine-tuning must match")
     seed: int = 0
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     compile: bool = False

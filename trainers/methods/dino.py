@@ -54,6 +54,7 @@ class DINO:
         self.config = config
         self.cfg: DINOConfig = config.method
         self.image_size = image_size or config.image_size
+        self.model_width = config.model_width
         if self.cfg.n_local_crops and (self.image_size * self.cfg.local.crop_fraction) < 4:
             raise ValueError(f"dino: local crops of a {self.image_size}px image are smaller than 4 px")
         self.student = self._net()
@@ -66,7 +67,7 @@ class DINO:
 
     def _net(self) -> DINONet:
         c = self.cfg
-        return DINONet(self.image_size, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.use_bn)
+        return DINONet(self.image_size, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.use_bn, width=self.model_width)
 
     @property
     def modules(self) -> nn.Module:

@@ -37,7 +37,7 @@ class MIM:
             raise ValueError(
                 f"mim: patches_per_side {self.cfg.patches_per_side} does not divide image size {self.image_size}"
             )
-        self.net = UNet2d(self.image_size, out_channels=1, num_heads=1)
+        self.net = UNet2d(self.image_size, out_channels=1, num_heads=1, width=config.model_width)
 
     @property
     def modules(self) -> nn.Module:

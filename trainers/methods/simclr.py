@@ -47,7 +47,9 @@ class SimCLR:
         self.config = config
         self.cfg = config.method
         self.image_size = image_size or config.image_size
-        self.net = EncoderMLP(self.image_size, self.cfg.hidden_dim, self.cfg.projection_dim, self.cfg.mlp_layers)
+        self.net = EncoderMLP(
+            self.image_size, self.cfg.hidden_dim, self.cfg.projection_dim, self.cfg.mlp_layers, width=config.model_width
+        )
 
     @property
     def modules(self) -> nn.Module:

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from trainers.models.unet import Encoder, level_channels
+from trainers.models.unet import PAPER_WIDTH, Encoder, channel_ladder, level_channels
 
 
-def build_encoder(image_size: int) -> Encoder:
-    """The fine-tuning U-Net's encoder for ``image_size`` px inputs (1 input channel)."""
-    return Encoder(1, level_channels(image_size))
+def build_encoder(image_size: int, width: int = PAPER_WIDTH) -> Encoder:
+    """The fine-tuning U-Net's encoder for ``image_size`` px inputs (1 input channel) of base ``width``."""
+    return Encoder(1, level_channels(image_size, channel_ladder(width)))
 
 
 def pooled_features(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
@@ -48,9 +48,11 @@ class ProjectionMLP(nn.Sequential):
 class EncoderMLP(nn.Module):
     """SimCLR/PCL network: ``(B, 1, H, W)`` -> ``(B, out_dim)`` unnormalised projections."""
 
-    def __init__(self, image_size: int, hidden_dim: int = 512, out_dim: int = 512, layers: int = 3) -> None:
+    def __init__(
+        self, image_size: int, hidden_dim: int = 512, out_dim: int = 512, layers: int = 3, width: int = PAPER_WIDTH
+    ) -> None:
         super().__init__()
-        self.encoder = build_encoder(image_size)
+        self.encoder = build_encoder(image_size, width)
         self.head = ProjectionMLP(self.encoder.out_channels, hidden_dim, out_dim, layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,10 +104,16 @@ class DINONet(nn.Module):
     """
 
     def __init__(
-        self, image_size: int, out_dim: int = 8192, hidden_dim: int = 2048, bottleneck_dim: int = 256, use_bn: bool = True
+        self,
+        image_size: int,
+        out_dim: int = 8192,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        use_bn: bool = True,
+        width: int = PAPER_WIDTH,
     ) -> None:
         super().__init__()
-        self.encoder = build_encoder(image_size)
+        self.encoder = build_encoder(image_size, width)
         self.head = DINOHead(self.encoder.out_channels, out_dim, hidden_dim, bottleneck_dim, use_bn)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None) -> torch.Tensor:

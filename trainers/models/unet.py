@@ -20,6 +20,18 @@ from torch import nn
 
 #: Channels per resolution level of the paper's network (256x256 input -> 7 levels down to 4x4).
 PAPER_CHANNELS: tuple[int, ...] = (32, 64, 128, 256, 512, 512, 512)
+#: Base width (channels of the first level) of the paper's network.
+PAPER_WIDTH = 32
+
+
+def channel_ladder(width: int = PAPER_WIDTH) -> tuple[int, ...]:
+    """Channels per level for base ``width``: doubling per level, capped at 16 x width.
+
+    ``channel_ladder(32) == PAPER_CHANNELS``; smaller widths make CPU demos fast.
+    """
+    if width < 1:
+        raise ValueError(f"model width must be >= 1, got {width}")
+    return tuple(min(width * 2**level, 16 * width) for level in range(len(PAPER_CHANNELS)))
 #: Smallest feature map edge (pixels) at the bottleneck.
 BOTTLENECK_SIZE = 4
 _NORM = "batch"
@@ -111,7 +123,7 @@ class UNet2d(nn.Module):
         in_channels: input channels (1 for CMR).
         num_heads: output heads, full resolution first; ``None`` means every decoder level
             (6 for 256x256, the paper's deep supervision), 1 means no deep supervision.
-        channels: channel ladder, truncated to the depth.
+        width: channels of the first level (32 in the paper); the ladder is ``channel_ladder(width)``.
 
     ``forward(x)`` maps ``(B, in_channels, H, W)`` to full-resolution logits
     ``(B, out_channels, H, W)``; ``forward(x, deep_supervision=True)`` returns the list of
@@ -124,10 +136,10 @@ class UNet2d(nn.Module):
         out_channels: int,
         in_channels: int = 1,
         num_heads: int | None = None,
-        channels: tuple[int, ...] = PAPER_CHANNELS,
+        width: int = PAPER_WIDTH,
     ) -> None:
         super().__init__()
-        ladder = level_channels(image_size, channels)
+        ladder = level_channels(image_size, channel_ladder(width))
         max_heads = len(ladder) - 1
         num_heads = max_heads if num_heads is None else num_heads
         if not 1 <= num_heads <= max_heads:
