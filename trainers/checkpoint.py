@@ -188,3 +188,16 @@ def load_checkpoint(directory: str | Path) -> TrainState:
         config=payload.get("config") or {},
         metrics=payload.get("metrics") or {},
     )
+
+
+def resume_state(in_ray: bool) -> TrainState | None:
+    """The last checkpoint Ray Train reported for this run (``None`` outside Ray or on a fresh run)."""
+    if not in_ray:
+        return None
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_checkpoint(directory)

@@ -55,7 +55,7 @@ from torch import nn
 
 from trainers.augment import AugmentConfig, adjust_gamma, gaussian_noise, random_affine, random_blur
 from trainers.augment import scale_intensity, shift_intensity
-from trainers.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from trainers.checkpoint import TrainState, capture_rng, restore_rng, resume_state, save_checkpoint
 from trainers.finetune_config import FinetuneConfig
 from trainers.tracking import NullTracker, Tracker
 
@@ -163,18 +163,6 @@ def _ray_context() -> tuple[int, int, bool]:
         return ctx.get_world_rank(), ctx.get_world_size(), True
     except Exception:  # noqa: BLE001 - plain process (unit use)
         return 0, 1, False
-
-
-def _resume_state(in_ray: bool) -> TrainState | None:
-    if not in_ray:
-        return None
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return load_checkpoint(directory)
 
 
 def _report(metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int, in_ray: bool) -> None:
@@ -337,7 +325,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     start_epoch, global_step = 0, 0
     best_valid = math.inf
     valid_metrics: dict[str, float] = {}
-    state = _resume_state(in_ray)
+    state = resume_state(in_ray)
     if state is not None:
         modules.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)

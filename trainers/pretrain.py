@@ -56,7 +56,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainers.checkpoint import TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from trainers.checkpoint import TrainState, capture_rng, restore_rng, resume_state, save_checkpoint
 from trainers.tracking import NullTracker, Tracker
 from trainers.weights import WeightsManifest, save_weights, write_manifest
 
@@ -262,19 +262,6 @@ def _report(metrics: dict[str, Any], checkpoint_dir: Path | None, epoch: int, in
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
-def _resume_state(in_ray: bool) -> TrainState | None:
-    """The last reported checkpoint of this run, if any."""
-    if not in_ray:
-        return None
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return load_checkpoint(directory)
-
-
 def _mean_over_ranks(total: torch.Tensor, count: int, world_size: int) -> float:
     """Mean of per-rank sums over all ranks (same value on every rank)."""
     pair = torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64)])
@@ -362,7 +349,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
     start_epoch, global_step, last_loss = 0, 0, float("nan")
-    state = _resume_state(in_ray)
+    state = resume_state(in_ray)
     if state is not None:
         modules.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)

@@ -65,3 +65,22 @@ class SSPMethod(Protocol):
         """Weights for fine-tuning, by part: ``{"encoder": {"encoder.*": ...}}`` and for MIM also
         ``"encoder_decoder"`` (``encoder.*`` + ``decoder.*``); keys match ``UNet2d.state_dict()``."""
         ...
+
+
+class StatelessHooks:
+    """No-op optimizer hooks and no extra state, for methods whose whole state is in ``modules``."""
+
+    name: str
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        pass
+
+    def after_optimizer_step(self, epoch: int, global_step: int, total_steps: int) -> None:
+        pass
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name}: unexpected extra state keys {sorted(state)}")

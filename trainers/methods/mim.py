@@ -17,12 +17,13 @@ from torch import nn
 
 from trainers.augment import augment, patch_mask
 from trainers.losses.mim import masked_mse
+from trainers.methods.base import StatelessHooks
 from trainers.methods.config import MIMConfig, PretrainConfig
 from trainers.methods.simclr import check_images, encoder_state
 from trainers.models.unet import UNet2d
 
 
-class MIM:
+class MIM(StatelessHooks):
     """MIM method (see the module docstring); implements ``SSPMethod``."""
 
     name = "mim"
@@ -56,19 +57,6 @@ class MIM:
         inp, mask = self.masked_input(x, generator)
         pred = model(inp)
         return {"loss": masked_mse(pred, x, mask)}
-
-    def before_optimizer_step(self, epoch: int) -> None:
-        pass
-
-    def after_optimizer_step(self, epoch: int, global_step: int, total_steps: int) -> None:
-        pass
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"mim: unexpected extra state keys {sorted(state)}")
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
         """``encoder`` and ``encoder_decoder`` parts, keys of a 4-class ``UNet2d``."""

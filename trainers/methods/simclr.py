@@ -16,6 +16,7 @@ from torch import nn
 from trainers.augment import augment
 from trainers.distributed import gather_with_grad, scale_grad_for_ddp
 from trainers.losses.ntxent import ntxent
+from trainers.methods.base import StatelessHooks
 from trainers.methods.config import PretrainConfig, SimCLRConfig
 from trainers.models.heads import EncoderMLP
 
@@ -35,7 +36,7 @@ def encoder_state(module: nn.Module, prefixes: tuple[str, ...] = ("encoder.",)) 
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k.startswith(prefixes)}
 
 
-class SimCLR:
+class SimCLR(StatelessHooks):
     """SimCLR method (see the module docstring); implements ``SSPMethod``."""
 
     name = "simclr"
@@ -69,19 +70,6 @@ class SimCLR:
         z = gather_with_grad(model(self.views(x, generator)))
         loss = ntxent(z, temperature=self.cfg.temperature)
         return {"loss": scale_grad_for_ddp(loss)}
-
-    def before_optimizer_step(self, epoch: int) -> None:
-        pass
-
-    def after_optimizer_step(self, epoch: int, global_step: int, total_steps: int) -> None:
-        pass
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"{self.name}: unexpected extra state keys {sorted(state)}")
 
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{"encoder": {"encoder.*": tensor}}``, keys of ``UNet2d(image_size, 4)``."""
