@@ -765,11 +765,17 @@ def _progress_callback(total: int) -> Any:
         def __getstate__(self) -> dict[str, Any]:
             return {"total": self.total, "_bar": None}
 
-        def _tick(self, label: str) -> None:
+        def _open(self) -> None:
             if self._bar is None:
                 from tqdm.auto import tqdm
 
                 self._bar = tqdm(total=self.total, desc="grid cells", unit="cell")
+
+        def setup(self, **info: Any) -> None:
+            self._open()
+
+        def _tick(self, label: str) -> None:
+            self._open()
             self._bar.update(1)
             self._bar.set_postfix_str(label)
 
