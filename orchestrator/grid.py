@@ -471,7 +471,6 @@ def _trial_config(
         "store": store,
         "split": split,
         "config": cell.config,
-        "tracking": {"uri": tracking_uri, "run_id": run_id},
         "output": str(output),
     }
     return {

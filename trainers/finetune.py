@@ -5,7 +5,8 @@ One call is one rank of a data-parallel run (method-spec section 5):
 * **Data.** The training subjects are the split's ``budget(b, seed)`` subset; rank ``r`` of ``N``
   reads its share of their labelled (ED/ES) slices through ``SliceLoader(labelled_only=True)``
   with a per-rank batch of ``batch_size / N`` (global batch 32 whatever ``N``). An epoch is one pass
-  over those slices (``iterations_per_epoch`` caps it for smoke runs). Validation reads the split's
+  over those slices, or exactly ``iterations_per_epoch`` steps when set (cycling the slices, as
+  nnU-Net does). Validation reads the split's
   ``valid`` subjects in store order without augmentation.
 * **Augmentation.** ``augment_pair``: the random affine of ``trainers/augment.py`` applied with the
   same parameters to the image (bilinear) and to the one-hot label (bilinear per class, then argmax,
@@ -47,6 +48,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -222,6 +224,24 @@ def validate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.de
     return out
 
 
+def epoch_batches(loader: Any, epoch: int, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` batches of ``loader`` for ``epoch``: one pass cut short, or several passes.
+
+    Later passes of the same epoch reshuffle with epoch ids ``epoch * 10_000 + k``, so a small
+    label budget still gets ``steps`` distinct-order iterations (nnU-Net's fixed epoch length).
+    """
+    done = 0
+    for repeat in range(steps):  # at most ``steps`` passes, each yields >= 1 batch
+        loader.set_epoch(epoch * 10_000 + repeat)
+        for batch in loader:
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if done == 0:
+            return  # an empty loader: nothing to train on
+
+
 def poly_factor(epochs: int, power: float) -> Any:
     """LR factor of epoch ``e``: ``(1 - e / epochs) ** power`` (0 from ``epochs`` on).
 
@@ -310,9 +330,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         valid_loader = SliceLoader(store_path, valid_ids, labelled_only=True, batch_size=valid_batch, rank=rank,
                                    world_size=world_size, seed=config.seed, shuffle=False, drop_last=False,
                                    cache=options.cache, progress=False)
-    steps_per_epoch = len(train_loader)
-    if config.iterations_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.iterations_per_epoch)
+    steps_per_epoch = config.iterations_per_epoch or len(train_loader)
 
     model, load_report = build_model(image_size, config)
     net, modules = wrap_model(model, device, world_size, options)
@@ -357,15 +375,12 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"finetune {config.method}/{config.budget}/{config.seed}",
                unit="epoch", disable=rank != 0, leave=False)
     for epoch in range(start_epoch, config.epochs):
-        train_loader.set_epoch(epoch)
         generator = torch.Generator(device=device).manual_seed(augmentation_seed(config.seed, rank, epoch))
         net.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
-        for step, data in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
+        for data in epoch_batches(train_loader, epoch, steps_per_epoch):
             image, label = data["image"].to(device), data["label"].to(device)
             if config.augment_enabled:
                 image, label = augment_pair(image, label, config.augment, generator)

@@ -39,7 +39,10 @@ class FinetuneConfig(BaseModel):
     budget: int | Literal["all"] = "all"
     seed: int = 0
     epochs: int = Field(1000, ge=1)
-    iterations_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch; None = one full pass")
+    iterations_per_epoch: int | None = Field(
+        None, ge=1,
+        description="steps per epoch, cycling the budget's slices as needed (nnU-Net style); None = one full pass (paper)",
+    )
     batch_size: int = Field(32, ge=1, description="global batch (split over workers)")
     valid_batch_size: int = Field(128, ge=1)
     lr: float | None = Field(None, gt=0)

@@ -188,3 +188,26 @@ def test_cell_end_to_end_through_ray_train(cell_data: dict[str, Path], tmp_path:
     logged = client.get_run(run_id).data
     assert logged.params["learning_rate"] == "0.005" and logged.params["pretrained_keys"] != "0"
     assert "test_dice_mean" in logged.metrics and logged.tags["sspctl.stage"] == "finetune"
+
+
+class _CountingLoader:
+    """A loader stand-in that yields ``(epoch id, index)`` for ``n`` batches per pass."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, -1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.n)])
+
+
+def test_epoch_batches_cycles_a_small_budget_and_cuts_a_large_one() -> None:
+    from trainers.finetune import epoch_batches
+
+    cycled = list(epoch_batches(_CountingLoader(3), epoch=2, steps=7))
+    assert len(cycled) == 7
+    assert [e for e, _ in cycled] == [20000] * 3 + [20001] * 3 + [20002]  # a fresh shuffle per pass
+    assert list(epoch_batches(_CountingLoader(5), epoch=1, steps=2)) == [(10000, 0), (10000, 1)]
+    assert list(epoch_batches(_CountingLoader(0), epoch=0, steps=4)) == []
