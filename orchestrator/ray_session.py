@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Tune's newer console output ignores ``verbose=0`` and prints a banner per grid; sspctl shows its own bar.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 @contextlib.contextmanager
