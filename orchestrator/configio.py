@@ -77,8 +77,3 @@ def load_config(
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
-
-
-def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML (what runs log and what ``--config`` reads back)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
