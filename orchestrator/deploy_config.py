@@ -93,6 +93,9 @@ class StorageConfig(_Frozen):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/") or value.rstrip("/") in ("", "/dev", "/proc", "/sys", "/tmp"):
             raise ValueError(f"{value!r} must be an absolute path outside /dev, /proc, /sys, /tmp")
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]+", value):
+            # it is pasted into the RayJob shell lines: no spaces, quotes or shell syntax
+            raise ValueError(f"{value!r} may only contain letters, digits, '.', '_', '-' and '/'")
         return value.rstrip("/")
 
     @field_validator("home_subdir")

@@ -348,6 +348,9 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
         with ray_session(num_cpus=local_cluster_cpus(request)):
             result = _fit(request, run_name, loop_config, run_dir, progress)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         finish_mlflow_run(uri, run_id, status)
     returned = result.return_value or {}

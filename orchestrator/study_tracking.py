@@ -163,7 +163,9 @@ def pretrain_parent_run(study: StudyTracking, method: str, dataset_hash: str) ->
     ``mlflow.parentRunId`` set to this id (and ``method``, ``dataset_hash``) so the UI nests it.
     """
     tags = {KIND_TAG: KIND_PRETRAIN, KEY_TAG: f"{method}-{dataset_hash[:8]}", "method": method, "dataset_hash": dataset_hash}
-    run_id, _ = find_or_create_run(study, f"pretrain-{method}", tags)
+    run_id, created = find_or_create_run(study, f"pretrain-{method}", tags)
+    if created:  # a container for the method's runs, with no work of its own: never left RUNNING
+        study.client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

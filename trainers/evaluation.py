@@ -79,7 +79,11 @@ def segment_volume(
     """
     if image.ndim != 3:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {image.shape}")
-    grid = geometry.resample_to_model(np.asarray(image, dtype=np.float32), spacing_mm, image_size, mode="bicubic")
+    # Training slices were zero-padded before the z-score, so their padding is the subject's
+    # minimum; pad these already z-scored slices with the volume's minimum, not with 0 (its mean).
+    volume = np.asarray(image, dtype=np.float32)
+    floor = float(volume.min())
+    grid = geometry.resample_to_model(volume - floor, spacing_mm, image_size, mode="bicubic") + floor
     logits = scores_fn(torch.from_numpy(np.ascontiguousarray(grid))[:, None])  # (Z, C, S, S)
     scores = geometry.scores_to_native(logits.permute(1, 0, 2, 3).contiguous(), spacing_mm)  # (C, Z, Y, X)
     scores_np = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import NoReturn
 
@@ -17,3 +18,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr."""
     print(f"warning: {message}", file=sys.stderr)
+
+
+def root_cause(exc: BaseException) -> str:
+    """One line for a training failure: the innermost ``SomethingError: message`` line Ray's report holds."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", line)
+              and not line.startswith(("ray.train.", "Error:", "WorkerGroupError"))]
+    text = causes[-1] if causes else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:300]}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail
+from orchestrator.commands._common import fail, root_cause
 
 
 def finetune(
@@ -66,8 +66,12 @@ def finetune(
             config=base, study=study, workspace=Workspace.resolve(output), num_cpus=num_cpus,
             max_failures=max_failures,
         )
-    except (GridError, ConfigError) as exc:
+    except (GridError, ConfigError, LookupError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume the unfinished cells", code=130)
+    except Exception as exc:  # noqa: BLE001 - e.g. MLflow unreachable: one line, non-zero exit
+        fail(f"fine-tuning grid failed: {root_cause(exc)}")
     from rich.console import Console
     from rich.table import Table
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail
+from orchestrator.commands._common import fail, root_cause
 
 
 class Method(str, Enum):
@@ -55,17 +54,10 @@ def pretrain(
         launch_pretrain(request, echo=typer.echo, progress=not no_progress)
     except LaunchError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume from the last checkpoint", code=130)
     except Exception as exc:  # noqa: BLE001 - a training failure: one line, non-zero exit
         fail(f"pretraining failed: {root_cause(exc)}")
-
-
-def root_cause(exc: BaseException) -> str:
-    """One line for a training failure: the innermost ``SomethingError: message`` line Ray's report holds."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", line)
-              and not line.startswith(("ray.train.", "Error:", "WorkerGroupError"))]
-    text = causes[-1] if causes else (lines[0] if lines else "")
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def register(app: typer.Typer) -> None:

@@ -7,9 +7,27 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail
+from orchestrator.commands._common import fail, root_cause
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _run_study(settings: object, workspace: object, progress: bool) -> object:
+    """``run_study`` with every expected failure turned into a one-line error and an exit code."""
+    from orchestrator.configio import ConfigError
+    from orchestrator.grid import GridError
+    from orchestrator.pretrain_launch import LaunchError
+    from orchestrator.report import ReportError
+    from orchestrator.study import run_study
+
+    try:
+        return run_study(settings, workspace, echo=typer.echo, progress=progress)  # type: ignore[arg-type]
+    except (ConfigError, GridError, LaunchError, ReportError, LookupError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to continue where it stopped", code=130)
+    except Exception as exc:  # noqa: BLE001 - a training failure: one line, non-zero exit
+        fail(f"study failed: {root_cause(exc)}; rerun the same command to retry")
 
 
 def study(
@@ -24,7 +42,7 @@ def study(
     """
     from orchestrator.commands.finetune import print_report
     from orchestrator.configio import ConfigError, load_config
-    from orchestrator.study import StudyConfig, run_study
+    from orchestrator.study import StudyConfig
     from orchestrator.workspace import Workspace
 
     try:
@@ -32,9 +50,9 @@ def study(
     except ConfigError as exc:
         fail(str(exc), code=2)
     workspace = Workspace.resolve(output)
-    outcome = run_study(settings, workspace, echo=typer.echo, progress=progress)
-    print_report(outcome.report, settings.name)
-    if not outcome.grid.ok:
+    outcome = _run_study(settings, workspace, progress)
+    print_report(outcome.report, settings.name)  # type: ignore[attr-defined]
+    if not outcome.grid.ok:  # type: ignore[attr-defined]
         fail("some fine-tuning cells failed; rerun the same command to retry them")
 
 
@@ -52,7 +70,7 @@ def demo(
     from datastore.synth import write_dataset
     from orchestrator.commands.finetune import print_report
     from orchestrator.configio import load_config, read_yaml
-    from orchestrator.study import StudyConfig, run_study
+    from orchestrator.study import StudyConfig
     from orchestrator.workspace import Workspace
 
     started = time.monotonic()
@@ -69,13 +87,13 @@ def demo(
     template["store"] = str(workspace.root / "demo.zarr")
     template["ingest"] = {**template.get("ingest", {}), "mnms": str(raw / "mnms"), "mnms2": str(raw / "mnms2")}
     settings = load_config(StudyConfig, None, defaults=template)
-    outcome = run_study(settings, workspace, echo=typer.echo, progress=progress)
-    print_report(outcome.report, settings.name)
+    outcome = _run_study(settings, workspace, progress)
+    print_report(outcome.report, settings.name)  # type: ignore[attr-defined]
     minutes = (time.monotonic() - started) / 60
     typer.echo(f"\ndemo finished in {minutes:.1f} min; everything is under {workspace.root}")
     typer.echo(f"browse the runs:  sspctl ui --output {output}   (then open http://127.0.0.1:5000)")
     typer.echo("these numbers come from a tiny synthetic phantom: they show the pipeline works, not the paper's result")
-    if not outcome.grid.ok:
+    if not outcome.grid.ok:  # type: ignore[attr-defined]
         fail("some fine-tuning cells failed; rerun `sspctl demo` to retry them")
 
 
