@@ -447,11 +447,14 @@ def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, flo
     return metrics
 
 
-def _set_status_quietly(cell: dict[str, Any], status: str) -> None:
+def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool = False) -> None:
     from orchestrator.study_tracking import client_for
 
     try:
-        client_for(cell["tracking_uri"]).set_terminated(cell["run_id"], status=status)
+        client = client_for(cell["tracking_uri"])
+        if only_if_running and client.get_run(cell["run_id"]).info.status != "RUNNING":
+            return  # the cell finished (or failed) on its own before the grid stopped
+        client.set_terminated(cell["run_id"], status=status)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the cell
         log.warning("could not set MLflow run %s to %s (%s)", cell["run_id"], status, exc)
 
@@ -689,9 +692,16 @@ def execute_plan(
         for trial in plan.pending:
             tracking.client.update_run(trial["run_id"], status="RUNNING")
         by_name = {c.name: c for c in plan.cells}
-        with ray_session(num_cpus=num_cpus):
-            results = _fit_tuner(plan.pending, plan.spec, plan.grid_id, plan.workspace,
-                                 worker_fn or _default_worker(), progress)
+        try:
+            with ray_session(num_cpus=num_cpus):
+                results = _fit_tuner(plan.pending, plan.spec, plan.grid_id, plan.workspace,
+                                     worker_fn or _default_worker(), progress)
+        except BaseException as exc:  # no run may stay RUNNING when the grid itself fails or is stopped
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            for trial in plan.pending:
+                _set_status_quietly(trial, status, only_if_running=True)
+            set_status(tracking, plan.parent_run_id, status)
+            raise
         for trial in plan.pending:
             metrics, error = results.get(trial["name"], ({}, "trial did not report"))
             status = "done" if error is None else "failed"

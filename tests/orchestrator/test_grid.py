@@ -241,3 +241,25 @@ def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dat
     assert rerun.cells[2].metrics["test_dice_mean"] == pytest.approx(first_run.cells[2].metrics["test_dice_mean"])
     assert study.client.get_run(victim.run_id).info.status == "FINISHED"
     assert len(study.client.search_runs([study.experiment_id])) == 5  # 4 cells + 1 parent, no duplicates
+
+
+def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    import orchestrator.grid as grid
+    import orchestrator.ray_session
+    from orchestrator.study_tracking import client_for
+
+    def broken_tuner(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("tune could not start")
+
+    monkeypatch.setattr(grid, "_fit_tuner", broken_tuner)
+    monkeypatch.setattr(orchestrator.ray_session, "ray_session", lambda **kw: contextlib.nullcontext())
+    plan = grid.plan_grid(**{**_grid_kwargs(dataset), "study": "grid-broken"})
+    assert plan.pending
+    with pytest.raises(RuntimeError, match="tune could not start"):
+        grid.execute_plan(plan, progress=False)
+    client = client_for(dataset["ws"].tracking_uri)
+    statuses = {client.get_run(t["run_id"]).info.status for t in plan.pending}
+    assert statuses == {"FAILED"}
+    assert client.get_run(plan.parent_run_id).info.status == "FAILED"
