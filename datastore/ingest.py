@@ -160,21 +160,33 @@ def process_subject(source: SubjectSource, config: IngestConfig) -> SubjectRecor
 def _results_ray(
     todo: list[SubjectSource], config: IngestConfig, max_in_flight: int
 ) -> Iterator[SubjectRecord | SkippedSubject]:
-    """Yield results in completion order from Ray tasks, with at most ``max_in_flight`` pending."""
+    """Yield results in ``todo`` order from Ray tasks, with at most ``max_in_flight`` subjects running
+    or finished-but-unwritten.
+
+    Results are yielded in plan order, not completion order, so that the store's row layout (and so
+    the loader's chunk ownership and batches) is the same for every ingest of the same data,
+    resumed or not, whatever the number of workers.
+    """
     import ray
 
     if not ray.is_initialized():
         raise IngestError("Ray is not initialised (the caller must start it, e.g. ray_session())")
     task = ray.remote(num_cpus=1, max_retries=1)(process_subject)
     config_ref = ray.put(config)
-    queue = list(todo)
-    pending: dict[Any, SubjectSource] = {}
-    while queue or pending:
-        while queue and len(pending) < max_in_flight:
-            source = queue.pop(0)
-            pending[task.remote(source, config_ref)] = source
+    queue = list(enumerate(todo))
+    pending: dict[Any, tuple[int, SubjectSource]] = {}
+    finished: dict[int, SubjectRecord | SkippedSubject] = {}
+    next_index = 0
+    while queue or pending or finished:
+        while queue and len(pending) + len(finished) < max_in_flight:
+            index, source = queue.pop(0)
+            pending[task.remote(source, config_ref)] = (index, source)
+        if next_index in finished:
+            yield finished.pop(next_index)
+            next_index += 1
+            continue
         ready, _ = ray.wait(list(pending), num_returns=1)
-        source = pending.pop(ready[0])
+        index, source = pending.pop(ready[0])
         try:
             item = ray.get(ready[0])
         except ray.exceptions.RayError as exc:  # a worker died (e.g. out of memory) twice
@@ -182,7 +194,7 @@ def _results_ray(
             item = SkippedSubject(
                 source.dataset, source.subject_id, f"{source.files['cine']}: Ray task failed ({type(exc).__name__}: {first})"
             )
-        yield item
+        finished[index] = item
 
 
 def _results_serial(todo: list[SubjectSource], config: IngestConfig) -> Iterator[SubjectRecord | SkippedSubject]:
@@ -196,7 +208,7 @@ def execute_ingest(
     max_in_flight: int = 4,
     progress: bool = True,
 ) -> IngestResult:
-    """Process ``plan.todo``, append each result as it completes, then finalize the store.
+    """Process ``plan.todo``, append each result in plan order, then finalize the store.
 
     Raises:
         InjectedCrash: only with the test-only ``SSPCTL_INGEST_CRASH_AFTER`` environment variable.
