@@ -75,6 +75,8 @@ def make(
         subjects = opened.subjects
         if not len(subjects):
             fail(f"{store}: the store has no subjects")
+        if not opened.complete:
+            fail(f"{store}: the ingest has not finished (the store is not complete); rerun sspctl ingest first")
         split = make_splits(
             subjects,
             test_per_vendor=test_per_vendor,
