@@ -17,7 +17,6 @@ Layout of ``state.pt``::
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from trainers.safe_io import atomic_torch_save, safe_torch_load
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
@@ -149,9 +150,7 @@ def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
         json.dumps(state.config)
     except TypeError as exc:
         raise CheckpointError(f"checkpoint key config: not JSON-able ({exc})") from None
-    tmp = directory / f".{STATE_FILE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    atomic_torch_save(payload, directory / STATE_FILE)
     meta = {"format": FORMAT_VERSION, "epoch": state.epoch, "global_step": state.global_step,
             "metrics": payload["metrics"], "config": state.config}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -165,12 +164,7 @@ def load_checkpoint(directory: str | Path) -> TrainState:
         CheckpointError: one line naming the file if it is missing, unreadable or of another format.
     """
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem becomes one clear line
-        raise CheckpointError(f"{path}: not a readable safe checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    payload = safe_torch_load(path, CheckpointError, "checkpoint file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected format {FORMAT_VERSION})")
     missing = [k for k in ("epoch", "global_step", "model", "optimizer") if k not in payload]

@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from trainers.safe_io import atomic_torch_save, safe_torch_load
+
 MANIFEST_FILE = "manifest.json"
 Part = Literal["encoder", "encoder_decoder"]
 #: Key prefixes of ``UNet2d.state_dict()`` that each transferable part covers.
@@ -96,9 +98,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
             raise WeightsError(f"{path}: entry {key!r} is {type(value).__name__}, weights must be str -> Tensor")
         clean[key] = value.detach().to("cpu").contiguous().clone()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(clean, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(clean, path)
     return _sha256(path)
 
 
@@ -109,12 +109,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         WeightsError: file missing, not loadable safely, or not a ``dict[str, Tensor]``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem becomes one clear line
-        raise WeightsError(f"{path}: not a safe weights file ({str(exc).splitlines()[0][:200]})") from None
+    state = safe_torch_load(path, WeightsError, "weights file")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise WeightsError(f"{path}: expected a dict of str -> Tensor")
     return state
