@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -63,8 +64,16 @@ def test_sspctl_ui_serves_the_study_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(sspctl), "ui", "--output", str(ws.root), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        wait_ready(proc, url, timeout_s=120)
+        # Wait for sspctl's own "ready" line, not just the server: Ctrl-C before it would race the message.
+        deadline = time.monotonic() + 120
+        while f"at {url}" not in "".join(lines) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"at {url}" in "".join(lines), "".join(lines)
+        wait_ready(proc, url, timeout_s=10)
         experiments = _get(f"{url}/api/2.0/mlflow/experiments/search?max_results=100")["experiments"]
         ids = {e["name"]: e["experiment_id"] for e in experiments}
         assert "ui-study" in ids
@@ -72,9 +81,9 @@ def test_sspctl_ui_serves_the_study_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert [r["info"]["run_id"] for r in runs] == [parent]
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground group
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert f"at {url}" in out
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)
     deadline = time.monotonic() + 20
     while port_in_use(port) and time.monotonic() < deadline:
         time.sleep(0.5)
