@@ -1,7 +1,13 @@
 """The study report: the paper's table, Wilcoxon tests against scratch, plots, Markdown/CSV/HTML.
 
-Input: the finished grid-cell runs of one MLflow study (experiment) and their per-subject Dice
-tables (artifact ``per_subject_dice.csv``, rows ``subject_id, phase, class, dice``).
+Input: the finished cell runs of **one** fine-tuning grid of an MLflow study (experiment) and their
+per-subject Dice tables (artifact ``per_subject_dice.csv``, rows ``subject_id, phase, class, dice``).
+
+- Grid: by default the study's most recent grid parent run (the one that started or ended last, so
+  a resumed older grid counts as recent); ``grid=`` picks another by run name (``grid-{id}``), grid
+  id or run id. Only that grid's child cells are read, so grids on another dataset or split never
+  mix into the table. Within the grid, a method x budget x seed counted twice (a rerun) counts once,
+  from the FINISHED run that ended last.
 
 - Table: for each method x budget and each class (LV, MYO, RV, and ``mean`` = mean of the three
   classes per subject-phase), the mean and sample sd (ddof 1) of 3D Dice over all seeds and test
@@ -28,9 +34,13 @@ import pandas as pd
 
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
+    KEY_TAG,
+    KIND_CELL,
+    KIND_TAG,
+    PARENT_TAG,
     PER_SUBJECT_ARTIFACT,
     StudyTracking,
-    cell_runs,
+    find_runs,
     grid_runs,
     open_study,
 )
@@ -46,19 +56,66 @@ _METHOD_ORDER = ("scratch", "simclr", "pcl", "dino", "mim")
 
 
 class ReportError(ValueError):
-    """The study cannot be reported (missing, or no finished cells); one line."""
+    """The study cannot be reported (missing, unknown grid, or no finished cells); one line."""
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """One grid parent run of a study, as the report names and selects it."""
+
+    run_id: str
+    name: str
+    grid_id: str
+    dataset_hash: str
+    split: str
+    status: str
+    #: Latest of the run's start and end time (ms since the epoch): "most recent" means largest.
+    last_activity_ms: int
+
+    @property
+    def dataset_label(self) -> str:
+        """Short form of the dataset hash for messages (``?`` when the run has no such tag)."""
+        return self.dataset_hash[:8] or "?"
+
+    def describe(self) -> str:
+        """``grid-… (run <id>, dataset <hash8>, split <path>)`` for terminal output and notes."""
+        split = f", split {self.split}" if self.split else ""
+        return f"{self.name} (run {self.run_id}, dataset {self.dataset_label}{split})"
 
 
 @dataclass
 class Report:
-    """Everything ``build_report`` produced: tables, notes and the files written."""
+    """Everything ``build_report`` produced: tables, notes, the files written and the grid reported."""
 
     study: str
     summary: pd.DataFrame
     tests: pd.DataFrame
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The reported grid's parent run (the report is logged there).
     parent_run_id: str | None = None
+    grid: GridInfo | None = None
+    #: Every grid of the study, least recent first (the reported one included).
+    grids: list[GridInfo] = field(default_factory=list)
+
+    @property
+    def dataset_hashes(self) -> list[str]:
+        """Distinct dataset hashes of the study's grids, in order of first appearance."""
+        return list(dict.fromkeys(g.dataset_hash for g in self.grids))
+
+    def grid_line(self) -> str:
+        """One line naming the grid (and dataset) the table is for, with a hint when others exist."""
+        if self.grid is None:
+            return "grid: unknown"
+        line = f"grid {self.grid.describe()}"
+        others = len(self.grids) - 1
+        if len(self.dataset_hashes) > 1:
+            labels = ", ".join(h[:8] or "?" for h in self.dataset_hashes)
+            line += (f"; the study has grids on {len(self.dataset_hashes)} datasets ({labels}): this table covers "
+                     f"dataset {self.grid.dataset_label} only, choose another grid with --grid")
+        elif others > 0:
+            line += f"; {others} other grid{'s' if others > 1 else ''} in the study (--grid to choose)"
+        return line
 
     def rows(self) -> list[dict[str, Any]]:
         """Summary rows as JSON-ready dicts (``method, budget, class, dice_mean, dice_sd, n, ...``)."""
@@ -104,11 +161,61 @@ def _sorted_frame(frame: pd.DataFrame) -> pd.DataFrame:
 # -- loading ------------------------------------------------------------------------------------
 
 
-def load_study_table(study: StudyTracking, cache_dir: Path) -> tuple[pd.DataFrame, list[Any], list[str]]:
-    """Per-subject Dice of every finished cell of ``study``.
+def _grid_info(run: Any) -> GridInfo:
+    tags = run.data.tags
+    return GridInfo(
+        run_id=run.info.run_id,
+        name=run.info.run_name or f"grid-{tags.get(KEY_TAG, '?')}",
+        grid_id=tags.get(KEY_TAG, ""),
+        dataset_hash=tags.get("dataset_hash", ""),
+        split=tags.get("split", ""),
+        status=run.info.status,
+        last_activity_ms=max(run.info.start_time or 0, run.info.end_time or 0),
+    )
+
+
+def study_grids(study: StudyTracking) -> list[GridInfo]:
+    """The study's grid parent runs, least recent first (by the latest of start and end time)."""
+    infos = [_grid_info(run) for run in grid_runs(study)]  # oldest start first: ties keep that order
+    return sorted(infos, key=lambda g: g.last_activity_ms)
+
+
+def select_grid(grids: Sequence[GridInfo], study: str, grid: str | None = None) -> GridInfo:
+    """The grid to report: ``grid`` (run name ``grid-{id}``, grid id or run id), else the most recent.
+
+    Args:
+        grids: the study's grids, least recent first (``study_grids``).
+        study: the study name, for messages.
+        grid: the grid asked for, or None for the most recent one.
+
+    Raises:
+        ReportError: the study has no grid, or none matches ``grid``.
+    """
+    if not grids:
+        raise ReportError(f"study {study!r} has no fine-tuning grid yet")
+    if grid is None:
+        return grids[-1]
+    wanted = grid.strip()
+    matches = [g for g in grids if wanted in (g.run_id, g.name, g.grid_id, f"grid-{g.grid_id}")]
+    if not matches:
+        known = ", ".join(f"{g.name} (dataset {g.dataset_label})" for g in grids)
+        raise ReportError(f"grid {grid!r} not found in study {study!r}; its grids: {known}")
+    return matches[-1]
+
+
+def grid_cell_runs(study: StudyTracking, grid: GridInfo) -> list[Any]:
+    """The cell runs whose parent is ``grid`` (oldest first)."""
+    return find_runs(study, {KIND_TAG: KIND_CELL, PARENT_TAG: grid.run_id})
+
+
+def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tuple[pd.DataFrame, list[Any], list[str]]:
+    """Per-subject Dice of every finished cell of one grid of ``study``.
 
     Returns ``(table, runs, notes)``: table columns ``method, budget, seed, run_id, cell, subject_id,
     phase, class, dice`` (budget as string); the finished cell runs; notes on skipped runs.
+
+    Raises:
+        ReportError: the grid has no finished cell with a readable per-subject table.
     """
     from orchestrator.grid import normalise_dice_table
 
@@ -116,13 +223,17 @@ def load_study_table(study: StudyTracking, cache_dir: Path) -> tuple[pd.DataFram
     frames = []
     finished = []
     latest: dict[tuple[str, str, str], Any] = {}
-    for run in cell_runs(study):
+    for run in grid_cell_runs(study, grid):
         name = run.info.run_name
+        cell_hash = run.data.tags.get("dataset_hash", "")
+        if cell_hash and grid.dataset_hash and cell_hash != grid.dataset_hash:
+            notes.append(f"cell {name} skipped: dataset {cell_hash[:8]} differs from its grid's {grid.dataset_label}")
+            continue
         if run.info.status != "FINISHED" or COMPLETION_METRIC not in run.data.metrics:
             notes.append(f"cell {name} skipped: not finished ({run.info.status})")
             continue
-        # A study may hold several grids (e.g. rerun with another config): the same method, budget
-        # and seed count once, from the run that finished last.
+        # A cell rerun inside the grid (the same method, budget and seed twice) counts once, from the
+        # run that finished last.
         key = (run.data.tags.get("method", "?"), str(run.data.tags.get("budget", "?")), str(run.data.tags.get("seed", "0")))
         previous = latest.get(key)
         if previous is not None and (previous.info.end_time or 0) > (run.info.end_time or 0):
@@ -147,7 +258,7 @@ def load_study_table(study: StudyTracking, cache_dir: Path) -> tuple[pd.DataFram
         frames.append(table)
         finished.append(run)
     if not frames:
-        raise ReportError(f"study {study.study!r} has no finished fine-tuning cells yet")
+        raise ReportError(f"grid {grid.name} of study {study.study!r} has no finished fine-tuning cells yet")
     columns = ["method", "budget", "seed", "run_id", "cell", "subject_id", "phase", "class", "dice"]
     return pd.concat(frames, ignore_index=True)[columns], finished, notes
 
@@ -334,10 +445,13 @@ def write_report(
     report.summary.to_csv(files["summary_csv"], index=False)
     report.tests.to_csv(files["wilcoxon_csv"], index=False)
     title = f"Fine-tuning study {report.study}"
+    if report.grid is not None:
+        title += f", {report.grid.name} (dataset {report.grid.dataset_label})"
     intro = ("3D Dice on the test subjects (ED and ES), mean ± sd over seeds and subject-phases; "
              "`mean` is the mean of LV, MYO and RV per subject-phase. Wilcoxon: paired signed-rank test "
              "of each method against scratch on per-subject-phase Dice averaged over seeds (two-sided).")
-    md = [f"# {title}", "", intro, "", "## Dice", "", markdown_table(pivot), "",
+    grid_line = f"Reported {report.grid_line()}." if report.grid is not None else ""
+    md = [f"# {title}", "", intro, "", grid_line, "", "## Dice", "", markdown_table(pivot), "",
           "## Wilcoxon signed-rank tests against scratch", "", markdown_table(report.tests), ""]
     md += ["## Dice vs label budget", ""] + [f"![{cls}]({p.name})" for cls, p in plots.items()] + [""]
     if overlays:
@@ -350,6 +464,7 @@ def write_report(
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:540px;margin:4px}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
+             f"<p>{html.escape(grid_line)}</p>",
              "<h2>Dice</h2>", pivot.to_html(index=False, na_rep="-"),
              "<h2>Wilcoxon signed-rank tests against scratch</h2>", report.tests.to_html(index=False, na_rep="-"),
              "<h2>Dice vs label budget</h2>", "".join(_embed(p) for p in plots.values())]
@@ -368,28 +483,35 @@ def build_report(
     tracking_uri: str,
     output: Path,
     log_to_mlflow: bool = True,
+    grid: str | None = None,
 ) -> Report:
-    """Read ``study`` from MLflow, compute the table and tests, write the files, log them.
+    """Read one grid of ``study`` from MLflow, compute the table and tests, write the files, log them.
 
     Args:
         study: MLflow experiment name of the study.
         tracking_uri: MLflow backend (``Workspace.tracking_uri``).
         output: directory for ``report.md``, ``report.html``, ``summary.csv``, ``wilcoxon.csv``,
             ``dice_vs_budget_<class>.png`` and ``overlays/``.
-        log_to_mlflow: log the output directory under ``report/`` of the latest grid parent run.
+        log_to_mlflow: log the output directory under ``report/`` of the reported grid's parent run.
+        grid: the grid to report (run name ``grid-{id}``, grid id or parent run id); default the
+            study's most recent grid.
 
     Raises:
-        ReportError: the study does not exist or has no finished cells.
+        ReportError: the study does not exist, has no grid, ``grid`` is unknown, or the grid has no
+            finished cells.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         tracking = open_study(tracking_uri, study, create=False)
     except LookupError as exc:
         raise ReportError(str(exc)) from None
+    grids = study_grids(tracking)
+    chosen = select_grid(grids, study, grid)
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
-    table, runs, notes = load_study_table(tracking, output / ".cache")
-    report = Report(study=study, summary=summary_table(table), tests=wilcoxon_table(table), notes=notes)
+    table, runs, notes = load_grid_table(tracking, chosen, output / ".cache")
+    report = Report(study=study, summary=summary_table(table), tests=wilcoxon_table(table), notes=notes,
+                    parent_run_id=chosen.run_id, grid=chosen, grids=list(grids))
     for row in report.test_rows():
         if row["note"]:
             report.notes.append(f"{row['method']} vs scratch, budget {row['budget']}, {row['class']}: {row['note']}")
@@ -399,13 +521,10 @@ def build_report(
     report.files.update({f"plot_{cls}": p for cls, p in plots.items()})
     (output / "summary.json").write_text(json.dumps(report.rows(), indent=1))
     report.files["json"] = output / "summary.json"
-    parents = grid_runs(tracking)
-    if parents:
-        report.parent_run_id = parents[-1].info.run_id
-    if log_to_mlflow and report.parent_run_id:
+    if log_to_mlflow:
         from orchestrator.tracking import MlflowTracker
 
-        tracker = MlflowTracker(tracking_uri, report.parent_run_id)
+        tracker = MlflowTracker(tracking_uri, chosen.run_id)
         for path in [*report.files.values(), *(p for _, p in overlays)]:
             rel = path.parent.relative_to(output)
             tracker.log_artifact(path, "report" if str(rel) == "." else f"report/{rel}")

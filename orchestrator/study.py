@@ -185,5 +185,7 @@ def run_study(
             gpus_per_trial=config.finetune.gpus_per_trial, config=finetune_config(config),
             study=config.name, workspace=workspace, progress=progress,
         )
-    report = build_report(config.name, workspace.tracking_uri, workspace.root / "reports" / config.name)
+    report = build_report(
+        config.name, workspace.tracking_uri, workspace.root / "reports" / config.name, grid=grid.parent_run_id
+    )
     return StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)

@@ -100,21 +100,28 @@ def report(
     report_dir: Path | None = typer.Option(
         None, "--report-dir", help="Where to write report.md/.html, CSVs and plots. Default: <output>/reports/<study>/."
     ),
+    grid: str | None = typer.Option(
+        None, "--grid",
+        help="Grid to report: its parent run name (grid-<id>), grid id or MLflow run id. Default: the study's most "
+        "recent grid. Only that grid's cells enter the table.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list of rows instead of a table."),
-    no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to the study's grid parent run."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to the reported grid's parent run."),
 ) -> None:
-    """Build the study report: Dice table (method x budget), Wilcoxon tests vs scratch, plots, overlays."""
+    """Build the report of one grid of the study: Dice table (method x budget), Wilcoxon tests vs scratch, plots."""
     from orchestrator.report import ReportError, build_report
     from orchestrator.workspace import Workspace
 
     workspace = Workspace.resolve(output)
     target = report_dir or workspace.root / "reports" / study
     try:
-        result = build_report(study, workspace.tracking_uri, target, log_to_mlflow=not no_log)
+        result = build_report(study, workspace.tracking_uri, target, log_to_mlflow=not no_log, grid=grid)
     except ReportError as exc:
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result.rows(), indent=1))
+        if len(result.grids) > 1:  # stdout stays pure JSON; say on stderr which grid the rows are
+            typer.echo(f"note: {result.grid_line()}", err=True)
         return
     print_report(result, study)
 
@@ -122,18 +129,26 @@ def report(
 def print_report(result: object, study: str) -> None:
     """Print a built report as a table in the terminal, with its test summary and file paths."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from orchestrator.report import pivot_table
 
     console = Console()
     pivot = pivot_table(result.summary)  # type: ignore[attr-defined]
-    table = Table(title=f"3D Dice, study {study} (mean ± sd over seeds and test subject-phases)")
+    grid = getattr(result, "grid", None)
+    where = f", {grid.name} (dataset {grid.dataset_label})" if grid is not None else ""
+    table = Table(title=f"3D Dice, study {study}{where} (mean ± sd over seeds and test subject-phases)")
     for column in pivot.columns:
         table.add_column(str(column), justify="left" if column == "method" else "right")
     for row in pivot.itertuples(index=False):
         table.add_row(*[str(v) for v in row])
     console.print(table)
+    if grid is not None:
+        several = len(result.dataset_hashes) > 1  # type: ignore[attr-defined]
+        colour = "yellow" if several else "dim"
+        line = escape(result.grid_line())  # type: ignore[attr-defined]
+        console.print(f"[{colour}]{line}[/{colour}]", highlight=False, soft_wrap=True)
     tests = result.tests  # type: ignore[attr-defined]
     significant = tests[tests["p_value"] < 0.05]
     console.print(f"Wilcoxon vs scratch: {len(significant)} of {len(tests)} comparisons with p < 0.05")

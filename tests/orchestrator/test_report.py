@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import zlib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from scipy.stats import wilcoxon
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.report import build_report
+from orchestrator.report import ReportError, build_report
 from orchestrator.study_tracking import (
     PER_SUBJECT_ARTIFACT,
     cell_run,
@@ -54,7 +55,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
     parent = grid_parent_run(tracking, "g1", tags={"dataset_hash": "abc"})
     data = {}
     tmp = tmp_path_factory.mktemp("csv")
-    # an older grid's cell for the same method/budget/seed: superseded by the later one below
+    # a rerun of the same method/budget/seed inside the grid: superseded by the later one below
     stale = cell_run(tracking, "ft-scratch-b10-s0-11111111", parent, tags={"method": "scratch", "budget": "10", "seed": "0"})
     (tmp / "stale").mkdir()
     pd.DataFrame([{"subject_id": s, "phase": "ED", "class": "LV", "dice": 0.0} for s in SUBJECTS]).to_csv(
@@ -173,3 +174,121 @@ def test_cli_json_and_errors(study, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["report", "--study", "nope", "--output", str(ws.root)])
     assert missing.exit_code == 1
     assert "study 'nope' not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+# -- two grids on different datasets in one study ---------------------------------------------------
+
+HASH_A, HASH_B = "a" * 64, "b" * 64
+
+
+def _log_grid(tracking, grid_id: str, dataset_hash: str, offset: float, tmp: Path) -> tuple[str, dict]:
+    """A finished 2 methods x budget 10 x 2 seeds grid on ``dataset_hash``; Dice shifted by ``offset``."""
+    parent = grid_parent_run(tracking, grid_id, tags={"dataset_hash": dataset_hash, "split": f"/splits/{grid_id}.yaml"})
+    data = {}
+    for method in METHODS:
+        for seed in SEEDS:
+            # the same method/budget/seed as the other grid, but another cell (its hash covers the dataset)
+            name = f"ft-{method}-b10-s{seed}-{dataset_hash[:8]}"
+            run_id = cell_run(tracking, name, parent,
+                              tags={"method": method, "budget": "10", "seed": str(seed), "dataset_hash": dataset_hash})
+            values = np.clip(_dice(method, "10", seed) + offset, 0, 1)
+            data[(method, seed)] = values
+            rows = [
+                {"subject_id": s, "phase": p, "class": c, "dice": values[i, j, k]}
+                for i, s in enumerate(SUBJECTS) for j, p in enumerate(PHASES) for k, c in enumerate(CLASSES)
+            ]
+            csv = tmp / name / PER_SUBJECT_ARTIFACT
+            csv.parent.mkdir()
+            pd.DataFrame(rows).to_csv(csv, index=False)
+            tracking.client.log_artifact(run_id, str(csv))
+            tracking.client.log_metric(run_id, "test_dice_mean", float(values.mean()))
+            set_status(tracking, run_id, "FINISHED")
+    return parent, data
+
+
+@pytest.fixture(scope="module")
+def two_grids(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+    """Study ``s2``: grid ``ga`` on dataset A, then (more recent) grid ``gb`` on dataset B, lower Dice."""
+    ws = Workspace.resolve(tmp_path_factory.mktemp("ws2"))
+    tracking = open_study(ws.tracking_uri, "s2", ws.artifact_root)
+    tmp = tmp_path_factory.mktemp("csv2")
+    parent_a, data_a = _log_grid(tracking, "ga", HASH_A, 0.0, tmp)
+    set_status(tracking, parent_a, "FINISHED")
+    parent_b, data_b = _log_grid(tracking, "gb", HASH_B, -0.3, tmp)
+    set_status(tracking, parent_b, "FINISHED")
+    return ws, {"a": (parent_a, data_a), "b": (parent_b, data_b)}
+
+
+def _assert_only_grid(summary: pd.DataFrame, data: dict) -> None:
+    """The summary is exactly the grid's cells: values, and n not doubled by the other grid."""
+    assert set(summary.budget) == {"10"} and len(summary) == len(METHODS) * 4
+    for method in METHODS:
+        stacked = np.stack([data[(method, s)] for s in SEEDS])
+        for k, cls in enumerate((*CLASSES, "mean")):
+            values = stacked.mean(axis=-1) if cls == "mean" else stacked[..., k]
+            row = summary[(summary.method == method) & (summary["class"] == cls)]
+            assert row.dice_mean.item() == pytest.approx(values.mean(), abs=1e-9)
+            assert row.dice_sd.item() == pytest.approx(values.std(ddof=1), abs=1e-9)
+            assert row.n.item() == len(SEEDS) * len(SUBJECTS) * len(PHASES)
+
+
+def test_report_is_one_grid(two_grids, tmp_path: Path) -> None:
+    ws, grids = two_grids
+    parent_a, data_a = grids["a"]
+    parent_b, data_b = grids["b"]
+    latest = build_report("s2", ws.tracking_uri, tmp_path / "latest")
+    assert latest.grid.name == "grid-gb" and latest.parent_run_id == parent_b
+    assert latest.grid.dataset_hash == HASH_B and latest.dataset_hashes == [HASH_A, HASH_B]
+    _assert_only_grid(latest.summary, data_b)
+    assert not any("superseded" in n for n in latest.notes)
+    assert "bbbbbbbb" in (tmp_path / "latest" / "report.md").read_text()
+    # the report is logged to the reported grid only
+    client = open_study(ws.tracking_uri, "s2", create=False).client
+    assert client.list_artifacts(parent_b, "report") and not client.list_artifacts(parent_a, "report")
+    # --grid by name, by grid id and by run id all give grid A's table
+    for key in ("grid-ga", "ga", parent_a):
+        chosen = build_report("s2", ws.tracking_uri, tmp_path / f"a-{key[:8]}", log_to_mlflow=False, grid=key)
+        assert chosen.grid.run_id == parent_a and chosen.grid.dataset_hash == HASH_A
+        _assert_only_grid(chosen.summary, data_a)
+    with pytest.raises(ReportError, match=r"grid 'nope' not found in study 's2'; its grids: grid-ga \(dataset aaaaaaaa\)"):
+        build_report("s2", ws.tracking_uri, tmp_path / "x", grid="nope")
+
+
+def test_cli_grid_option(two_grids, tmp_path: Path) -> None:
+    ws, grids = two_grids
+    _, data_a = grids["a"]
+    runner = CliRunner()
+    base = ["report", "--study", "s2", "--output", str(ws.root), "--no-log"]
+    table = runner.invoke(app, [*base, "--report-dir", str(tmp_path / "t")])
+    assert table.exit_code == 0, table.output
+    assert "grid grid-gb (run " in table.stdout and "dataset bbbbbbbb" in table.stdout
+    assert "grids on 2 datasets (aaaaaaaa, bbbbbbbb)" in table.stdout
+    result = runner.invoke(app, [*base, "--grid", "grid-ga", "--json", "--report-dir", str(tmp_path / "j")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # stdout is only the JSON rows
+    assert len(rows) == len(METHODS) * 4
+    assert {"method", "budget", "class", "dice_mean", "dice_sd", "n"} <= set(rows[0])
+    lv = next(r for r in rows if r["method"] == "scratch" and r["class"] == "LV")
+    assert lv["dice_mean"] == pytest.approx(np.stack([data_a[("scratch", s)] for s in SEEDS])[..., 0].mean())
+    assert "grid grid-ga" in result.stderr and "dataset aaaaaaaa" in result.stderr
+    unknown = runner.invoke(app, [*base, "--grid", "nope"])
+    assert unknown.exit_code == 1
+    assert "grid 'nope' not found" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_resumed_grid_counts_as_most_recent(tmp_path: Path) -> None:
+    """A grid that ended after a newer one started (a resumed older grid) is the default."""
+    ws = Workspace.resolve(tmp_path / "ws")
+    tracking = open_study(ws.tracking_uri, "s3", ws.artifact_root)
+    parent_a, data_a = _log_grid(tracking, "ga", HASH_A, 0.0, tmp_path)
+    parent_b, _ = _log_grid(tracking, "gb", HASH_B, -0.3, tmp_path)
+    set_status(tracking, parent_b, "FINISHED")
+    time.sleep(0.01)  # distinct end times in ms
+    set_status(tracking, parent_a, "FINISHED")  # grid A resumed and finished last
+    report = build_report("s3", ws.tracking_uri, tmp_path / "r", log_to_mlflow=False)
+    assert report.parent_run_id == parent_a
+    _assert_only_grid(report.summary, data_a)
+    empty = open_study(ws.tracking_uri, "s4", ws.artifact_root)
+    assert empty.study == "s4"
+    with pytest.raises(ReportError, match="^study 's4' has no fine-tuning grid yet$"):
+        build_report("s4", ws.tracking_uri, tmp_path / "r4")
