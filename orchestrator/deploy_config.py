@@ -8,6 +8,7 @@ Kubernetes objects. Quantities (``cpu``, ``memory``, sizes) use Kubernetes notat
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -19,6 +20,8 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 #: DNS-1123 subdomain (names of Secrets, PVCs, namespaces, StorageClasses).
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+#: Name part of a label key and a non-empty label value (at most 63 characters each).
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 PretrainMethod = Literal["simclr", "pcl", "dino", "mim"]
 #: Placeholders a job command may use (with sample values for validation).
@@ -40,6 +43,17 @@ def _cpu(value: str) -> str:
 def _dns1123(value: str) -> str:
     if len(value) > 253 or not _DNS1123.match(value):
         raise ValueError(f"{value!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    """Check Kubernetes label keys (``[prefix/]name``) and values."""
+    for key, label in value.items():
+        prefix, _, name = key.rpartition("/")
+        if (prefix and (len(prefix) > 253 or not _DNS1123.match(prefix))) or not _LABEL_NAME.match(name):
+            raise ValueError(f"{key!r} is not a valid label key")
+        if label and not _LABEL_NAME.match(label):
+            raise ValueError(f"{label!r} (label {key}) is not a valid label value")
     return value
 
 
@@ -207,6 +221,83 @@ class MlflowConfig(_Frozen):
         return self
 
 
+class NetworkPeer(_Frozen):
+    """A source a NetworkPolicy lets in: pods (by namespace and/or labels), or an IP range.
+
+    ``namespace`` alone: every pod of that namespace. ``pod_labels`` alone: the pods with those
+    labels in the deployment's namespace. Both: the pods with those labels in that namespace.
+    ``cidr`` (alone): an IP range, for traffic from outside the pod network (a load balancer).
+    """
+
+    namespace: str | None = Field(None, description="Namespace name (matched by kubernetes.io/metadata.name).")
+    pod_labels: dict[str, str] | None = Field(None, description="Labels the source pods carry.")
+    cidr: str | None = Field(None, description="IP range, e.g. 10.0.0.0/8; not combinable with the others.")
+
+    _v_labels = field_validator("pod_labels")(classmethod(lambda cls, v: v if v is None else _labels(v)))
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 63 or not _DNS1035.match(value)):
+            raise ValueError(f"{value!r} is not a valid namespace name")
+        return value
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_network(value, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a CIDR range ({exc})") from None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "NetworkPeer":
+        selectors = self.namespace is not None or self.pod_labels is not None
+        if self.cidr is not None and selectors:
+            raise ValueError("cidr cannot be combined with namespace or pod_labels (use two entries)")
+        if self.cidr is None and not selectors:
+            raise ValueError("set namespace, pod_labels (or both), or cidr")
+        return self
+
+
+def _kuberay_operator() -> NetworkPeer:
+    # `helm install kuberay-operator kuberay/kuberay-operator` without -n: namespace default; the
+    # chart labels the operator pod app.kubernetes.io/name=kuberay-operator.
+    return NetworkPeer(namespace="default", pod_labels={"app.kubernetes.io/name": "kuberay-operator"})
+
+
+class NetworkPolicyConfig(_Frozen):
+    """Ingress NetworkPolicies: nothing reaches the deployment's pods unless listed here.
+
+    Rendered: default-deny ingress for every pod of the deployment; all ports between the Ray pods
+    of one cluster; the dashboard / job API (8265) on a head from this deployment's Ray and job
+    submitter pods, the KubeRay operator and ``dashboard_namespaces``; MLflow from the Ray pods and
+    ``mlflow_from``. Egress stays open. Needs a network plugin that enforces NetworkPolicies.
+    """
+
+    enabled: bool = Field(True, description="Render the NetworkPolicies (03-network-policies.yaml).")
+    dashboard_namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces whose pods may call the Ray dashboard / job API (8265)."
+    )
+    mlflow_from: list[NetworkPeer] = Field(
+        default_factory=list, description="Extra sources allowed to reach MLflow (ingress controller, notebooks)."
+    )
+    kuberay_operator: NetworkPeer = Field(
+        default_factory=_kuberay_operator,
+        description="The KubeRay operator pod: it polls RayJob status through the head's dashboard port.",
+    )
+
+    @field_validator("dashboard_namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if len(name) > 63 or not _DNS1035.match(name):
+                raise ValueError(f"{name!r} is not a valid namespace name")
+        return value
+
+
 class JobsConfig(_Frozen):
     """RayJobs: one per pipeline step; each creates its own cluster and deletes it when done.
 
@@ -281,6 +372,7 @@ class DeployConfig(_Frozen):
     cpu_workers: CpuWorkerConfig = Field(default_factory=CpuWorkerConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    network_policies: NetworkPolicyConfig = Field(default_factory=NetworkPolicyConfig)
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra non-secret environment variables for every Ray pod."
     )
@@ -320,6 +412,14 @@ class DeployConfig(_Frozen):
             raise ValueError(
                 f"jobs.pretrain_workers={self.jobs.pretrain_workers} exceeds the GPU group's capacity "
                 f"{capacity} (gpu_workers.max_replicas x gpus_per_pod): the job would wait forever"
+            )
+        m = self.mlflow
+        exposed = m.ingress is not None or m.service_type == "LoadBalancer"
+        if self.network_policies.enabled and m.deploy and exposed and not self.network_policies.mlflow_from:
+            raise ValueError(
+                "MLflow is exposed (mlflow.ingress or LoadBalancer) but the NetworkPolicy only lets Ray pods in: "
+                "add the ingress controller's namespace (or the load balancer's source range) to "
+                "network_policies.mlflow_from"
             )
         return self
 

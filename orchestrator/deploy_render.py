@@ -3,14 +3,16 @@
 One ``DeployConfig`` gives:
 
 - ``00-namespace.yaml``, ``01-storage.yaml`` (the RWX PVC), ``02-mlflow.yaml`` (Deployment,
-  Service, optional Ingress), ``10-raycluster.yaml`` (CPU head, autoscaling GPU and CPU groups),
-  ``kustomization.yaml`` listing those four;
+  Service, optional Ingress), ``03-network-policies.yaml`` (ingress NetworkPolicies),
+  ``10-raycluster.yaml`` (CPU head, autoscaling GPU and CPU groups), ``kustomization.yaml`` listing
+  those;
 - ``jobs/ingest.yaml``, ``jobs/pretrain-<method>.yaml``, ``jobs/study.yaml``: RayJobs, each with its
   own cluster (same spec as the RayCluster), applied one at a time with ``kubectl apply -f``.
 
 Security defaults on every pod: non-root uid 1000, no privilege escalation, all capabilities dropped,
 RuntimeDefault seccomp, no host paths, requests = limits on every container, credentials only
-through Secret references.
+through Secret references. Network: default-deny ingress, with only the traffic Ray, the job
+submitter, the KubeRay operator and MLflow's clients need let in (``network_policies``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.deploy_config import DeployConfig
+from orchestrator.deploy_config import DeployConfig, NetworkPeer
 
 Manifest = dict[str, Any]
 
@@ -33,6 +35,13 @@ RUN_AS_USER = 1000  # the non-root user of deploy/docker/Dockerfile*
 _VOLUME = "shared"
 _SHM = "dshm"
 _KUSTOMIZATION = "kustomization.yaml"
+#: Pod label naming the Ray cluster a pod belongs to (the RayCluster's or the RayJob's name). KubeRay
+#: labels pods with ray.io/cluster too, but a RayJob's cluster gets a random suffix there.
+CLUSTER_LABEL = "sspctl/ray-cluster"
+#: ``app.kubernetes.io/component`` of the Ray pods (head and worker groups).
+RAY_COMPONENTS = ("ray-head", "ray-gpu-worker", "ray-cpu-worker")
+SUBMITTER_COMPONENT = "ray-job-submitter"
+DASHBOARD_PORT = 8265
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -45,6 +54,10 @@ def _labels(config: DeployConfig, component: str) -> dict[str, str]:
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": "sspctl-deploy-render",
     }
+
+
+def _ray_labels(config: DeployConfig, component: str, cluster: str) -> dict[str, str]:
+    return {**_labels(config, component), CLUSTER_LABEL: cluster}
 
 
 def _meta(config: DeployConfig, name: str, component: str) -> dict[str, Any]:
@@ -145,8 +158,12 @@ def _ray_container(config: DeployConfig, name: str, cpu: str, memory: str, gpus:
 # ------------------------------------------------------------------------------------ ray cluster
 
 
-def ray_cluster_spec(config: DeployConfig) -> dict[str, Any]:
-    """The ``RayClusterSpec`` shared by the RayCluster and every RayJob."""
+def ray_cluster_spec(config: DeployConfig, cluster: str) -> dict[str, Any]:
+    """The ``RayClusterSpec`` shared by the RayCluster and every RayJob.
+
+    ``cluster`` (the RayCluster's or RayJob's name) labels the pods so that a NetworkPolicy can let
+    the pods of one cluster talk to each other.
+    """
     head = config.head
     head_container = _ray_container(config, "ray-head", head.cpu, head.memory)
     head_container["ports"] = [
@@ -177,7 +194,7 @@ def ray_cluster_spec(config: DeployConfig) -> dict[str, Any]:
             "minReplicas": gpu.min_replicas,
             "maxReplicas": gpu.max_replicas,
             "rayStartParams": {},
-            "template": {"metadata": {"labels": _labels(config, "ray-gpu-worker")}, "spec": gpu_spec},
+            "template": {"metadata": {"labels": _ray_labels(config, "ray-gpu-worker", cluster)}, "spec": gpu_spec},
         }
     ]
     cpu = config.cpu_workers
@@ -195,7 +212,10 @@ def ray_cluster_spec(config: DeployConfig) -> dict[str, Any]:
                 "minReplicas": cpu.min_replicas,
                 "maxReplicas": cpu.max_replicas,
                 "rayStartParams": {},
-                "template": {"metadata": {"labels": _labels(config, "ray-cpu-worker")}, "spec": cpu_spec},
+                "template": {
+                    "metadata": {"labels": _ray_labels(config, "ray-cpu-worker", cluster)},
+                    "spec": cpu_spec,
+                },
             }
         )
     return {
@@ -212,7 +232,7 @@ def ray_cluster_spec(config: DeployConfig) -> dict[str, Any]:
         "headGroupSpec": {
             "serviceType": "ClusterIP",
             "rayStartParams": {"num-cpus": str(head.ray_cpus), "dashboard-host": "0.0.0.0"},
-            "template": {"metadata": {"labels": _labels(config, "ray-head")}, "spec": head_spec},
+            "template": {"metadata": {"labels": _ray_labels(config, "ray-head", cluster)}, "spec": head_spec},
         },
         "workerGroupSpecs": workers,
     }
@@ -224,7 +244,7 @@ def ray_cluster(config: DeployConfig) -> Manifest:
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
         "metadata": _meta(config, config.name, "ray-cluster"),
-        "spec": ray_cluster_spec(config),
+        "spec": ray_cluster_spec(config, config.name),
     }
 
 
@@ -248,7 +268,7 @@ def _submitter_template(config: DeployConfig) -> dict[str, Any]:
     }
     if config.image.pull_secret:
         spec["imagePullSecrets"] = [{"name": config.image.pull_secret}]
-    return {"metadata": {"labels": _labels(config, "ray-job-submitter")}, "spec": spec}
+    return {"metadata": {"labels": _labels(config, SUBMITTER_COMPONENT)}, "spec": spec}
 
 
 _SHELL_OPERATORS = set("&|;<>()")
@@ -267,6 +287,7 @@ def entrypoint(command: str) -> str:
 
 def ray_job(config: DeployConfig, step: str, command: str) -> Manifest:
     """A RayJob running ``command`` on its own cluster; ``backoffLimit`` reruns resume by name."""
+    name = job_name(config, step)
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(command),
         "submissionMode": "K8sJobMode",
@@ -275,25 +296,38 @@ def ray_job(config: DeployConfig, step: str, command: str) -> Manifest:
         "backoffLimit": config.jobs.backoff_limit,
         "submitterConfig": {"backoffLimit": config.jobs.submitter_backoff_limit},
         "submitterPodTemplate": _submitter_template(config),
-        "rayClusterSpec": ray_cluster_spec(config),
+        "rayClusterSpec": ray_cluster_spec(config, name),
     }
     if config.jobs.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = config.jobs.active_deadline_seconds
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": _meta(config, f"{config.name}-{step}", f"job-{step.split('-')[0]}"),
+        "metadata": _meta(config, name, f"job-{step.split('-')[0]}"),
         "spec": spec,
     }
+
+
+def job_name(config: DeployConfig, step: str) -> str:
+    """The RayJob name of a pipeline step (``<name>-<step>``)."""
+    return f"{config.name}-{step}"
+
+
+def job_steps(config: DeployConfig) -> list[str]:
+    """The pipeline steps that get a RayJob: ingest, one pretrain per method, the study."""
+    return ["ingest", *(f"pretrain-{method}" for method in config.jobs.pretrain_methods), "study"]
 
 
 def ray_jobs(config: DeployConfig) -> dict[str, Manifest]:
     """``{file name: RayJob}`` for ingest, one pretrain per method, and the study."""
     jobs = config.jobs
-    out = {"ingest.yaml": ray_job(config, "ingest", config.command(jobs.ingest))}
-    for method in jobs.pretrain_methods:
-        out[f"pretrain-{method}.yaml"] = ray_job(config, f"pretrain-{method}", config.command(jobs.pretrain, method))
-    out["study.yaml"] = ray_job(config, "study", config.command(jobs.study))
+    out = {}
+    for step in job_steps(config):
+        if step.startswith("pretrain-"):
+            command = config.command(jobs.pretrain, step.removeprefix("pretrain-"))
+        else:
+            command = config.command(jobs.ingest if step == "ingest" else jobs.study)
+        out[f"{step}.yaml"] = ray_job(config, step, command)
     return out
 
 
@@ -435,6 +469,99 @@ def mlflow(config: DeployConfig) -> list[Manifest]:
     return objects
 
 
+# ------------------------------------------------------------------------------ network policies
+
+
+def _peer(peer: NetworkPeer) -> dict[str, Any]:
+    """A ``NetworkPolicyPeer`` from the config's description of a source."""
+    if peer.cidr is not None:
+        return {"ipBlock": {"cidr": peer.cidr}}
+    out: dict[str, Any] = {}
+    if peer.namespace is not None:
+        out["namespaceSelector"] = {"matchLabels": {"kubernetes.io/metadata.name": peer.namespace}}
+    if peer.pod_labels is not None:
+        out["podSelector"] = {"matchLabels": dict(peer.pod_labels)}
+    elif not out:  # unreachable: the config requires namespace, pod_labels or cidr
+        raise ValueError("empty network peer")
+    return out
+
+
+def _components(config: DeployConfig, components: tuple[str, ...], **labels: str) -> dict[str, Any]:
+    """Selector of this deployment's pods whose component is one of ``components``."""
+    return {
+        "matchLabels": {
+            "app.kubernetes.io/name": "sspctl",
+            "app.kubernetes.io/instance": config.name,
+            **labels,
+        },
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": list(components)}
+        ],
+    }
+
+
+def _policy(config: DeployConfig, name: str, selector: dict[str, Any], ingress: list[dict[str, Any]]) -> Manifest:
+    spec: dict[str, Any] = {"podSelector": selector, "policyTypes": ["Ingress"]}
+    if ingress:
+        spec["ingress"] = ingress
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(config, name, "network-policy"),
+        "spec": spec,
+    }
+
+
+def network_policies(config: DeployConfig) -> list[Manifest]:
+    """Ingress NetworkPolicies: deny by default, then allow only what Ray, KubeRay and MLflow need.
+
+    - default deny: every pod of the deployment (Ray pods of the RayCluster and of the RayJobs'
+      clusters, job submitters, MLflow) accepts nothing that a policy below does not allow;
+    - one policy per Ray cluster (the RayCluster, each RayJob): its pods reach each other on every
+      port (GCS, raylets, object managers, workers, dashboard agents use many, partly random, ports);
+    - dashboard / job API (8265) on the heads: from this deployment's Ray pods and job submitters
+      (K8sJobMode submits through it), the KubeRay operator (it polls RayJob status there) and the
+      configured namespaces;
+    - MLflow: its port from this deployment's Ray pods and the configured extra sources.
+
+    Egress is left open: pods need DNS, the Kubernetes API (autoscaler), possibly object storage, an
+    external MLflow and package indexes, whose addresses a NetworkPolicy cannot name portably.
+    """
+    np = config.network_policies
+    deployment = {"app.kubernetes.io/name": "sspctl", "app.kubernetes.io/instance": config.name}
+    ray_pods = _components(config, RAY_COMPONENTS)
+    policies = [_policy(config, f"{config.name}-default-deny-ingress", {"matchLabels": deployment}, [])]
+    for cluster in [config.name, *(job_name(config, step) for step in job_steps(config))]:
+        same_cluster = _components(config, RAY_COMPONENTS, **{CLUSTER_LABEL: cluster})
+        policies.append(
+            _policy(config, f"{cluster}-ray-internal", same_cluster, [{"from": [{"podSelector": same_cluster}]}])
+        )
+    dashboard_from = [
+        {"podSelector": _components(config, (*RAY_COMPONENTS, SUBMITTER_COMPONENT))},
+        _peer(np.kuberay_operator),
+        *(_peer(NetworkPeer(namespace=namespace)) for namespace in np.dashboard_namespaces),
+    ]
+    policies.append(
+        _policy(
+            config,
+            f"{config.name}-ray-dashboard",
+            {"matchLabels": {**deployment, "app.kubernetes.io/component": "ray-head"}},
+            [{"from": dashboard_from, "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]}],
+        )
+    )
+    if config.mlflow.deploy:
+        mlflow_from = [{"podSelector": ray_pods}, *(_peer(peer) for peer in np.mlflow_from)]
+        policies.append(
+            _policy(
+                config,
+                f"{config.name}-mlflow",
+                {"matchLabels": {**deployment, "app.kubernetes.io/component": "mlflow"}},
+                [{"from": mlflow_from, "ports": [{"protocol": "TCP", "port": config.mlflow.port}]}],
+            )
+        )
+    return policies
+
+
 # ---------------------------------------------------------------------------------------- output
 
 
@@ -447,6 +574,8 @@ def render(config: DeployConfig) -> dict[str, list[Manifest]]:
         files["01-storage.yaml"] = [storage(config)]
     if config.mlflow.deploy:
         files["02-mlflow.yaml"] = mlflow(config)
+    if config.network_policies.enabled:
+        files["03-network-policies.yaml"] = network_policies(config)
     files["10-raycluster.yaml"] = [ray_cluster(config)]
     for file_name, job in ray_jobs(config).items():
         files[f"jobs/{file_name}"] = [job]

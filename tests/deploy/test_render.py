@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.configio import load_config
-from orchestrator.deploy_config import DeployConfig
-from orchestrator.deploy_render import HEADER, render, to_yaml, write
+from orchestrator.deploy_config import DeployConfig, NetworkPeer
+from orchestrator.deploy_render import DASHBOARD_PORT, HEADER, render, to_yaml, write
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
@@ -46,12 +47,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "gpu_workers": {"gpus_per_pod": 8, "gpu_product": "NVIDIA-H200", "min_replicas": 1, "max_replicas": 2},
         "jobs": {"active_deadline_seconds": 86400, "pretrain_methods": ["dino"], "pretrain_workers": 16},
         "env": {"NCCL_DEBUG": "WARN"},
+        "network_policies": {
+            "dashboard_namespaces": ["ml-notebooks", "ci"],
+            "mlflow_from": [
+                {"namespace": "ingress-nginx", "pod_labels": {"app.kubernetes.io/name": "ingress-nginx"}},
+                {"pod_labels": {"app": "tensorboard"}},
+                {"namespace": "ml-notebooks"},
+            ],
+        },
     },
     "loadbalancer-minimal": {
-        "mlflow": {"service_type": "LoadBalancer"},
+        "mlflow": {"service_type": "LoadBalancer", "port": 8080},
         "cpu_workers": {"enabled": False},
         "create_namespace": False,
         "pod_security": "restricted",
+        "network_policies": {
+            "mlflow_from": [{"cidr": "10.0.0.0/8"}],
+            "kuberay_operator": {"namespace": "kuberay-system", "pod_labels": {"app": "kuberay"}},
+        },
     },
     "external-mlflow-existing-pvc": {
         "mlflow": {"deploy": False, "tracking_uri": "https://mlflow.example.org"},
@@ -142,7 +155,7 @@ def _walk_keys(node: Any) -> Iterator[tuple[str, Any]]:
 def test_every_manifest_validates_against_its_schema(variant: str, crd_validators) -> None:
     objects = _rendered(VARIANTS[variant])
     kinds = {obj["kind"] for obj in objects}
-    assert {"RayCluster", "RayJob"} <= kinds
+    assert {"RayCluster", "RayJob", "NetworkPolicy"} <= kinds
     for obj in objects:
         # Round-trip through the YAML text users apply.
         obj = yaml.safe_load(to_yaml([obj]))
@@ -175,6 +188,12 @@ def test_strict_core_validation_rejects_a_misspelt_key() -> None:
     kubernetes_validate.validate(service, K8S_VERSION, strict=True)
     bad = copy.deepcopy(service)
     bad["spec"]["selectr"] = bad["spec"].pop("selector")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    policy = next(obj for obj in _rendered({}) if obj["kind"] == "NetworkPolicy" and "ingress" in obj["spec"])
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    bad = copy.deepcopy(policy)
+    bad["spec"]["ingress"][0]["form"] = bad["spec"]["ingress"][0].pop("from")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
@@ -222,7 +241,7 @@ def test_mlflow_is_internal_by_default_and_exposed_only_on_request() -> None:
 
     (svc,), ingresses = services({})
     assert svc["spec"]["type"] == "ClusterIP" and not ingresses
-    (svc,), _ = services({"mlflow": {"service_type": "LoadBalancer"}})
+    (svc,), _ = services(VARIANTS["loadbalancer-minimal"])
     assert svc["spec"]["type"] == "LoadBalancer"
     _, (ingress,) = services(VARIANTS["postgres-ingress"])
     assert ingress["spec"]["rules"][0]["host"] == "mlflow.example.org"
@@ -240,6 +259,226 @@ def test_postgres_uri_comes_from_a_secret_reference() -> None:
     # The host header the in-cluster clients send must be accepted.
     hosts = container["command"][container["command"].index("--allowed-hosts") + 1].split(",")
     assert "sspctl-mlflow.sspctl.svc.cluster.local:*" in hosts and "mlflow.example.org" in hosts
+
+
+# ----------------------------------------------------------------------------- network policies
+
+
+@dataclass(frozen=True)
+class _Pod:
+    """A pod as the cluster would run it: namespace, final labels, and what it is (for expectations)."""
+
+    name: str
+    namespace: str
+    labels: dict[str, str] = field(hash=False)
+    #: ray | submitter | mlflow (ours); operator | dashboard-user | mlflow-client (configured); none: a stranger
+    roles: frozenset[str] = frozenset()
+    cluster: str = ""  # KubeRay's ray.io/cluster of a Ray pod (a RayJob's cluster name is random)
+    head: bool = False
+
+
+def _kuberay_pod_labels(template: dict[str, str], cluster: str, node_type: str, group: str) -> dict[str, str]:
+    """The labels KubeRay v1.7 puts on a Ray pod (``labelPod``): its own, overridden by the template's."""
+    labels = {
+        "ray.io/is-ray-node": "yes",
+        "ray.io/cluster": cluster,
+        "ray.io/node-type": node_type,
+        "ray.io/group": group,
+        "ray.io/identifier": f"{cluster}-{node_type}",
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
+    fixed = ("ray.io/node-type", "ray.io/group", "ray.io/cluster")
+    labels.update({key: value for key, value in template.items() if key not in fixed})
+    return labels
+
+
+def _ray_pods(cluster_spec: dict[str, Any], cluster: str, namespace: str) -> list[_Pod]:
+    ray = frozenset({"ray"})
+    head = cluster_spec["headGroupSpec"]["template"]["metadata"]["labels"]
+    head_labels = _kuberay_pod_labels(head, cluster, "head", "headgroup")
+    pods = [_Pod(f"{cluster}-head", namespace, head_labels, ray, cluster, head=True)]
+    for group in cluster_spec["workerGroupSpecs"]:
+        labels = _kuberay_pod_labels(group["template"]["metadata"]["labels"], cluster, "worker", group["groupName"])
+        pods.append(_Pod(f"{cluster}-{group['groupName']}-worker", namespace, labels, ray, cluster))
+    return pods
+
+
+def _deployment_pods(objects: list[dict[str, Any]]) -> list[_Pod]:
+    """Every pod the rendered objects make once applied (Ray pods, job submitters, MLflow)."""
+    pods: list[_Pod] = []
+    for obj in objects:
+        namespace, name = obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+        if obj["kind"] == "Deployment":
+            labels = dict(obj["spec"]["template"]["metadata"]["labels"])
+            pods.append(_Pod(f"{name}-pod", namespace, labels, frozenset({"mlflow"})))
+        elif obj["kind"] == "RayCluster":
+            pods += _ray_pods(obj["spec"], name, namespace)
+        elif obj["kind"] == "RayJob":
+            cluster = f"{name}-x7k2p"  # KubeRay: GenerateRayClusterName = <rayjob>-<5 random characters>
+            pods += _ray_pods(obj["spec"]["rayClusterSpec"], cluster, namespace)
+            labels = dict(obj["spec"]["submitterPodTemplate"]["metadata"]["labels"])
+            labels.update({"batch.kubernetes.io/job-name": name, "job-name": name})  # the Job controller's
+            pods.append(_Pod(f"{name}-submitter", namespace, labels, frozenset({"submitter"}), cluster))
+    return pods
+
+
+def _outside_pods(config: DeployConfig) -> list[_Pod]:
+    """Pods that are not the deployment's: the operator, configured clients, and strangers.
+
+    Their roles come from the config (where a pod lives, which labels it has), independently of the
+    rendered selectors.
+    """
+    np = config.network_policies
+
+    def member(peer: NetworkPeer, namespace: str, labels: dict[str, str]) -> bool:
+        wanted = (peer.pod_labels or {}).items()
+        return peer.cidr is None and namespace == (peer.namespace or config.namespace) and wanted <= labels.items()
+
+    def pod(name: str, namespace: str, labels: dict[str, str]) -> _Pod:
+        roles = {"operator"} if member(np.kuberay_operator, namespace, labels) else set()
+        if namespace in np.dashboard_namespaces:
+            roles.add("dashboard-user")
+        if any(member(peer, namespace, labels) for peer in np.mlflow_from):
+            roles.add("mlflow-client")
+        return _Pod(name, namespace, labels, frozenset(roles))
+
+    operator = np.kuberay_operator
+    ours = {"app.kubernetes.io/name": "sspctl", "app.kubernetes.io/instance": config.name}
+    pods = [
+        pod("kuberay-operator", operator.namespace or config.namespace, dict(operator.pod_labels or {})),
+        pod("notebook", config.namespace, {"app": "notebook"}),
+        pod("debug", config.namespace, {**ours, "app.kubernetes.io/component": "debug"}),  # our labels, not Ray
+        pod("other", "default", {"app": "other"}),
+        pod("fake-operator", "elsewhere", {"app.kubernetes.io/name": "kuberay-operator", "app": "kuberay"}),
+    ]
+    pods += [pod(f"user-{ns}", ns, {"app": "notebook"}) for ns in np.dashboard_namespaces]
+    for i, peer in enumerate(np.mlflow_from):
+        if peer.cidr is None:
+            pods.append(pod(f"mlflow-client-{i}", peer.namespace or config.namespace, dict(peer.pod_labels or {})))
+    return pods
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels AND every matchExpression)."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _allowed(policies: list[dict[str, Any]], src: _Pod, dst: _Pod, port: int) -> bool:
+    """Whether NetworkPolicies let ``src`` open a TCP connection to ``dst:port`` (pod-to-pod only)."""
+    selecting = [
+        p for p in policies
+        if p["metadata"]["namespace"] == dst.namespace
+        and "Ingress" in p["spec"]["policyTypes"]
+        and _selects(p["spec"]["podSelector"], dst.labels)
+    ]  # fmt: skip
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                if "ipBlock" in peer:
+                    continue
+                if "namespaceSelector" in peer:
+                    ns_ok = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src.namespace})
+                else:
+                    ns_ok = src.namespace == policy["metadata"]["namespace"]
+                if ns_ok and _selects(peer.get("podSelector", {}), src.labels):
+                    return True
+    return False
+
+
+def _expected(config: DeployConfig, src: _Pod, dst: _Pod, port: int) -> bool:
+    """What the policies are meant to allow, stated from what the pods are, not from their labels."""
+    if "ray" in dst.roles and "ray" in src.roles and src.cluster == dst.cluster:
+        return True  # one Ray cluster: every port
+    if "ray" in dst.roles and dst.head and port == DASHBOARD_PORT:
+        return bool(src.roles & {"ray", "submitter", "operator", "dashboard-user"})
+    if "mlflow" in dst.roles and port == config.mlflow.port:
+        return bool(src.roles & {"ray", "mlflow-client"})
+    return False
+
+
+def _policy_mismatches(config: DeployConfig, objects: list[dict[str, Any]]) -> list[str]:
+    policies = [obj for obj in objects if obj["kind"] == "NetworkPolicy"]
+    ours = _deployment_pods(objects)
+    everyone = ours + _outside_pods(config)
+    ports = sorted({6379, 10001, DASHBOARD_PORT, config.mlflow.port, 23456})
+    wrong = []
+    for dst in ours:
+        for src in everyone:
+            for port in ports:
+                allowed, expected = _allowed(policies, src, dst, port), _expected(config, src, dst, port)
+                if allowed != expected:
+                    wrong.append(f"{src.name} -> {dst.name}:{port} {'allowed' if allowed else 'denied'}")
+    return wrong
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_policies_allow_exactly_the_intended_traffic(variant: str) -> None:
+    config = DeployConfig.model_validate(VARIANTS[variant])
+    objects = _rendered(VARIANTS[variant])
+    pods = _deployment_pods(objects)
+    assert {role for pod in pods for role in pod.roles} >= {"ray", "submitter"}
+    assert len({pod.cluster for pod in pods if "ray" in pod.roles}) == 1 + len(config.jobs.pretrain_methods) + 2
+    wrong = _policy_mismatches(config, objects)
+    assert not wrong, f"{len(wrong)} unexpected: " + "; ".join(wrong[:8])
+    # every pod of the deployment is under the default deny (not only those an allow rule selects)
+    (deny,) = [o for o in objects if o["kind"] == "NetworkPolicy" and "ingress" not in o["spec"]]
+    assert deny["spec"]["policyTypes"] == ["Ingress"]
+    assert all(_selects(deny["spec"]["podSelector"], pod.labels) for pod in pods)
+    assert not any(_selects(deny["spec"]["podSelector"], pod.labels) for pod in _outside_pods(config)[:1])
+
+
+@pytest.mark.parametrize(
+    ("path", "label", "value"),
+    [
+        (("spec", "headGroupSpec"), "app.kubernetes.io/component", "head"),
+        (("spec", "workerGroupSpecs", 0), "sspctl/ray-cluster", "other"),
+        (("spec", "workerGroupSpecs", 1), "app.kubernetes.io/instance", "renamed"),
+    ],
+)
+def test_network_policy_check_notices_a_changed_pod_label(path: tuple[Any, ...], label: str, value: str) -> None:
+    config = DeployConfig()
+    objects = copy.deepcopy(_rendered({}))
+    node: Any = next(obj for obj in objects if obj["kind"] == "RayCluster")
+    for key in path:
+        node = node[key]
+    node["template"]["metadata"]["labels"][label] = value
+    assert _policy_mismatches(config, objects)
+
+
+def test_network_policies_render_only_when_enabled_and_mlflow_exposure_needs_a_source() -> None:
+    files = render(DeployConfig())
+    kinds = {obj["kind"] for obj in files["03-network-policies.yaml"]}
+    assert kinds == {"NetworkPolicy"} and len(files["03-network-policies.yaml"]) == 10
+    off = render(DeployConfig.model_validate({"network_policies": {"enabled": False}}))
+    assert "03-network-policies.yaml" not in off
+    assert not any(obj["kind"] == "NetworkPolicy" for objects in off.values() for obj in objects)
+    with pytest.raises(ValueError, match="network_policies.mlflow_from"):
+        DeployConfig.model_validate({"mlflow": {"ingress": {"host": "mlflow.example.org"}}})
+    DeployConfig.model_validate(
+        {"mlflow": {"service_type": "LoadBalancer"}, "network_policies": {"enabled": False}}
+    )
+    external = render(DeployConfig.model_validate(VARIANTS["external-mlflow-existing-pvc"]))
+    assert not any("mlflow" in o["metadata"]["name"] for o in external["03-network-policies.yaml"])
 
 
 # --------------------------------------------------------------------------- cluster contents
@@ -367,7 +606,8 @@ def test_kustomization_builds_offline() -> None:
     out = subprocess.run(["kubectl", "kustomize", str(COMMITTED)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     kinds = [doc["kind"] for doc in yaml.safe_load_all(out.stdout)]
-    assert sorted(kinds) == sorted(["Namespace", "PersistentVolumeClaim", "Deployment", "Service", "RayCluster"])
+    expected = ["Namespace", "PersistentVolumeClaim", "Deployment", "Service", "RayCluster"] + ["NetworkPolicy"] * 10
+    assert sorted(kinds) == sorted(expected)
 
 
 @pytest.mark.parametrize(
@@ -383,6 +623,13 @@ def test_kustomization_builds_offline() -> None:
         ("gpu_workers:\n  cpu: 8Gi\n", "gpu_workers.cpu"),
         ("jobs:\n  study: sspctl study --out $HOME\n", "not allowed in a job command"),
         ("mlflow:\n  deploy: false\n", "set tracking_uri"),
+        ("mlflow:\n  service_type: LoadBalancer\n", "network_policies.mlflow_from"),
+        ("network_policies:\n  mlflow_from: [{cidr: 10.0.0.0/8, namespace: x}]\n", "cannot be combined"),
+        ("network_policies:\n  mlflow_from: [{cidr: 10.0.0.1/8}]\n", "not a CIDR range"),
+        ("network_policies:\n  mlflow_from: [{}]\n", "set namespace, pod_labels"),
+        ("network_policies:\n  mlflow_from: [{pod_labels: {'a b': c}}]\n", "not a valid label key"),
+        ("network_policies:\n  dashboard_namespaces: [Team_A]\n", "not a valid namespace name"),
+        ("network_policies:\n  allow_all: true\n", "network_policies.allow_all: unknown key"),
     ],
 )
 def test_bad_config_gives_one_line_error(tmp_path: Path, content: str, expected: str) -> None:
