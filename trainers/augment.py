@@ -8,7 +8,8 @@ state *and device* (CPU and CUDA streams differ).
 
 Order (``augment``), each op applied per image with its probability from ``AugmentConfig``:
 
-1. ``random_affine``: one sampling grid built by broadcasting, one bilinear ``grid_sample``.
+1. ``random_affine``: one sampling grid built by broadcasting, one **bicubic** ``grid_sample``
+   (the published resampler: images bicubic, labels nearest, spec §2.1).
    Output coordinates ``o`` (normalised, align_corners=False) map to input coordinates
    ``fov * R(theta) @ diag(s * fx, s * fy) @ (o + t)``: rotation ``theta ~ U(-rot, rot)`` degrees
    (counter-clockwise), isotropic scale ``s ~ U(scale_range)`` where **s > 1 zooms out** (wider field
@@ -18,6 +19,15 @@ Order (``augment``), each op applied per image with its probability from ``Augme
    DINO's 128 px local crops of a 256 px slice use 0.5). Outside the input the image is padded with
    its own minimum (the paper pads with the subject minimum, which a per-subject z-score maps to
    the slice background; the per-image minimum is our stand-in).
+   Bicubic is torch's cubic convolution (Keys, ``a = -0.75``), whose negative lobes over- and
+   undershoot at sharp edges: at most about 11 % of a step per axis (the lobe minimum
+   ``-0.111``), up to about 23 % at a corner (both axes), e.g. below the padding minimum next to a
+   bright border. The result is deliberately **not clamped** to the input range: the published
+   resampler (``grid_sample(mode="bicubic")``, then z-scoring) does not clamp either, and the later
+   intensity ops that need a range (gamma, solarize) take the augmented image's own min/max.
+   ``random_affine_pair`` / ``affine_resample_label`` warp an integer label map with the *same*
+   parameters by **nearest** neighbour (values stay in the input's label set; outside the input
+   the label is 0, background).
 2. ``gaussian_noise``: ``x + N(0, std^2)``, ``std ~ U(0, noise_std_max)`` per image (MONAI default
    ``sample_std=True``).
 3. ``gaussian_blur``: separable Gaussian, ``sigma ~ U(smooth_sigma)`` pixels, kernel truncated at
@@ -131,37 +141,91 @@ def sample_affine(b: int, gen: torch.Generator, cfg: AugmentConfig, device: torc
     return AffineParams(theta, scale, flip_x, flip_y, t_x, t_y)
 
 
-def affine_resample(x: torch.Tensor, p: AffineParams, crop_fraction: float = 1.0) -> torch.Tensor:
-    """Resample ``(B, 1, H, W)`` with one broadcast grid: ``in = fov * R @ diag(s fx, s fy) @ (o + t)``.
+def _affine_grid(p: AffineParams, h_in: int, w_in: int, crop_fraction: float, device: torch.device) -> torch.Tensor:
+    """The ``grid_sample`` grid of ``in = fov * R @ diag(s fx, s fy) @ (o + t)``.
 
-    Output ``(B, 1, round(H * crop_fraction), round(W * crop_fraction))``, bilinear, padded with
-    each image's minimum.
+    Returns:
+        ``(B, h, w, 2)`` float32 input coordinates (x, y), normalised, align_corners=False, with
+        ``h = max(1, round(h_in * crop_fraction))`` and likewise ``w``.
     """
-    _check(x)
-    _, _, h_in, w_in = x.shape
-    dev = x.device
     h, w = max(1, round(h_in * crop_fraction)), max(1, round(w_in * crop_fraction))
-    ox = (torch.arange(w, device=dev, dtype=torch.float32) * 2 + 1) / w - 1  # (w,)
-    oy = (torch.arange(h, device=dev, dtype=torch.float32) * 2 + 1) / h - 1  # (h,)
+    ox = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1  # (w,)
+    oy = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1  # (h,)
     px = (ox[None, None, :] + p.t_x[:, None, None]) * (p.scale * p.flip_x)[:, None, None]  # (B, 1, w)
     py = (oy[None, :, None] + p.t_y[:, None, None]) * (p.scale * p.flip_y)[:, None, None]  # (B, h, 1)
     cos, sin = torch.cos(p.theta)[:, None, None], torch.sin(p.theta)[:, None, None]
     gx = (cos * px - sin * py) * crop_fraction  # (B, h, w)
     gy = (sin * px + cos * py) * crop_fraction
-    grid = torch.stack((gx, gy), dim=-1).to(x.dtype)
+    return torch.stack((gx, gy), dim=-1)
 
+
+def affine_resample(x: torch.Tensor, p: AffineParams, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Resample images with one broadcast grid: ``in = fov * R @ diag(s fx, s fy) @ (o + t)``, bicubic.
+
+    Args:
+        x: ``(B, 1, H, W)`` float images.
+        p: per-image parameters, each ``(B,)``.
+        crop_fraction: output edge / input edge.
+
+    Returns:
+        ``(B, 1, round(H * crop_fraction), round(W * crop_fraction))``: bicubic (torch's Keys
+        kernel), padded with each image's minimum, not clamped (bicubic overshoot at sharp edges is
+        kept, as in the published resampler; see the module docstring).
+    """
+    _check(x)
+    _, _, h_in, w_in = x.shape
+    grid = _affine_grid(p, h_in, w_in, crop_fraction, x.device).to(x.dtype)
     x_min = x.amin(dim=(1, 2, 3), keepdim=True)
-    out = F.grid_sample(x - x_min, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(x - x_min, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
     return out + x_min
 
 
+def affine_resample_label(label: torch.Tensor, p: AffineParams, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Warp integer label maps with the same transform as ``affine_resample``, nearest neighbour.
+
+    Args:
+        label: ``(B, H, W)`` integer class indices (any integer dtype; values below 2**24).
+        p: per-image parameters, each ``(B,)`` (the ones the images were warped with).
+        crop_fraction: output edge / input edge.
+
+    Returns:
+        ``(B, round(H * crop_fraction), round(W * crop_fraction))`` of ``label``'s dtype: every value
+        is an input value of that image, or 0 (background) outside the input.
+    """
+    if label.ndim != 3 or label.is_floating_point() or label.is_complex():
+        raise ValueError(f"label warp expects integer class maps (B, H, W), got {tuple(label.shape)} {label.dtype}")
+    _, h_in, w_in = label.shape
+    grid = _affine_grid(p, h_in, w_in, crop_fraction, label.device)
+    out = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out[:, 0].round().to(label.dtype)
+
+
 def random_affine(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Rotate, scale, flip and translate each image; ``(B, 1, H, W)`` -> ``(B, 1, h, w)``.
+    """Rotate, scale, flip and translate each image (bicubic); ``(B, 1, H, W)`` -> ``(B, 1, h, w)``.
 
     ``h = round(H * crop_fraction)``; see the module docstring for the transform.
     """
     _check(x)
     return affine_resample(x, sample_affine(x.shape[0], gen, cfg, x.device), cfg.crop_fraction)
+
+
+def random_affine_pair(
+    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``random_affine`` of images and their label maps with one parameter draw per image.
+
+    Images ``(B, 1, H, W)`` float are warped bicubically, labels ``(B, H, W)`` integer by nearest
+    neighbour (spec §2.1). Draws exactly what ``random_affine(image, gen, cfg)`` draws, so the
+    image output and the generator state afterwards are the same as for the image alone.
+
+    Returns:
+        ``(B, 1, h, w)`` images and ``(B, h, w)`` labels, ``h = round(H * crop_fraction)``.
+    """
+    _check(image)
+    if label.shape != (image.shape[0], *image.shape[2:]):
+        raise ValueError(f"label shape {tuple(label.shape)} does not match images {tuple(image.shape)}")
+    p = sample_affine(image.shape[0], gen, cfg, image.device)
+    return affine_resample(image, p, cfg.crop_fraction), affine_resample_label(label, p, cfg.crop_fraction)
 
 
 def gaussian_noise(x: torch.Tensor, gen: torch.Generator, p: float, std_max: float) -> torch.Tensor:

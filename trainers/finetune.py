@@ -9,8 +9,8 @@ One call is one rank of a data-parallel run (method-spec section 5):
   nnU-Net does). Validation reads the split's
   ``valid`` subjects in store order without augmentation.
 * **Augmentation.** ``augment_pair``: the random affine of ``trainers/augment.py`` applied with the
-  same parameters to the image (bilinear) and to the one-hot label (bilinear per class, then argmax,
-  so the label follows the image exactly), then the intensity chain on the image only.
+  same parameters to the image (bicubic) and to the label map (nearest neighbour), as the
+  published resampler, then the intensity chain on the image only.
 * **Model.** ``UNet2d(image_size, 4)`` with deep supervision; pretrained weights (if any) are loaded
   with the strict part loader ``trainers.weights.load_pretrained``. With ``frozen_encoder_epochs``
   the encoder's gradients are dropped before the optimizer step for those epochs (SGD skips
@@ -52,10 +52,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from trainers.augment import AugmentConfig, adjust_gamma, gaussian_noise, random_affine, random_blur
+from trainers.augment import AugmentConfig, adjust_gamma, gaussian_noise, random_affine_pair, random_blur
 from trainers.augment import scale_intensity, shift_intensity
 from trainers.checkpoint import TrainState, capture_rng, restore_rng, resume_state, save_checkpoint
 from trainers.finetune_config import FinetuneConfig
@@ -79,25 +78,16 @@ class FinetuneError(ValueError):
 
 
 def augment_pair(
-    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int = 4
+    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a labelled batch: ``image`` ``(B, 1, H, W)`` float, ``label`` ``(B, H, W)`` int64.
 
-    The geometric transform is drawn once (from ``gen``) and applied to the image and to each
-    one-hot label channel; the label is the per-pixel argmax of the transformed one-hot maps
-    (outside the input every channel is 0, which argmax maps to background). Then noise, blur,
-    intensity scale, shift and gamma act on the image only. Returns tensors of the input shapes.
+    The geometric transform is drawn once (from ``gen``) and applied to the image (bicubic) and to
+    the label map (nearest neighbour, 0 = background outside the input), as the published resampler
+    (spec §2.1). Then noise, blur, intensity scale, shift and gamma act on the image only. Returns
+    tensors of the input shapes.
     """
-    state = gen.get_state()
-    out_image = random_affine(image, gen, cfg)
-    after = gen.get_state()
-    onehot = F.one_hot(label.long(), num_classes).permute(0, 3, 1, 2).to(image.dtype)
-    channels = []
-    for c in range(num_classes):
-        gen.set_state(state)  # the same affine parameters for every channel
-        channels.append(random_affine(onehot[:, c : c + 1], gen, cfg))
-    gen.set_state(after)
-    out_label = torch.cat(channels, dim=1).argmax(dim=1)
+    out_image, out_label = random_affine_pair(image, label.long(), gen, cfg)
     x = gaussian_noise(out_image, gen, cfg.noise_p, cfg.noise_std_max)
     x = random_blur(x, gen, cfg.smooth_p, cfg.smooth_sigma)
     x = scale_intensity(x, gen, cfg.scale_intensity_p, cfg.scale_intensity_range)

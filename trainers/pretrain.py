@@ -8,7 +8,8 @@ One call of ``pretrain_worker`` is one rank of a data-parallel run:
 * **Model.** The method's ``modules`` go to the device; with ``N > 1`` BatchNorm layers become
   ``SyncBatchNorm`` on CUDA (``RuntimeOptions.sync_batchnorm``, on by default: the paper trained one
   GPU whose BN saw the whole batch, and synced BN keeps those statistics at any ``N``; torch has no
-  CPU SyncBatchNorm, so on CPU the statistics stay per worker) and the module is
+  CPU SyncBatchNorm, so on CPU the statistics stay per worker); networks the method keeps outside
+  ``modules`` (DINO's EMA teacher) get the same conversion, and the module is
   wrapped in DDP (gloo on CPU, NCCL on GPU; ``TorchTrainer`` set the process group up). Contrastive
   gathers and DINO's centre all-reduce live in the methods.
 * **Precision.** CPU: fp32 always. GPU: the config's ``precision`` -- ``"fp16"`` is the published recipe
@@ -157,19 +158,47 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def sync_batchnorm_applies(device: torch.device, world_size: int, options: RuntimeOptions) -> bool:
+    """Whether BatchNorm becomes SyncBatchNorm: more than one rank, asked for, and a CUDA device.
+
+    torch's SyncBatchNorm synchronises only CUDA tensors; on CPU (gloo) BN statistics stay per worker.
+    """
+    return world_size > 1 and options.sync_batchnorm and device.type == "cuda"
+
+
+def convert_sync_batchnorm(modules: nn.Module, method: Any | None = None) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm in ``modules`` and in the networks ``method`` keeps outside them.
+
+    ``method.convert_sync_batchnorm()`` is called when the method has one (DINO: its EMA teacher),
+    so a network that runs beside ``modules`` on the same batch normalises with the same (global)
+    statistics. Conversion keeps parameter names, order and state-dict keys and shares the weights;
+    it works on CPU modules (only a synced forward needs CUDA and a process group).
+
+    Returns:
+        The converted ``modules`` (the same object unless ``modules`` itself is a BatchNorm layer).
+    """
+    modules = nn.SyncBatchNorm.convert_sync_batchnorm(modules)
+    hook = getattr(method, "convert_sync_batchnorm", None)
+    if callable(hook):
+        hook()
+    return modules
+
+
 def wrap_model(
     modules: nn.Module, device: torch.device, world_size: int, options: RuntimeOptions,
-    *, channels_last: bool = False, compile: bool = False,
+    *, channels_last: bool = False, compile: bool = False, method: Any | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """Move ``modules`` to ``device`` (SyncBN + DDP when ``world_size > 1``; optional channels_last/compile).
+
+    With SyncBN (``sync_batchnorm_applies``) the networks ``method`` keeps outside ``modules`` (DINO's
+    teacher) are converted too (``convert_sync_batchnorm``); they are neither moved nor wrapped here.
 
     Returns ``(model, modules)``: what the training step calls, and the (possibly SyncBN-converted)
     module whose ``state_dict`` the checkpoint holds (never the DDP/compile wrapper, so keys carry no
     ``module.``/``_orig_mod.`` prefix).
     """
-    # torch's SyncBatchNorm runs only on CUDA modules; on CPU (gloo) BN statistics stay per worker.
-    if world_size > 1 and options.sync_batchnorm and device.type == "cuda":
-        modules = nn.SyncBatchNorm.convert_sync_batchnorm(modules)
+    if sync_batchnorm_applies(device, world_size, options):
+        modules = convert_sync_batchnorm(modules, method)
     modules = modules.to(device)
     if channels_last:
         modules = modules.to(memory_format=torch.channels_last)
@@ -342,7 +371,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     method = build_method(config)
     model, modules = wrap_model(method.modules, device, world_size, options,
-                                channels_last=config.channels_last, compile=config.compile)
+                                channels_last=config.channels_last, compile=config.compile, method=method)
     _move_method_state(method, device)
     optimizer = config.build_optimizer(modules)
     amp_dtype, use_scaler = resolve_precision(config.precision, device, options.cpu_fp32)
@@ -535,6 +564,7 @@ def _log_reconstruction(
 
 
 __all__ = [
-    "LoopError", "RuntimeOptions", "augmentation_seed", "build_method", "export_weights", "parse_fault",
-    "per_rank_batch", "pretrain_worker", "read_events", "resolve_precision", "select_device", "wrap_model",
+    "LoopError", "RuntimeOptions", "augmentation_seed", "build_method", "convert_sync_batchnorm", "export_weights",
+    "parse_fault", "per_rank_batch", "pretrain_worker", "read_events", "resolve_precision", "select_device",
+    "sync_batchnorm_applies", "wrap_model",
 ]

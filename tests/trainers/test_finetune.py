@@ -122,7 +122,7 @@ def test_augment_pair_moves_label_with_image() -> None:
     assert set(out_label.unique().tolist()) <= {0, 3}
     inside = out_image[:, 0] > 0.5
     agreement = (inside == (out_label == 3)).float().mean()
-    assert agreement > 0.97  # bilinear image edge vs argmax label edge
+    assert agreement > 0.97  # bicubic image edge vs nearest label edge
     assert not torch.equal(out_label, label)  # it did move
 
 

@@ -119,7 +119,7 @@ def test_training_step_learns_a_fixed_batch_and_export_loads_into_unet(name: str
         out["loss"].backward()
         method.before_optimizer_step(1)
         opt.step()
-        method.after_optimizer_step(1, step, steps)
+        method.after_optimizer_step(1, step + 1, steps)  # the loop's convention: steps taken so far
         losses.append(out["loss"].item())
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
@@ -168,7 +168,7 @@ def test_dino_hooks_freeze_last_layer_ema_and_state_round_trip() -> None:
     assert student.encoder.blocks[0].conv1.conv.weight.grad is not None
 
     t_before = {k: v.clone() for k, v in teacher.named_parameters()}
-    m = method.cfg.momentum_at(3, 10)
+    m = method.cfg.momentum_at(2, 10)  # 3 steps taken: the step just taken has index 2
     method.after_optimizer_step(0, 3, 10)
     for (name, p_t), p_s in zip(teacher.named_parameters(), student.parameters()):
         assert torch.allclose(p_t, m * t_before[name] + (1 - m) * p_s.detach(), atol=1e-6), name
@@ -192,3 +192,106 @@ def test_dino_last_layer_trains_after_the_frozen_epoch() -> None:
     method.before_optimizer_step(epoch=1)
     v = method.student.head.last_layer.parametrizations.weight.original1
     assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+def _dino_momentum_schedule(base: float, final: float, total: int) -> list[float]:
+    """DINO ``utils.cosine_scheduler(base, final, epochs, niter_per_ep)`` without warm-up, written out."""
+    import numpy as np
+
+    iters = np.arange(total)
+    return (final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))).tolist()
+
+
+def test_dino_ema_uses_momentum_schedule_of_the_step_just_taken() -> None:
+    """main_dino.py: after the optimizer step of iteration ``it`` (0-based), ``m = momentum_schedule[it]``.
+
+    Driven with the pretrain loop's convention (``global_step`` incremented before the hook): the
+    first update uses the base 0.996, the last the schedule's final entry, and every step in between
+    its own entry. The teacher is set to 1 and the student to 0, so after one update teacher == m.
+    """
+    method = METHODS["dino"](_config("dino"), SIZE)
+    total = 10
+    schedule = _dino_momentum_schedule(0.996, 1.0, total)
+    assert schedule[0] == 0.996 and schedule[-1] < 1.0
+    used = []
+    global_step = 0
+    for _ in range(total):
+        with torch.no_grad():
+            for p in method.teacher.parameters():
+                p.fill_(1.0)
+            for p in method.student.parameters():
+                p.zero_()
+        global_step += 1  # as trainers.pretrain: count the optimizer step, then call the hook
+        method.after_optimizer_step(0, global_step, total)
+        values = torch.cat([p.detach().flatten() for p in method.teacher.parameters()])
+        assert torch.all(values == values[0])
+        used.append(values[0].item())
+    assert used[0] == pytest.approx(0.996, abs=1e-7)
+    assert used[-1] == pytest.approx(schedule[-1], abs=1e-7) and used[-1] < 1.0
+    assert used == pytest.approx(schedule, abs=1e-7)
+    assert [method.momentum_for(k + 1, total) for k in range(total)] == pytest.approx(schedule, rel=0, abs=1e-15)
+    with pytest.raises(ValueError, match="global_step"):
+        method.after_optimizer_step(0, 0, total)
+
+
+def test_sync_batchnorm_applies_only_to_several_cuda_ranks() -> None:
+    from trainers.pretrain import RuntimeOptions, sync_batchnorm_applies
+
+    on, off = RuntimeOptions(), RuntimeOptions(sync_batchnorm=False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert sync_batchnorm_applies(cuda, 2, on)
+    assert not sync_batchnorm_applies(cuda, 1, on)
+    assert not sync_batchnorm_applies(cuda, 2, off)
+    assert not sync_batchnorm_applies(cpu, 2, on)  # torch has no CPU SyncBatchNorm: BN stays per worker
+
+
+def _bn_types(module: torch.nn.Module) -> dict[str, type]:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return {name: type(m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def test_dino_sync_batchnorm_converts_student_and_teacher_and_keeps_the_ema_exact() -> None:
+    """The loop's SyncBN conversion (``convert_sync_batchnorm(modules, method)``) reaches DINO's teacher.
+
+    On CPU without a process group SyncBatchNorm's forward is plain batch norm, so one training step
+    also gives the same loss as the unconverted networks.
+    """
+    from trainers.pretrain import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    method = METHODS["dino"](_config("dino"), SIZE)
+    plain = METHODS["dino"](_config("dino"), SIZE)
+    plain.student.load_state_dict(method.student.state_dict())
+    plain.teacher.load_state_dict(method.teacher.state_dict())
+    names_before = [n for n, _ in method.teacher.named_parameters()]
+    keys_before = list(method.extra_state())
+    assert set(_bn_types(method.teacher).values()) >= {torch.nn.BatchNorm1d, torch.nn.BatchNorm2d}
+
+    modules = convert_sync_batchnorm(method.modules, method)
+    assert modules is method.student  # the loop's ``modules`` is still the network the EMA reads
+    for net in (method.student, method.teacher):
+        types = _bn_types(net)
+        assert types and set(types.values()) == {torch.nn.SyncBatchNorm}, types
+    assert _bn_types(method.student).keys() == _bn_types(method.teacher).keys()
+    assert [n for n, _ in method.teacher.named_parameters()] == names_before
+    assert [n for n, _ in method.student.named_parameters()] == names_before
+    assert list(method.extra_state()) == keys_before  # teacher.* checkpoint keys unchanged
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+
+    batch, gen = _batch(), 3
+    out = method.training_step(batch, modules, 1, 0, torch.Generator().manual_seed(gen))
+    ref = plain.training_step(batch, plain.student, 1, 0, torch.Generator().manual_seed(gen))
+    assert torch.allclose(out["loss"], ref["loss"], atol=1e-6)
+    out["loss"].backward()
+    with torch.no_grad():  # a stand-in optimizer step that moves every student parameter
+        for p in method.student.parameters():
+            p.add_(0.01)
+    t_before = {n: p.clone() for n, p in method.teacher.named_parameters()}
+    m = method.momentum_for(5, 10)
+    method.after_optimizer_step(1, 5, 10)
+    students = dict(method.student.named_parameters())
+    for name, p_t in method.teacher.named_parameters():  # paired by NAME: an exact EMA of the student
+        assert torch.allclose(p_t, m * t_before[name] + (1 - m) * students[name].detach(), atol=1e-6), name
+    bn_weight = next(n for n in names_before if "bn" in n or "norm" in n)
+    assert not torch.equal(t_before[bn_weight], dict(method.teacher.named_parameters())[bn_weight])

@@ -23,7 +23,7 @@ class SSPMethod(Protocol):
         for each step:
             out = method.training_step(batch, ddp, epoch, step, generator)   # {"loss": scalar, ...}
             out["loss"].backward(); method.before_optimizer_step(epoch); optimizer.step()
-            method.after_optimizer_step(epoch, step_in_run, total_steps)     # DINO: EMA teacher
+            method.after_optimizer_step(epoch, steps_done, total_steps)  # steps_done counts this step
     """
 
     name: str

@@ -15,9 +15,13 @@ without gradient, in train mode (its BN keeps its own running statistics; they a
 - ``before_optimizer_step``: drops the gradient of ``last_layer`` parameters while
   ``epoch < freeze_last_layer_epochs`` (1: epoch 0).
 - ``after_optimizer_step(epoch, global_step, total_steps)``: EMA update of every teacher
-  parameter, ``m = DINOConfig.momentum_at(global_step, total_steps)`` (0.996 -> 1 cosine, per
-  iteration; ``global_step`` = optimizer steps taken so far). Identical on all ranks
-  because the student parameters are identical after the DDP step.
+  parameter with ``m = DINOConfig.momentum_at(global_step - 1, total_steps)`` (0.996 -> 1 cosine,
+  per iteration). ``global_step`` = optimizer steps taken so far *including the one just taken*
+  (the loop increments before the hook), so the step just taken has 0-based index
+  ``global_step - 1`` and uses ``momentum_schedule[global_step - 1]``, as DINO's ``main_dino.py``
+  (``m = momentum_schedule[it]``, ``it = len(loader) * epoch + i``): the first update uses the base
+  0.996 and the last the schedule's final entry. Identical on all ranks because the student
+  parameters are identical after the DDP step.
 - Teacher init: independent random init by default (faithful to the published code); with
   ``teacher_init_from_student`` the teacher starts as a copy of the student (standard DINO).
 - The loop sets LR and weight decay per iteration with ``PretrainConfig.apply_schedule``; biases
@@ -25,6 +29,11 @@ without gradient, in train mode (its BN keeps its own running statistics; they a
 - ``extra_state``: the teacher's state dict (``teacher.*``) and the centre (``center``).
 - Ranks: the teacher is broadcast from rank 0 at the first step (DDP only syncs the student), so
   ranks seeded differently still share one teacher.
+- SyncBatchNorm: when the loop converts the student (``modules``) to ``SyncBatchNorm`` (N > 1 ranks
+  on CUDA) it also calls ``convert_sync_batchnorm``, which converts the teacher the same way, so
+  the teacher's train-mode BN normalises its global views with global-batch statistics like the
+  student's (as DINO's ``main_dino.py`` converts both). Parameter names and order, and so the EMA
+  pairing and the ``teacher.*`` checkpoint keys, are unchanged by the conversion.
 - Export: the STUDENT's ``encoder.*`` weights.
 """
 
@@ -91,6 +100,14 @@ class DINO:
         self.center = self.center.to(device)
         return self
 
+    def convert_sync_batchnorm(self) -> None:
+        """Convert the teacher's BatchNorm to ``SyncBatchNorm`` in place (weights shared, keys kept).
+
+        Called by the loop when it converts ``modules`` (the student). Works on CPU modules; only
+        a synced forward needs CUDA and a process group (without one it is plain BatchNorm).
+        """
+        self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+
     def _follow(self, device: torch.device) -> None:
         """Keep the teacher and centre on the batch's device (they live outside ``modules``)."""
         if self.center.device != device:
@@ -127,10 +144,23 @@ class DINO:
             if "last_layer" in name:
                 p.grad = None
 
+    def momentum_for(self, global_step: int, total_steps: int) -> float:
+        """EMA momentum after ``global_step`` optimizer steps (>= 1, counting the one just taken).
+
+        ``momentum_schedule[global_step - 1]`` of DINO's cosine schedule over ``total_steps``: the
+        first update uses ``momentum_teacher_start`` (0.996), the last ``momentum_at(total - 1)``.
+
+        Raises:
+            ValueError: if ``global_step < 1`` (the hook runs after a step, so at least one was taken).
+        """
+        if global_step < 1:
+            raise ValueError(f"dino: global_step counts optimizer steps taken (>= 1), got {global_step}")
+        return self.cfg.momentum_at(global_step - 1, total_steps)
+
     @torch.no_grad()
     def after_optimizer_step(self, epoch: int, global_step: int, total_steps: int) -> None:
-        """EMA: ``teacher = m * teacher + (1 - m) * student`` over all parameters."""
-        m = self.cfg.momentum_at(global_step, total_steps)
+        """EMA ``teacher = m * teacher + (1 - m) * student`` over all parameters, ``m = momentum_for(global_step)``."""
+        m = self.momentum_for(global_step, total_steps)
         for p_s, p_t in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
             p_t.mul_(m).add_(p_s.detach().to(p_t.device), alpha=1.0 - m)
 
