@@ -402,10 +402,22 @@ def _read_cine(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     return data, np.asarray(image.affine, dtype=np.float64), checksum
 
 
-def _read_volume(path: Path, shape: tuple[int, ...], what: str) -> tuple[np.ndarray, str]:
+#: Largest difference (mm, or mm per voxel) allowed between a label/ED/ES affine and the cine's.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def _read_volume(path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str) -> tuple[np.ndarray, str]:
+    """A label / ED / ES volume that must share the cine's grid: same shape and affine."""
     image, checksum = load_nifti(path)
     if tuple(image.shape) != tuple(shape):
         raise FormatError(f"{path}: {what} shape {tuple(image.shape)} != cine shape {tuple(shape)}")
+    own = np.asarray(image.affine, dtype=np.float64)
+    if not np.allclose(own, affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        worst = float(np.nanmax(np.abs(own - affine))) if np.all(np.isfinite(own)) else float("nan")
+        raise FormatError(
+            f"{path}: {what} affine differs from the cine affine by up to {worst:.4g} mm "
+            f"(tolerance {AFFINE_TOLERANCE_MM} mm): not on the cine's voxel grid"
+        )
     return _array(image, path), checksum
 
 
@@ -422,7 +434,7 @@ def read_subject(source: SubjectSource) -> RawSubject:
     cine, affine, cine_sum = _read_cine(files["cine"])
     checksums = {files["cine"].name: cine_sum}
     if source.dataset == MNMS:
-        gt_data, checksums[files["gt"].name] = _read_volume(files["gt"], cine.shape, "label")
+        gt_data, checksums[files["gt"].name] = _read_volume(files["gt"], cine.shape, affine, "label")
         gt = _as_label(gt_data, files["gt"])
         counts = np.count_nonzero(gt.reshape(-1, gt.shape[-1]), axis=0)
         labelled = [int(t) for t in np.flatnonzero(counts)]
@@ -440,11 +452,11 @@ def read_subject(source: SubjectSource) -> RawSubject:
         labels = {}
         phases: dict[str, int] = {}
         for phase in ("ed", "es"):
-            volume, checksums[files[phase].name] = _read_volume(files[phase], frame_shape, f"_SA_{phase.upper()}")
+            volume, checksums[files[phase].name] = _read_volume(files[phase], frame_shape, affine, f"_SA_{phase.upper()}")
             phases[phase] = _matching_frame(cine, volume, files[phase])
         for phase in ("ed", "es"):
             key = f"{phase}_gt"
-            data, checksums[files[key].name] = _read_volume(files[key], frame_shape, "label")
+            data, checksums[files[key].name] = _read_volume(files[key], frame_shape, affine, "label")
             label = _as_label(data, files[key])
             if not label.any():
                 raise FormatError(f"{files[key]}: no labelled voxel (the {phase.upper()} label is empty)")

@@ -2,10 +2,11 @@
 
 ``plan_ingest`` discovers the subjects, opens (or resumes) the store and lists what is left to do;
 it needs no Ray. ``execute_ingest`` processes the remaining subjects as Ray tasks (the caller
-initialises Ray; ``executor="serial"`` runs them in-process instead), and the driver appends each
-result as it completes, in completion order. A subject is committed as a whole (see
-``datastore/store.py``), so a killed ingest resumes without duplicates or losses, and the content
-hash does not depend on the completion order.
+initialises Ray; ``executor="serial"`` runs them in-process instead), and the driver appends the
+results in plan order. A subject is committed as a whole (see ``datastore/store.py``), so a killed
+ingest resumes without duplicates or losses, and the content hash does not depend on the
+completion order. The plan holds the store's writer lock until ``execute_ingest`` finishes; a
+resume whose CSV or committed source files changed is refused.
 """
 
 from __future__ import annotations
@@ -116,13 +117,18 @@ def plan_ingest(
         )
     except StoreError as exc:
         raise IngestError(str(exc)) from None
-    done = writer.done
     subjects = [s for d in found for s in d.subjects]
+    try:
+        _check_committed_sources(writer, subjects)
+    except IngestError:
+        writer.close()
+        raise
+    done = writer.done
     todo = [s for s in subjects if (s.dataset, s.subject_id) not in done]
     skipped = [s for d in found for s in d.skipped if (s.dataset, s.subject_id) not in done]
-    warnings = [w for d in found for w in d.warnings]
+    warnings = [*writer.warnings, *(w for d in found for w in d.warnings)]
     complete = bool(dict(writer.group.attrs).get("complete", False))
-    return IngestPlan(
+    plan = IngestPlan(
         store=writer.path,
         config=config,
         writer=writer,
@@ -132,6 +138,36 @@ def plan_ingest(
         warnings=warnings,
         complete=complete,
     )
+    if plan.noop:
+        writer.close()  # nothing to write: do not hold the lock (execute_ingest takes it again)
+    return plan
+
+
+def _check_committed_sources(writer: StoreWriter, subjects: list[SubjectSource]) -> None:
+    """Refuse to resume when a source file of an already committed subject changed.
+
+    Compares the sha256 recorded in the subject table (``sources``: file name -> sha256) with the
+    current files. Costs one read of those files (a rerun of a finished ingest re-hashes them).
+
+    Raises:
+        IngestError: one line naming the first changed file and the number of changed files.
+    """
+    from datastore.formats import sha256_file
+
+    rows = {(r["dataset"], r["subject_id"]): r for r in writer.commit["subjects"]}
+    changed: list[str] = []
+    for source in subjects:
+        recorded = (rows.get((source.dataset, source.subject_id)) or {}).get("sources") or {}
+        for path in source.files.values():
+            old = recorded.get(path.name)
+            if old is not None and sha256_file(path) != old:
+                changed.append(str(path))
+    if changed:
+        more = f" ({len(changed)} changed files in all)" if len(changed) > 1 else ""
+        raise IngestError(
+            f"{changed[0]}: changed since it was ingested into {writer.path}{more}; resuming would mix "
+            "old and new data: use a new --store path"
+        )
 
 
 def process_subject(source: SubjectSource, config: IngestConfig) -> SubjectRecord | SkippedSubject:
@@ -227,25 +263,38 @@ def execute_ingest(
     )
     bar = tqdm(total=len(plan.todo), desc="ingest", unit="subject", disable=not progress or None, leave=False)
     try:
-        for item in results:
-            bar.update(1)
-            if isinstance(item, SkippedSubject):
-                result.skipped.append(item)
-                if progress:
-                    bar.write(f"skipped: {item.reason}", file=sys.stderr)
-                continue
-            row = writer.write_rows(item, item.info.get("content_hash"))
-            if crash_after is not None and len(result.ingested) >= crash_after:
-                if os.environ.get(CRASH_MODE_ENV) == "sigkill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise InjectedCrash(f"{CRASH_ENV}={crash_after}: crashing before committing {item.subject_id}")
-            writer.commit_subject(row)
-            result.ingested.append((item.dataset, item.subject_id))
+        _write_results(results, writer, result, crash_after, bar, progress)
+        result.hash = writer.finalize(
+            {"skipped": [{"dataset": s.dataset, "subject_id": s.subject_id, "reason": s.reason} for s in result.skipped]}
+        )  # merged with the skips of earlier runs; releases the writer lock
     finally:
         bar.close()
-    result.hash = writer.finalize(
-        {"skipped": [{"dataset": s.dataset, "subject_id": s.subject_id, "reason": s.reason} for s in result.skipped]}
-    )
+        writer.close()  # after a failure: release the lock so that a rerun in this process resumes
     result.n_subjects = len(writer.commit["subjects"])
     result.n_slices = int(writer.commit["n_slices"])
     return result
+
+
+def _write_results(
+    results: Iterator[SubjectRecord | SkippedSubject],
+    writer: StoreWriter,
+    result: IngestResult,
+    crash_after: int | None,
+    bar: Any,
+    progress: bool,
+) -> None:
+    """Append each processed subject in plan order, recording skips in ``result``."""
+    for item in results:
+        bar.update(1)
+        if isinstance(item, SkippedSubject):
+            result.skipped.append(item)
+            if progress:
+                bar.write(f"skipped: {item.reason}", file=sys.stderr)
+            continue
+        row = writer.write_rows(item, item.info.get("content_hash"))
+        if crash_after is not None and len(result.ingested) >= crash_after:
+            if os.environ.get(CRASH_MODE_ENV) == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise InjectedCrash(f"{CRASH_ENV}={crash_after}: crashing before committing {item.subject_id}")
+        writer.commit_subject(row)
+        result.ingested.append((item.dataset, item.subject_id))

@@ -164,6 +164,14 @@ class _StoreSource:
         return np.asarray(self._store.read_labels(indices))
 
 
+def _describe(store: Any) -> str:
+    """How error messages name ``store``: its path, else its type."""
+    if isinstance(store, (str, Path)):
+        return str(store)
+    path = getattr(store, "path", None) or getattr(getattr(store, "_store", None), "path", None)
+    return str(path) if path else f"the {type(store).__name__}"
+
+
 def as_source(store: Any) -> SliceSource:
     """A ``SliceSource`` for a store path/URL, an opened ``SliceStore`` or a source already."""
     if isinstance(store, (str, Path)):
@@ -371,14 +379,18 @@ class SliceLoader:
         self._epoch = 0
 
         source = self._source
+        where = _describe(store)
+        what = "labelled slices" if labelled_only else "slices"
+        selection = "every subject" if subject_ids is None else f"{len(subject_ids)} subject id(s)"
+        if int(source.n_slices) == 0 or len(source.subjects) == 0:
+            raise LoaderError(f"{where}: the store is empty (no committed subjects); cannot select {what} of {selection}")
         meta = source.meta
         rows = None if subject_ids is None else subject_rows(source.subjects, subject_ids)
         if rows is not None and not len(rows):
-            raise LoaderError("subject_ids is empty")
+            raise LoaderError(f"{where}: subject_ids is empty")
         selected = select_indices(meta, rows, labelled_only)
-        what = "labelled slices" if labelled_only else "slices"
         if not len(selected):
-            raise LoaderError(f"no {what} for the {0 if rows is None else len(rows)} requested subjects")
+            raise LoaderError(f"{where}: no {what} for {selection} ({len(source.subjects) if rows is None else len(rows)} subjects)")
         self.n_selected = len(selected)
         self.chunk_slices = int(source.chunk_slices)
         self.n_store_slices = int(source.n_slices)

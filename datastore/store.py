@@ -19,16 +19,26 @@ atomic object write) records the new counts and the subject's table row. Rows be
 committed counts are garbage from an interrupted run and are overwritten by the next append.
 ``finalize`` trims the arrays to the committed counts and writes the content hash.
 
+One writer at a time: a local store is locked by its ``StoreWriter`` (``fcntl.flock`` on
+``<store>/.sspctl-writer.lock``, released by ``finalize``/``close`` or the end of the process);
+fsspec URLs have no lock. See ``docs/store.md`` ("Concurrency").
+
 Zarr, fsspec and tensorstore handles are not fork-safe: a ``SliceStore`` opens its arrays lazily on
 first use and pickles by path, so create it (or unpickle it) inside each worker process.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterable, Sequence
+import socket
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +58,13 @@ META_DTYPES: dict[str, str] = {
 }
 #: Slices per stored chunk of ``images``/``labels`` (measured in docs/store.md, "Chunk layout").
 DEFAULT_CHUNK_SLICES = 32
+#: The writer lock of a local store: a file in the store directory, ``fcntl.flock``-ed by the writer.
+LOCK_NAME = ".sspctl-writer.lock"
+#: Nodes every store holds (``None`` = a group), in creation order.
+NODE_NAMES = ("images", "labels", "label_slice", "meta", *(f"meta/{k}" for k in META_DTYPES), "native")
+_GROUP_NODES = ("meta", "native")
+
+logger = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
@@ -375,15 +392,141 @@ class SliceStore:
         return slice(int(row["first_row"]), int(row["first_row"]) + int(row["n_rows"]))
 
 
-class StoreWriter:
-    """The one writer of a store (the ingest driver). Appends whole subjects atomically."""
+def _holder_text(holder: Mapping[str, Any]) -> str:
+    """``pid N on HOST (since TIME)`` from a lock file's content (``?`` for unknown fields)."""
+    since = f" (since {holder['since']})" if holder.get("since") else ""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{since}"
 
-    def __init__(self, group: Any, path: str) -> None:
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The JSON ``{"pid", "host", "since"}`` written by the lock's holder; ``{}`` if unreadable."""
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode()) if data else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+_HELD_LOCKS: weakref.WeakSet[WriterLock] = weakref.WeakSet()
+
+
+class WriterLock:
+    """Exclusive writer lock of a local store: ``fcntl.flock`` on ``<store>/.sspctl-writer.lock``.
+
+    The file holds the holder's pid, host and start time (for the error message of a second
+    writer). The kernel drops the lock when its process dies, so a lock file left by a killed
+    ingest is stale as soon as nobody holds it: the next writer takes it over with a warning.
+    Releasing removes the file. A second writer in the same process is refused like any other.
+    """
+
+    def __init__(self, store_dir: Path) -> None:
+        self.store_dir = store_dir
+        self.path = store_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> list[str]:
+        """Take the lock (idempotent); returns warnings (a stale lock taken over).
+
+        Raises:
+            StoreError: another writer holds the lock, or the lock file cannot be created.
+        """
+        if self._fd is not None:
+            return []
+        if self.store_dir.exists() and not self.store_dir.is_dir():
+            raise StoreError(f"{self.store_dir}: exists and is not a directory (not a zarr store)")
+        for _ in range(5):  # the file may be removed by a releasing writer between open and flock
+            fd = self._open_locked()
+            if fd is None:
+                continue
+            previous = _read_holder(fd)
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self._fd = fd
+            _HELD_LOCKS.add(self)
+            same_process = previous.get("pid") == me["pid"] and previous.get("host") == me["host"]
+            if not previous or same_process:
+                return []
+            return [
+                f"store {self.store_dir}: taking over the writer lock left by {_holder_text(previous)}, "
+                "which no longer holds it (killed?); resuming"
+            ]
+        raise StoreError(f"{self.path}: the writer lock file keeps being replaced; retry")
+
+    def _open_locked(self) -> int | None:
+        """Open and flock the lock file; None if it was replaced meanwhile (retry)."""
+        import fcntl
+
+        try:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the writer lock ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise StoreError(
+                f"store {self.store_dir} is being written by {_holder_text(holder)}; "
+                "wait for that ingest to finish or use another --store path"
+            ) from None
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(fd).st_ino:
+            os.close(fd)
+            return None
+        return fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (no-op when not held)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD_LOCKS.discard(self)
+        try:
+            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass  # already gone: nothing to clean up
+        finally:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@atexit.register
+def _release_held_locks() -> None:
+    """Remove the lock files of writers never closed (the kernel would drop the locks anyway)."""
+    for lock in list(_HELD_LOCKS):
+        lock.release()
+
+
+class StoreWriter:
+    """The one writer of a store (the ingest driver). Appends whole subjects atomically.
+
+    A local store is locked for the writer's lifetime (:class:`WriterLock`); ``finalize`` and
+    ``close`` release it, and any later write takes it again. fsspec URLs (``s3://``...) have no
+    lock: run one ingest per store there.
+    """
+
+    def __init__(self, group: Any, path: str, lock: WriterLock | None = None) -> None:
         self.group = group
         self.path = path
+        self._lock = lock
         attrs = dict(group.attrs)
         self.commit: dict[str, Any] = attrs["commit"]
         self.image_size = int(attrs["image_size"])
+        #: One-line notes for the user from opening the store (e.g. a stale lock taken over).
+        self.warnings: list[str] = []
 
     @classmethod
     def open(
@@ -397,57 +540,56 @@ class StoreWriter:
     ) -> StoreWriter:
         """Create a new store at ``path`` or reopen an interrupted one with the same config.
 
+        Takes the writer lock of a local store first (held until ``finalize`` or ``close``).
+
         Raises:
-            StoreError: the path holds something else, another schema, or another ingest config.
+            StoreError: another writer holds the lock; the path holds something else, another
+                schema or another ingest config; a CSV recorded in ``csv_checksums`` changed
+                while subjects are committed.
         """
+        target = _store_arg(path)
+        lock = None if _is_url(target) else WriterLock(Path(target))
+        notes = lock.acquire() if lock is not None else []
+        try:
+            fresh = _initial_attrs(ingest_config, image_size, spacing, chunk_slices, extra_attrs)
+            group = _open_or_create(target, fresh, extra_attrs, image_size, chunk_slices)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        writer = cls(group, target, lock)
+        writer.warnings = notes
+        for note in notes:
+            logger.warning(note)
+        return writer
+
+    def close(self) -> None:
+        """Release the writer lock (committed subjects stay; the store can be resumed)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ensure_lock(self) -> None:
+        """Take the lock again if ``finalize``/``close`` released it (raises if someone holds it)."""
+        if self._lock is not None and not self._lock.held:
+            self.warnings.extend(self._lock.acquire())
+
+    def _check_commit_unchanged(self) -> None:
+        """Re-read the commit record (one small object read): refuse to write over another writer."""
         import zarr
 
-        target = _store_arg(path)
-        if _is_url(target):
-            exists = _url_exists(target)
-        else:
-            exists = Path(target).exists() and (not Path(target).is_dir() or any(Path(target).iterdir()))
-        if exists:
-            try:
-                group = zarr.open_group(target, mode="r+")
-            except Exception as exc:  # noqa: BLE001
-                raise StoreError(f"{target}: exists but is not a zarr store ({exc})") from None
-            attrs = dict(group.attrs)
-            if attrs.get("schema_version") != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{target}: exists and is not an sspctl store of schema_version {SCHEMA_VERSION}"
-                )
-            if attrs.get("ingest_config") != json.loads(json.dumps(ingest_config)):
-                raise StoreError(
-                    f"{target}: was ingested with another config ({_config_diff(attrs.get('ingest_config') or {}, ingest_config)}); "
-                    "use a new --store path"
-                )
-            writer = cls(group, target)
-            fresh = json.loads(json.dumps(extra_attrs or {}))
-            for key, value in fresh.items():  # e.g. a rerun with only --mnms2 keeps the mnms root
-                if isinstance(value, dict) and isinstance(attrs.get(key), dict):
-                    fresh[key] = {**attrs[key], **value}
-            if any(attrs.get(k) != v for k, v in fresh.items()):
-                writer._update_attrs(fresh)  # e.g. sources moved; a no-op rerun writes nothing
-            return writer
-        group = zarr.open_group(target, mode="w-")
-        _create_arrays(group, image_size, chunk_slices)
-        group.attrs.update(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "package_version": _package_version(),
-                "zarr_version": zarr.__version__,
-                "ingest_config": json.loads(json.dumps(ingest_config)),
-                "image_size": int(image_size),
-                "spacing": float(spacing),
-                "chunk_slices": int(chunk_slices),
-                "commit": {"n_slices": 0, "n_labels": 0, "subjects": []},
-                "hash": None,
-                "complete": False,
-                **(extra_attrs or {}),
-            }
-        )
-        return cls(group, target)
+        stored = dict(zarr.open_group(self.group.store, mode="r").attrs).get("commit") or {}
+        counts = [(c.get("n_slices"), c.get("n_labels"), len(c.get("subjects", []))) for c in (stored, self.commit)]
+        if counts[0] != counts[1]:
+            raise StoreError(
+                f"{self.path}: the commit record changed under this writer ({counts[0][2]} subjects "
+                f"stored, {counts[1][2]} expected): another process wrote to the store"
+            )
 
     def _update_attrs(self, values: dict[str, Any]) -> None:
         # One update = one rewrite of the root zarr.json (an atomic object write).
@@ -475,6 +617,7 @@ class StoreWriter:
 
         Returns the subject-table row to commit.
         """
+        self._ensure_lock()
         n0, l0 = int(self.commit["n_slices"]), int(self.commit["n_labels"])
         n, m = record.images.shape[0], record.labels.shape[0]
         n1, l1 = n0 + n, l0 + m
@@ -513,7 +656,13 @@ class StoreWriter:
         return row
 
     def commit_subject(self, row: dict[str, Any]) -> None:
-        """Make a subject written by :meth:`write_rows` visible: one root-attribute update."""
+        """Make a subject written by :meth:`write_rows` visible: one root-attribute update.
+
+        Raises:
+            StoreError: the row was not written at the end, or another process changed the commit.
+        """
+        self._ensure_lock()
+        self._check_commit_unchanged()
         if row["first_row"] != self.commit["n_slices"] or row["first_label_row"] != self.commit["n_labels"]:
             raise StoreError(f"{self.path}: subject {row['subject_id']!r} was not written at the end of the store")
         commit = {
@@ -525,7 +674,16 @@ class StoreWriter:
         self.commit = json.loads(json.dumps(commit))
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> str:
-        """Trim arrays to the committed counts, write ``hash`` and ``complete``; return the hash."""
+        """Trim arrays to the committed counts, write ``hash`` and ``complete``; return the hash.
+
+        A ``skipped`` list in ``extra_attrs`` is merged into the stored one (:func:`merge_skipped`).
+        Releases the writer lock.
+        """
+        self._ensure_lock()
+        self._check_commit_unchanged()
+        values = json.loads(json.dumps(extra_attrs or {}))
+        if "skipped" in values:
+            values["skipped"] = merge_skipped(self.group.attrs.get("skipped") or [], values["skipped"], self.done)
         n, m = int(self.commit["n_slices"]), int(self.commit["n_labels"])
         for name in ("images", *(f"meta/{k}" for k in META_DTYPES)):
             array = self.group[name]
@@ -538,8 +696,172 @@ class StoreWriter:
         digest = dataset_hash(
             (r["dataset"], r["subject_id"], r["content_hash"]) for r in self.commit["subjects"]
         )
-        self._update_attrs({**(extra_attrs or {}), "hash": digest, "complete": True})
+        self._update_attrs({**values, "hash": digest, "complete": True})
+        self.close()
         return digest
+
+
+def merge_skipped(
+    previous: Iterable[Mapping[str, Any]], current: Iterable[Mapping[str, Any]], committed: set[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """Skipped-subject entries of earlier runs and this one: union by ``(dataset, subject_id)``.
+
+    Earlier entries keep their position (the latest reason wins); new ones follow in their order;
+    subjects committed since are dropped.
+    """
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in [*previous, *current]:
+        key = (str(entry["dataset"]), str(entry["subject_id"]))
+        if key not in committed:
+            merged[key] = {**merged.get(key, {}), **entry}
+    return list(merged.values())
+
+
+def _initial_attrs(
+    ingest_config: dict[str, Any],
+    image_size: int,
+    spacing: float,
+    chunk_slices: int,
+    extra_attrs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Root attributes of a new store (JSON-normalised)."""
+    import zarr
+
+    return json.loads(
+        json.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "package_version": _package_version(),
+                "zarr_version": zarr.__version__,
+                "ingest_config": ingest_config,
+                "image_size": int(image_size),
+                "spacing": float(spacing),
+                "chunk_slices": int(chunk_slices),
+                "commit": {"n_slices": 0, "n_labels": 0, "subjects": []},
+                "hash": None,
+                "complete": False,
+                **(extra_attrs or {}),
+            }
+        )
+    )
+
+
+def _local_store_exists(target: str) -> bool:
+    """True when ``target`` holds anything besides the writer lock file."""
+    path = Path(target)
+    if not path.exists():
+        return False
+    return not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir())
+
+
+def _open_or_create(
+    target: str, fresh: dict[str, Any], extra_attrs: dict[str, Any] | None, image_size: int, chunk_slices: int
+) -> Any:
+    """The root group of a new, half-created or resumable store at ``target`` (lock held).
+
+    ``fresh`` = the root attributes of a new store; ``extra_attrs`` (sources, csv_checksums) are
+    merged into those of an existing one.
+
+    A new store's root ``zarr.json`` is written once, with every schema attribute, before any
+    array: a kill can leave arrays missing (recreated here while nothing is committed) but never
+    a group without attributes. A group without attributes holding only empty sspctl nodes (left
+    by an older version killed during creation) is completed as well.
+    """
+    import zarr
+
+    exists = _url_exists(target) if _is_url(target) else _local_store_exists(target)
+    if not exists:
+        group = zarr.open_group(target, mode="w-" if _is_url(target) else "a", attributes=fresh)
+        _create_nodes(group, image_size, chunk_slices, NODE_NAMES)
+        return group
+    try:
+        group = zarr.open_group(target, mode="r+")
+    except Exception as exc:  # noqa: BLE001
+        raise StoreError(f"{target}: exists but is not a zarr store ({exc})") from None
+    attrs = dict(group.attrs)
+    if not attrs and _is_zarr_group_document(target) and _holds_only_empty_nodes(group):
+        _create_nodes(group, image_size, chunk_slices, NODE_NAMES, overwrite=True)
+        group.attrs.update(fresh)  # last: a kill before it leaves the same recognisable state
+        return group
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{target}: exists and is not an sspctl store of schema_version {SCHEMA_VERSION}")
+    if attrs.get("ingest_config") != fresh["ingest_config"]:
+        raise StoreError(
+            f"{target}: was ingested with another config ({_config_diff(attrs.get('ingest_config') or {}, fresh['ingest_config'])}); "
+            "use a new --store path"
+        )
+    _complete_nodes(group, target, attrs)
+    extra = json.loads(json.dumps(extra_attrs or {}))
+    if attrs["commit"]["subjects"]:
+        _check_csv_checksums(target, attrs.get("csv_checksums") or {}, extra.get("csv_checksums") or {})
+    for key, value in extra.items():  # e.g. a rerun with only --mnms2 keeps the mnms root
+        if isinstance(value, dict) and isinstance(attrs.get(key), dict):
+            extra[key] = {**attrs[key], **value}
+    if any(attrs.get(k) != v for k, v in extra.items()):
+        group.attrs.update(extra)  # e.g. sources moved; a no-op rerun writes nothing
+    return group
+
+
+def _is_zarr_group_document(target: str) -> bool:
+    """True if the root ``zarr.json`` is a complete zarr v3 group document (as zarr writes it)."""
+    try:
+        if _is_url(target):
+            import fsspec
+
+            with fsspec.open(f"{target.rstrip('/')}/zarr.json", "rb") as handle:
+                document = json.loads(handle.read())
+        else:
+            document = json.loads((Path(target) / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("zarr_format") == 3 and document.get("node_type") == "group"
+
+
+def _holds_only_empty_nodes(group: Any) -> bool:
+    """True if every node under ``group`` is an empty sspctl array or group (nothing ingested)."""
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the lock file is "not a component of a Zarr hierarchy"
+        members = group.members(max_depth=None)
+    for name, node in members:
+        if name in _GROUP_NODES and isinstance(node, zarr.Group):
+            continue
+        if name in NODE_NAMES and isinstance(node, zarr.Array) and node.shape[:1] == (0,):
+            continue
+        return False
+    return True
+
+
+def _missing_nodes(group: Any) -> list[str]:
+    missing = []
+    for name in NODE_NAMES:
+        try:
+            group[name]
+        except KeyError:
+            missing.append(name)
+    return missing
+
+
+def _complete_nodes(group: Any, target: str, attrs: dict[str, Any]) -> None:
+    """Create the nodes a creation killed half-way left out; refuse if subjects are committed."""
+    missing = _missing_nodes(group)
+    if not missing:
+        return
+    if attrs["commit"]["subjects"]:
+        raise StoreError(f"{target}: node(s) {', '.join(missing)} missing from a store with committed subjects; use a new --store path")
+    _create_nodes(group, int(attrs["image_size"]), int(attrs["chunk_slices"]), missing)
+
+
+def _check_csv_checksums(target: str, stored: dict[str, str], current: dict[str, str]) -> None:
+    """Refuse to resume when a metadata CSV (matched by file name) changed since it was ingested."""
+    for path, digest in sorted(current.items()):
+        for old_path, old in sorted(stored.items()):
+            if Path(old_path).name == Path(path).name and old != digest:
+                raise StoreError(
+                    f"{path}: changed since subjects were ingested into {target} (sha256 {old[:12]}... -> "
+                    f"{digest[:12]}...); resuming would mix old and new metadata: use a new --store path"
+                )
 
 
 def _url_exists(url: str) -> bool:
@@ -561,23 +883,34 @@ def _image_codecs() -> list[Any]:
     return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)]
 
 
-def _create_arrays(group: Any, image_size: int, chunk_slices: int) -> None:
+def _node_spec(name: str, image_size: int, chunk_slices: int) -> dict[str, Any] | None:
+    """``create_array`` keywords of node ``name`` (``None`` for a group)."""
+    if name in _GROUP_NODES:
+        return None
     s = int(image_size)
-    codecs = _image_codecs()
-    group.create_array(
-        "images", shape=(0, s, s), dtype="float16", chunks=(chunk_slices, s, s), compressors=codecs,
-        fill_value=0, dimension_names=("slice", "y", "x"),
-    )
-    group.create_array(
-        "labels", shape=(0, s, s), dtype="uint8", chunks=(chunk_slices, s, s), compressors=codecs,
-        fill_value=0, dimension_names=("label", "y", "x"),
-    )
-    group.create_array("label_slice", shape=(0,), dtype="int64", chunks=(65536,), fill_value=-1)
-    meta = group.create_group("meta")
-    for key, dtype in META_DTYPES.items():
-        fill = False if dtype == "bool" else 0
-        meta.create_array(key, shape=(0,), dtype=dtype, chunks=(65536,), fill_value=fill)
-    group.create_group("native")
+    if name in ("images", "labels"):
+        return {
+            "shape": (0, s, s), "dtype": "float16" if name == "images" else "uint8",
+            "chunks": (chunk_slices, s, s), "compressors": _image_codecs(), "fill_value": 0,
+            "dimension_names": ("slice" if name == "images" else "label", "y", "x"),
+        }  # fmt: skip
+    if name == "label_slice":
+        return {"shape": (0,), "dtype": "int64", "chunks": (65536,), "fill_value": -1}
+    dtype = META_DTYPES[name.split("/", 1)[1]]
+    return {"shape": (0,), "dtype": dtype, "chunks": (65536,), "fill_value": False if dtype == "bool" else 0}
+
+
+def _create_nodes(
+    group: Any, image_size: int, chunk_slices: int, names: Sequence[str], overwrite: bool = False
+) -> None:
+    """Create the empty nodes ``names`` (of ``NODE_NAMES``) under the root ``group``."""
+    for name in names:
+        spec = _node_spec(name, image_size, chunk_slices)
+        if spec is None:
+            group.create_group(name, overwrite=overwrite)
+            continue
+        parent, _, leaf = name.rpartition("/")
+        (group.require_group(parent) if parent else group).create_array(leaf, overwrite=overwrite, **spec)
 
 
 def _write_whole(group: Any, name: str, data: np.ndarray) -> None:

@@ -39,6 +39,7 @@ def ingest(
     """
     from datastore.config import IngestConfig
     from datastore.ingest import IngestError, execute_ingest, plan_ingest
+    from datastore.store import StoreError
     from orchestrator.configio import ConfigError, load_config
 
     try:
@@ -58,13 +59,16 @@ def ingest(
         f"ingesting {len(plan.todo)} subjects into {plan.store} "
         f"({plan.already} already there, {len(plan.skipped)} unusable) with {workers} worker(s)"
     )
-    if plan.todo:
-        from orchestrator.ray_session import ray_session
+    try:
+        if plan.todo:
+            from orchestrator.ray_session import ray_session
 
-        with ray_session(num_cpus=workers):
-            result = execute_ingest(plan, executor="ray", max_in_flight=2 * workers, progress=progress)
-    else:
-        result = execute_ingest(plan, executor="serial", progress=False)
+            with ray_session(num_cpus=workers):
+                result = execute_ingest(plan, executor="ray", max_in_flight=2 * workers, progress=progress)
+        else:
+            result = execute_ingest(plan, executor="serial", progress=False)
+    except (IngestError, StoreError) as exc:  # e.g. another writer took the store in the meantime
+        fail(str(exc), code=2)
     typer.echo(
         f"{result.store}: {result.n_subjects} subjects, {result.n_slices} slices "
         f"({len(result.ingested)} new), hash {result.hash}"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from datastore.ingest import CRASH_ENV, CRASH_MODE_ENV, InjectedCrash
 from datastore.preprocess import heart_centre
-from datastore.store import SliceStore
+from datastore.store import LOCK_NAME, SliceStore
 from datastore.synth import write_dataset
 from orchestrator.cli import app
 
@@ -172,13 +172,18 @@ def test_sigkill_then_resume_gives_the_same_store(store: Path, raw: dict[str, Pa
         "execute_ingest(plan, executor='serial', progress=False)"
     )
     env = {**os.environ, CRASH_ENV: "3", CRASH_MODE_ENV: "sigkill"}
-    killed = subprocess.run(
+    killed = subprocess.Popen(
         [sys.executable, "-c", script, str(raw["mnms"]), str(raw["mnms2"]), str(path)],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _, stderr = killed.communicate(timeout=120)
+    killed_pid = killed.pid
+    assert killed.returncode == -signal.SIGKILL, stderr
     partial = SliceStore.open(path)
     assert len(partial.subjects) == 3 and not partial.complete
+    assert (path / LOCK_NAME).is_file()  # the killed writer could not remove its lock file
     resumed = runner.invoke(app, ingest_args(raw, path))
     assert resumed.exit_code == 0, resumed.output
+    assert f"taking over the writer lock left by pid {killed_pid}" in resumed.output
     assert SliceStore.open(path).hash == SliceStore.open(store).hash
+    assert not (path / LOCK_NAME).exists()

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from datastore.config import IngestConfig
 from datastore.formats import MNMS2_CSV, MNMS_CSV
 from datastore.ingest import IngestError, execute_ingest, plan_ingest
-from datastore.store import validate_store
+from datastore.store import LOCK_NAME, validate_store
 from orchestrator.cli import app
 
 CONFIG = IngestConfig(size=32)
@@ -85,6 +88,15 @@ def label_shape(root: Path) -> Path:
     return save(cine_and_gt()[1][:, :10], gt_path(root))
 
 
+def label_affine(root: Path) -> Path:
+    """A label file of the right shape whose grid is shifted 2 mm against the cine."""
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    affine[0, 3] = 2.0
+    path = gt_path(root)
+    nib.save(nib.Nifti1Image(cine_and_gt()[1], affine), path)
+    return path
+
+
 def label_values(root: Path) -> Path:
     gt = cine_and_gt()[1]
     gt[0, 0, 0, 0] = 5
@@ -125,6 +137,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "not gzip": (not_gzip, "not a gzip file"),
     "3D cine": (three_d, "expected a 4D cine"),
     "label shape": (label_shape, "label shape (20, 10, 3, 4) != cine shape (20, 18, 3, 4)"),
+    "label affine": (label_affine, "label affine differs from the cine affine by up to 2 mm"),
     "label values": (label_values, "label values [5] outside {0, 1, 2, 3}"),
     "no labelled frame": (no_labelled_frame, "no labelled frame"),
     "NaN/inf": (nan_intensity, "2 non-finite (NaN/inf) intensities"),
@@ -168,19 +181,36 @@ def test_csv_problems_skip_only_the_affected_subjects(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_mnms2_volume_not_in_the_cine_is_skipped(tmp_path: Path) -> None:
-    root = tmp_path / "mnms2"
+def write_mnms2(root: Path, es_offset: float = 5.0, ed_spacing: tuple[float, float, float] = (1.5, 1.5, 8.0)) -> Path:
+    """Two M&Ms-2 subjects; 002's ES volume is offset by ``es_offset`` and its ED volume saved with
+    ``ed_spacing`` (both equal to the cine by default apart from the offset)."""
     cine, gt = cine_and_gt()
     for sid in ("001", "002"):
+        bad = sid == "002"
         save(cine, root / sid / f"{sid}_SA_CINE.nii.gz")
-        save(cine[..., 0], root / sid / f"{sid}_SA_ED.nii.gz")
-        save(cine[..., 2] + (5 if sid == "002" else 0), root / sid / f"{sid}_SA_ES.nii.gz")
+        save(cine[..., 0], root / sid / f"{sid}_SA_ED.nii.gz", spacing=ed_spacing if bad else (1.5, 1.5, 8.0))
+        save(cine[..., 2] + (es_offset if bad else 0), root / sid / f"{sid}_SA_ES.nii.gz")
         save(gt[..., 0], root / sid / f"{sid}_SA_ED_gt.nii.gz")
         save(gt[..., 2], root / sid / f"{sid}_SA_ES_gt.nii.gz")
     (root / MNMS2_CSV).write_text("SUBJECT_CODE,DISEASE,SEX,AGE,SCANNER,FIELD,VENDOR\n1,NOR,M,40,X,1.5,GE\n2,NOR,M,40,X,1.5,GE\n")
+    return root
+
+
+def test_mnms2_volume_not_in_the_cine_is_skipped(tmp_path: Path) -> None:
+    root = write_mnms2(tmp_path / "mnms2")
     result = ingest({"mnms2": root}, tmp_path / "store")
     assert result.ingested == [("mnms2", "001")]
     assert result.skipped[0].reason.startswith(f"{root / '002' / '002_SA_ES.nii.gz'}: no cine frame equals")
+
+
+def test_mnms2_volume_on_another_grid_is_skipped(tmp_path: Path) -> None:
+    root = write_mnms2(tmp_path / "mnms2", es_offset=0.0, ed_spacing=(1.5, 1.5, 8.01))
+    result = ingest({"mnms2": root}, tmp_path / "store")
+    assert result.ingested == [("mnms2", "001")]
+    assert result.skipped[0].reason == (
+        f"{root / '002' / '002_SA_ED.nii.gz'}: _SA_ED affine differs from the cine affine by up to 0.01 mm "
+        "(tolerance 0.001 mm): not on the cine's voxel grid"
+    )
 
 
 def test_cli_fatal_errors_exit_2_with_one_line(tmp_path: Path) -> None:
@@ -213,3 +243,52 @@ def test_cli_refuses_to_resume_with_another_config(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "was ingested with another config (chunk_slices: 32 -> 8); use a new --store path" in result.output
+
+
+def test_resume_refuses_changed_sources(tmp_path: Path) -> None:
+    root = write_mnms(tmp_path / "mnms", [GOOD, "GOOD02"])
+    store = tmp_path / "store"
+    ingest({"mnms": root}, store)
+    recorded = zarr.open_group(str(store), mode="r").attrs["csv_checksums"]
+    csv_file, csv_bytes = root / MNMS_CSV, (root / MNMS_CSV).read_bytes()
+    csv_file.write_bytes(csv_bytes.replace(b",50,", b",51,", 1))  # one Age edited after the ingest
+    with pytest.raises(IngestError, match=f"{csv_file}: changed since subjects were ingested into {store} .*use a new --store path"):
+        plan_ingest({"mnms": root}, store, CONFIG)
+    assert zarr.open_group(str(store), mode="r").attrs["csv_checksums"] == recorded  # nothing merged
+    csv_file.write_bytes(csv_bytes)
+    cine = root / GOOD / f"{GOOD}_sa.nii.gz"
+    original = cine.read_bytes()
+    save(cine_and_gt()[0] + 1, cine)  # a committed subject's image replaced
+    with pytest.raises(IngestError, match=f"{cine}: changed since it was ingested into {store}; .*use a new --store path"):
+        plan_ingest({"mnms": root}, store, CONFIG)
+    cine.write_bytes(original)
+    assert plan_ingest({"mnms": root}, store, CONFIG).noop  # the refusals released the lock
+    assert not (store / LOCK_NAME).exists()  # ... and so does a plan with nothing to do
+
+
+def test_skips_of_earlier_runs_are_kept_until_the_subject_is_ingested(tmp_path: Path) -> None:
+    mnms = write_mnms(tmp_path / "mnms", [GOOD, BAD])
+    original = cine_path(mnms).read_bytes()
+    truncate(mnms)
+    mnms2 = write_mnms2(tmp_path / "mnms2")
+    store = tmp_path / "store"
+
+    def stored_skips() -> list[tuple[str, str]]:
+        return [(e["dataset"], e["subject_id"]) for e in zarr.open_group(str(store), mode="r").attrs["skipped"]]
+
+    assert ingest({"mnms": mnms}, store).skipped[0].subject_id == BAD
+    assert [s.subject_id for s in ingest({"mnms2": mnms2}, store).skipped] == ["002"]
+    assert stored_skips() == [("mnms", BAD), ("mnms2", "002")]
+    cine_path(mnms).write_bytes(original)  # the bad file fixed: the rerun ingests it
+    assert ingest({"mnms": mnms}, store).ingested == [("mnms", BAD)]
+    assert stored_skips() == [("mnms2", "002")]
+
+
+def test_cli_refuses_a_second_ingest_into_a_store_being_written(tmp_path: Path) -> None:
+    root = write_mnms(tmp_path / "mnms", [GOOD])
+    plan = plan_ingest({"mnms": root}, tmp_path / "store", CONFIG)  # holds the writer lock
+    result = CliRunner().invoke(app, ["ingest", "--mnms", str(root), "--store", str(tmp_path / "store"), "--size", "32"])
+    assert result.exit_code == 2
+    assert f"store {tmp_path / 'store'} is being written by pid {os.getpid()} on {socket.gethostname()}" in result.output
+    execute_ingest(plan, executor="serial", progress=False)
+    assert not (tmp_path / "store" / LOCK_NAME).exists()

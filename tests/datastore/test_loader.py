@@ -245,6 +245,14 @@ def test_clear_errors(store_path: str) -> None:
     assert SliceLoader(ambiguous, ["mnms2/X"], batch_size=1).indices.tolist() == [1]
 
 
+def test_empty_store_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.zarr"
+    StoreWriter.open(path, {"test": True}, image_size=SIZE, spacing=1.25, chunk_slices=8).finalize()
+    for ids, selection in ((["S0", "S1"], "2 subject id.s."), (None, "every subject")):
+        with pytest.raises(ValueError, match=f"{path}: the store is empty .no committed subjects.; cannot select labelled slices of {selection}"):
+            SliceLoader(str(path), ids, labelled_only=True, batch_size=2)
+
+
 def _gloo_rank(rank: int, world_size: int, port: int, store_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +16,14 @@ import pytest
 import zarr
 
 from datastore.store import (
+    LOCK_NAME,
     PHASES,
     SliceStore,
     StoreError,
     StoreWriter,
     SubjectRecord,
     dataset_hash,
+    merge_skipped,
     store_info,
     validate_store,
 )
@@ -117,6 +124,7 @@ def test_uncommitted_rows_are_invisible_and_overwritten(tmp_path: Path) -> None:
     writer = StoreWriter.open(path, CONFIG, SIZE, 1.25, chunk_slices=8)
     writer.append(make_record("A", seed=1))
     writer.write_rows(make_record("CRASH", seed=9))  # data written, never committed
+    writer.close()  # the crashed writer's process is gone, and its lock with it
     partial = SliceStore.open(path)
     assert partial.n_slices == 12 and not partial.complete and list(partial.subjects.subject_id) == ["A"]
     assert zarr.open_group(str(path), mode="r")["images"].shape[0] == 24  # garbage beyond the commit
@@ -220,3 +228,75 @@ def test_store_cli_exit_codes(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "invalid: " in result.output
     result = runner.invoke(app, ["store", "info", str(tmp_path / "missing"), "--json"])
     assert result.exit_code == 2 and "store not found" in result.output
+
+
+def test_a_second_writer_is_refused_until_the_first_finishes(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    writer = StoreWriter.open(path, CONFIG, SIZE, 1.25)
+    assert (path / LOCK_NAME).is_file()
+    with pytest.raises(StoreError, match=f"store {path} is being written by pid {os.getpid()} on {socket.gethostname()}"):
+        StoreWriter.open(path, CONFIG, SIZE, 1.25)
+    writer.append(make_record("A"))
+    writer.finalize()  # releases the lock and removes its file
+    assert not (path / LOCK_NAME).exists()
+    with StoreWriter.open(path, CONFIG, SIZE, 1.25) as again:
+        assert again.done == {("mnms", "A")} and again.warnings == []
+    assert not (path / LOCK_NAME).exists() and validate_store(path, progress=False) == []
+
+
+def test_writer_lock_between_processes_and_a_stale_lock_after_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    script = (
+        "import sys; from datastore.store import StoreWriter; "
+        f"w = StoreWriter.open(sys.argv[1], {CONFIG!r}, {SIZE}, 1.25); print('locked', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match=f"being written by pid {child.pid} on {socket.gethostname()}"):
+            StoreWriter.open(path, CONFIG, SIZE, 1.25)
+    finally:
+        child.kill()  # SIGKILL: the kernel drops the flock, the lock file stays behind
+        child.wait(timeout=60)
+    assert (path / LOCK_NAME).is_file()
+    writer = StoreWriter.open(path, CONFIG, SIZE, 1.25)
+    assert len(writer.warnings) == 1 and f"taking over the writer lock left by pid {child.pid}" in writer.warnings[0]
+    writer.append(make_record("A"))
+    writer.finalize()
+    assert validate_store(path, progress=False) == []
+
+
+def test_commit_rereads_the_record_and_refuses_another_writers_work(tmp_path: Path) -> None:
+    url = f"memory://{tmp_path.name}/unlocked.zarr"  # fsspec URLs have no lock
+    first, second = StoreWriter.open(url, CONFIG, SIZE, 1.25), StoreWriter.open(url, CONFIG, SIZE, 1.25)
+    first.append(make_record("A"))
+    with pytest.raises(StoreError, match="commit record changed under this writer .1 subjects stored, 0 expected"):
+        second.append(make_record("B", seed=2))
+    assert SliceStore.open(url).subjects.subject_id.tolist() == ["A"]
+
+
+def test_half_created_stores_are_completed(tmp_path: Path) -> None:
+    old_kill = tmp_path / "old.zarr"  # an older version killed between group creation and attributes
+    zarr.open_group(str(old_kill), mode="w-").create_array("images", shape=(0, 8, 8), dtype="float16", chunks=(4, 8, 8))
+    new_kill = tmp_path / "new.zarr"  # killed after the root attributes, before every array existed
+    StoreWriter.open(new_kill, CONFIG, SIZE, 1.25).close()
+    for name in ("labels", "meta", "native"):
+        shutil.rmtree(new_kill / name)
+    for path in (old_kill, new_kill):
+        writer = StoreWriter.open(path, CONFIG, SIZE, 1.25)
+        writer.append(make_record("A"))
+        writer.finalize()
+        assert validate_store(path, progress=False) == [], path
+        assert SliceStore.open(path).read_images([0]).shape == (1, SIZE, SIZE)
+    foreign = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w-")
+    foreign.create_array("other", shape=(0,), dtype="int8", chunks=(4,))
+    with pytest.raises(StoreError, match="foreign.zarr: exists and is not an sspctl store"):
+        StoreWriter.open(tmp_path / "foreign.zarr", CONFIG, SIZE, 1.25)
+    assert not (tmp_path / "foreign.zarr" / LOCK_NAME).exists()
+
+
+def test_merge_skipped_keeps_earlier_runs() -> None:
+    earlier = [{"dataset": "mnms", "subject_id": "A", "reason": "a1"}, {"dataset": "mnms", "subject_id": "B", "reason": "b"}]
+    now = [{"dataset": "mnms2", "subject_id": "C", "reason": "c"}, {"dataset": "mnms", "subject_id": "A", "reason": "a2"}]
+    merged = merge_skipped(earlier, now, committed={("mnms", "B")})
+    assert merged == [{"dataset": "mnms", "subject_id": "A", "reason": "a2"}, {"dataset": "mnms2", "subject_id": "C", "reason": "c"}]
