@@ -47,6 +47,20 @@ def _dice(method: str, budget: str, seed: int) -> np.ndarray:
     return np.clip(rng.normal(0.8 + shift, 0.05, size=(len(SUBJECTS), len(PHASES), len(CLASSES))), 0, 1)
 
 
+def _log_results(tracking, run_id: str, values: np.ndarray, folder: Path) -> Path:
+    """Log ``values`` (subject, phase, class) as the cell's per-subject CSV and its mean Dice."""
+    rows = [
+        {"subject_id": s, "phase": p, "class": c, "dice": values[i, j, k]}
+        for i, s in enumerate(SUBJECTS) for j, p in enumerate(PHASES) for k, c in enumerate(CLASSES)
+    ]
+    csv = folder / PER_SUBJECT_ARTIFACT
+    csv.parent.mkdir()
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    tracking.client.log_artifact(run_id, str(csv))
+    tracking.client.log_metric(run_id, "test_dice_mean", float(values.mean()))
+    return csv
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
     """A study with 2 methods x 2 budgets x 2 seeds finished cells, one unfinished cell, one overlay."""
@@ -70,16 +84,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
                 run_id = cell_run(tracking, name, parent, tags={"method": method, "budget": budget, "seed": str(seed)})
                 values = _dice(method, budget, seed)
                 data[(method, budget, seed)] = values
-                rows = [
-                    {"subject_id": s, "phase": p, "class": c, "dice": values[i, j, k]}
-                    for i, s in enumerate(SUBJECTS) for j, p in enumerate(PHASES) for k, c in enumerate(CLASSES)
-                ]
-                csv = tmp / name / PER_SUBJECT_ARTIFACT
-                csv.parent.mkdir()
-                pd.DataFrame(rows).to_csv(csv, index=False)
-                client = tracking.client
-                client.log_artifact(run_id, str(csv))
-                client.log_metric(run_id, "test_dice_mean", float(values.mean()))
+                csv = _log_results(tracking, run_id, values, tmp / name)
                 if (method, budget, seed) == ("simclr", "10", 0):
                     import matplotlib
 
@@ -89,7 +94,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
                     fig = plt.figure(figsize=(1, 1))
                     fig.savefig(csv.parent / "overlay.png")
                     plt.close(fig)
-                    client.log_artifact(run_id, str(csv.parent / "overlay.png"), "outputs")
+                    tracking.client.log_artifact(run_id, str(csv.parent / "overlay.png"), "outputs")
                 set_status(tracking, run_id, "FINISHED")
     cell_run(tracking, "ft-scratch-b15-s0-00000000", parent, tags={"method": "scratch", "budget": "15", "seed": "0"})
     return ws, data
@@ -193,15 +198,7 @@ def _log_grid(tracking, grid_id: str, dataset_hash: str, offset: float, tmp: Pat
                               tags={"method": method, "budget": "10", "seed": str(seed), "dataset_hash": dataset_hash})
             values = np.clip(_dice(method, "10", seed) + offset, 0, 1)
             data[(method, seed)] = values
-            rows = [
-                {"subject_id": s, "phase": p, "class": c, "dice": values[i, j, k]}
-                for i, s in enumerate(SUBJECTS) for j, p in enumerate(PHASES) for k, c in enumerate(CLASSES)
-            ]
-            csv = tmp / name / PER_SUBJECT_ARTIFACT
-            csv.parent.mkdir()
-            pd.DataFrame(rows).to_csv(csv, index=False)
-            tracking.client.log_artifact(run_id, str(csv))
-            tracking.client.log_metric(run_id, "test_dice_mean", float(values.mean()))
+            _log_results(tracking, run_id, values, tmp / name)
             set_status(tracking, run_id, "FINISHED")
     return parent, data
 
