@@ -264,7 +264,7 @@ def random_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range: Ra
     if not bool(apply.any()):
         return x
     out = x.clone()
-    out[apply] = gaussian_blur(x[apply], sigma[apply])
+    out[apply] = gaussian_blur(x[apply], sigma[apply]).to(out.dtype)  # autocast may return bf16/fp16
     return out
 
 
@@ -306,8 +306,17 @@ def solarize(x: torch.Tensor, gen: torch.Generator, p: float, threshold: float) 
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """The full chain of the module docstring: ``(B, 1, H, W)`` -> ``(B, 1, H * crop_fraction, ...)``."""
+    """The full chain of the module docstring: ``(B, 1, H, W)`` -> ``(B, 1, H * crop_fraction, ...)``.
+
+    Runs with autocast off, in ``x``'s dtype: the train loops call it inside their autocast region,
+    where the blur's convolution would otherwise return bf16/fp16 into the fp32 batch.
+    """
     _check(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _augment_chain(x, cfg, gen)
+
+
+def _augment_chain(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     x = random_affine(x, gen, cfg)
     x = gaussian_noise(x, gen, cfg.noise_p, cfg.noise_std_max)
     x = random_blur(x, gen, cfg.smooth_p, cfg.smooth_sigma)
