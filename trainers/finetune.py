@@ -248,14 +248,18 @@ def poly_factor(epochs: int, power: float) -> Any:
 
 def train_step(
     net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, image: torch.Tensor,
-    label: torch.Tensor, frozen: list[nn.Parameter] | None = None,
+    label: torch.Tensor, frozen: list[nn.Parameter] | None = None, amp_dtype: torch.dtype | None = None,
 ) -> float:
     """One SGD step on ``image`` ``(B, 1, H, W)`` / ``label`` ``(B, H, W)``; returns the loss value.
 
     Parameters in ``frozen`` lose their gradient before the step, so SGD leaves them (and their
     momentum and weight decay) untouched, as with ``requires_grad=False`` in the published code.
+    With ``amp_dtype`` (bf16) the forward pass and loss run under autocast; the backward does not.
     """
-    loss = loss_fn(net(image, deep_supervision=True), label)
+    from trainers.pretrain import autocast
+
+    with autocast(image.device, amp_dtype):
+        loss = loss_fn(net(image, deep_supervision=True), label)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for p in frozen or ():
@@ -289,7 +293,9 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     from datastore.splits import load_split
     from datastore.store import SliceStore
     from trainers.losses.segmentation import SegmentationLoss
-    from trainers.pretrain import RuntimeOptions, augmentation_seed, per_rank_batch, select_device, wrap_model
+    from trainers.pretrain import (
+        RuntimeOptions, augmentation_seed, per_rank_batch, resolve_precision, select_device, wrap_model,
+    )
 
     rank, world_size, in_ray = _ray_context()
     config = FinetuneConfig.model_validate(loop_config["config"])
@@ -323,7 +329,8 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = config.iterations_per_epoch or len(train_loader)
 
     model, load_report = build_model(image_size, config)
-    net, modules = wrap_model(model, device, world_size, options)
+    net, modules = wrap_model(model, device, world_size, options, channels_last=config.channels_last)
+    amp_dtype, _ = resolve_precision(config.precision, device, options.cpu_fp32)
     optimizer = torch.optim.SGD(modules.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_factor(config.epochs, config.poly_power))
@@ -374,8 +381,10 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             image, label = data["image"].to(device), data["label"].to(device)
             if config.augment_enabled:
                 image, label = augment_pair(image, label, config.augment, generator)
+            if config.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
             frozen = frozen_params if epoch < config.frozen_encoder_epochs else []
-            loss = train_step(net, optimizer, loss_fn, image, label, frozen)
+            loss = train_step(net, optimizer, loss_fn, image, label, frozen, amp_dtype)
             global_step += 1
             loss_sum += torch.tensor([loss, 1.0], dtype=torch.float64)
         scheduler.step()

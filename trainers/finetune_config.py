@@ -57,6 +57,10 @@ class FinetuneConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="model input edge (px); None = the store's; must match it")
     val_every: int = Field(1, ge=1, description="validate every k epochs (and after the last)")
     eval_checkpoint: Literal["last", "best"] = "last"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 as published; bf16 autocast on GPU for speed (CPU always runs fp32)"
+    )
+    channels_last: bool = Field(False, description="NHWC memory format for model and batches (faster convs on GPU)")
 
     @model_validator(mode="after")
     def _weights_match_method(self) -> "FinetuneConfig":

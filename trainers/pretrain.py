@@ -133,7 +133,7 @@ def select_device() -> torch.device:
 
         return ray.train.torch.get_device()
     except Exception:  # noqa: BLE001 - outside a Ray Train worker
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: torch.device, cpu_fp32: bool = True) -> tuple[torch.dtype | None, bool]:
