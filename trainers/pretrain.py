@@ -372,7 +372,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     method = build_method(config)
     model, modules = wrap_model(method.modules, device, world_size, options,
                                 channels_last=config.channels_last, compile=config.compile, method=method)
-    _move_method_state(method, device)
+    _move_method_state(method, device, config.channels_last)
     optimizer = config.build_optimizer(modules)
     amp_dtype, use_scaler = resolve_precision(config.precision, device, options.cpu_fp32)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -493,11 +493,11 @@ def _in_ray_worker() -> bool:
         return False
 
 
-def _move_method_state(method: Any, device: torch.device) -> None:
+def _move_method_state(method: Any, device: torch.device, channels_last: bool = False) -> None:
     """Move method state outside ``modules`` (DINO teacher and centre) to ``device`` if the method allows."""
     to = getattr(method, "to", None)
     if callable(to):
-        to(device)
+        to(device, channels_last=channels_last)
 
 
 def export_weights(

@@ -143,7 +143,7 @@ def _setup(config: PretrainConfig, device: torch.device):
     method = build_method(config)
     model, modules = wrap_model(method.modules, device, 1, RuntimeOptions(cpu_fp32=False),
                                 channels_last=config.channels_last, compile=config.compile, method=method)
-    _move_method_state(method, device)
+    _move_method_state(method, device, config.channels_last)
     optimizer = config.build_optimizer(modules)
     return method, model, modules, optimizer
 
@@ -207,8 +207,9 @@ def test_bf16_channels_last_step_is_finite_and_matches_fp32(name: str, device: s
         method, model, modules, optimizer = _setup(config, dev)
         amp_dtype, use_scaler = resolve_precision(precision, dev, cpu_fp32=False)
         assert amp_dtype == (torch.bfloat16 if precision == "bf16" else None) and not use_scaler
-        if channels_last:  # wrap_model converted every conv weight to NHWC
-            for pname, p in modules.named_parameters():
+        if channels_last:  # wrap_model converted every conv weight to NHWC (and the DINO teacher's)
+            teacher = getattr(method, "teacher", nn.Identity())
+            for pname, p in [*modules.named_parameters(), *teacher.named_parameters(prefix="teacher")]:
                 if p.ndim == 4:
                     assert p.is_contiguous(memory_format=torch.channels_last), pname
         seen: list[torch.dtype] = []

@@ -94,9 +94,14 @@ class DINO:
         locals_ = torch.cat([augment(x, self.cfg.local, generator) for _ in range(self.cfg.n_local_crops)])
         return globals_, locals_
 
-    def to(self, device: torch.device | str) -> DINO:
-        """Move the state outside ``modules`` (teacher, centre) to ``device``; ``modules`` is the loop's job."""
+    def to(self, device: torch.device | str, channels_last: bool = False) -> DINO:
+        """Move the state outside ``modules`` (teacher, centre) to ``device``; ``modules`` is the loop's job.
+
+        With ``channels_last`` the teacher's weights take the NHWC layout the student has.
+        """
         self.teacher.to(device)
+        if channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
         self.center = self.center.to(device)
         return self
 
