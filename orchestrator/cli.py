@@ -39,6 +39,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # "Creating initial MLflow database tables..." on every new sqlite backend
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":
