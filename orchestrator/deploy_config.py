@@ -233,7 +233,10 @@ class NetworkPeer(_Frozen):
     pod_labels: dict[str, str] | None = Field(None, description="Labels the source pods carry.")
     cidr: str | None = Field(None, description="IP range, e.g. 10.0.0.0/8; not combinable with the others.")
 
-    _v_labels = field_validator("pod_labels")(classmethod(lambda cls, v: v if v is None else _labels(v)))
+    @field_validator("pod_labels")
+    @classmethod
+    def _pod_labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return value if value is None else _labels(value)
 
     @field_validator("namespace")
     @classmethod
