@@ -11,7 +11,7 @@ method, model, global batch and data:
 Both run ``--epochs`` epochs of ``--steps`` steps; epoch 0 is warm-up (cache fill, allocator), the
 steady state is the median slices/s of the later epochs. ``ratios.ray_vs_plain`` = ray / plain
 (target >= 0.95); ``startup_s`` is reported separately (Ray start + worker group + first epoch
-set-up). The Ray worker gets all the machine's CPUs, the same threads as the plain loop.
+set-up). The Ray worker gets ``--cpus`` CPUs (default all), the plain loop as many torch threads.
 
 ``--device cuda`` times the paper-size U-Net (256 x 256, deep supervision, 33.5 M parameters) on
 synthetic on-device batches, so only the step is measured: our recipe (bf16 autocast,
@@ -72,8 +72,8 @@ def bench_config(method: str, image_size: int, batch: int, epochs: int, steps: i
     return config
 
 
-def plain_loop(store: str, config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Bare single-process loop; per-epoch slices/s."""
+def plain_loop(store: str, config_dict: dict[str, Any], cpus: int) -> dict[str, Any]:
+    """Bare single-process loop with ``cpus`` torch threads; per-epoch slices/s."""
     import torch
 
     from datastore.loader import SliceLoader
@@ -81,7 +81,7 @@ def plain_loop(store: str, config_dict: dict[str, Any]) -> dict[str, Any]:
     from trainers.pretrain import augmentation_seed, build_method
 
     config = PretrainConfig.model_validate(config_dict)
-    torch.set_num_threads(os.cpu_count() or 1)  # what the Ray worker gets (it reserves every CPU)
+    torch.set_num_threads(cpus)  # what the Ray worker gets (Ray sets its threads to its CPUs)
     loader = SliceLoader(store, None, batch_size=config.batch_size, seed=config.seed, progress=False)
     torch.manual_seed(config.seed)
     method = build_method(config)
@@ -106,8 +106,8 @@ def plain_loop(store: str, config_dict: dict[str, Any]) -> dict[str, Any]:
     return {"epoch_slices_per_s": rates, "threads": torch.get_num_threads()}
 
 
-def ray_path(store: str, config_dict: dict[str, Any], workspace: Path) -> dict[str, Any]:
-    """The real ``sspctl pretrain --workers 1`` path; per-epoch slices/s from the run's events."""
+def ray_path(store: str, config_dict: dict[str, Any], workspace: Path, cpus: int) -> dict[str, Any]:
+    """The real ``sspctl pretrain --workers 1`` path (one worker of ``cpus`` CPUs); per-epoch slices/s."""
     import yaml
 
     from orchestrator.pretrain_launch import PretrainRequest, launch_pretrain
@@ -119,7 +119,7 @@ def ray_path(store: str, config_dict: dict[str, Any], workspace: Path) -> dict[s
     config_file.write_text(yaml.safe_dump(config_dict))
     request = PretrainRequest(
         method=config_dict["method"]["name"], store=store, workspace=Workspace.resolve(workspace),
-        config_file=config_file, workers=1, gpus_per_worker=0.0, cpus_per_worker=float(os.cpu_count() or 1),
+        config_file=config_file, workers=1, gpus_per_worker=0.0, cpus_per_worker=float(cpus),
     )
     started = time.time()
     outcome = launch_pretrain(request, echo=lambda _: None, progress=False)
@@ -145,12 +145,12 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         store = build_store(root / "data", args.image_size, args.subjects)
         build_s = time.perf_counter() - t0
         config = bench_config(args.method, args.image_size, args.batch, args.epochs, args.steps)
-        plain = plain_loop(store, config)
-        ray = ray_path(store, config, root / "ws")
+        plain = plain_loop(store, config, args.cpus)
+        ray = ray_path(store, config, root / "ws", args.cpus)
     plain_steady, ray_steady = steady(plain["epoch_slices_per_s"]), steady(ray["epoch_slices_per_s"])
     return {
         "benchmark": "train_step", "device": "cpu", "method": args.method, "image_size": args.image_size,
-        "global_batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
+        "global_batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs, "cpus": args.cpus,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_1min": round(os.getloadavg()[0], 1)},
         "store_build_s": round(build_s, 2),
@@ -278,6 +278,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="cpu: steps per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="cpu: epochs (the first is warm-up)")
     parser.add_argument("--subjects", type=int, default=6, help="cpu: phantom subjects in the store")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
+                        help="cpu: torch threads of the plain loop = CPUs of the Ray worker (default: all)")
     args = parser.parse_args()
     result = run_cuda(args) if args.device == "cuda" else run_cpu(args)
     print(json.dumps(result, indent=2))
