@@ -27,7 +27,7 @@
 #   - the tests: pytest, torch, numpy (tests/trainers/test_augment.py, trainers.checkpoint),
 #     pydantic (configs), monai (U-Net blocks, DiceCELoss); trainers.* and datastore.conventions
 #     (pure python) from the repo. Nothing imports ray, zarr, mlflow, tensorstore or the orchestrator;
-#     tests/ has no conftest.py, so collection imports only the two test files named above.
+#     tests/conftest.py imports only torch and pytest, so collection imports nothing else.
 # Wheels to carry (versions = the project's venv, within pyproject's pins):
 #   monai-1.6.1-py3-none-any.whl                     (pin monai>=1.6.1,<1.7)
 #   pydantic-2.14.4-py3-none-any.whl                 (pin pydantic>=2.8,<3)

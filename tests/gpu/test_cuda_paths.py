@@ -84,13 +84,7 @@ LOSS_RTOL = {"simclr": 1e-2, "pcl": 1e-2, "dino": 5e-2, "mim": 1e-2}
 GRAD_COSINE_MIN = 0.7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded on the shared 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------

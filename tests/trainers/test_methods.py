@@ -26,13 +26,7 @@ def _config(name: str, lr: float | None = None, **method: object) -> PretrainCon
     return PretrainConfig.model_validate(data)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(b: int = 4) -> dict[str, torch.Tensor]:
