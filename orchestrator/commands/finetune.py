@@ -6,6 +6,7 @@ Heavy imports (Ray, MLflow, torch, matplotlib) happen inside the commands.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -98,7 +99,9 @@ def report(
     study: str = typer.Option(..., "--study", help="MLflow experiment name of the study (as given to finetune)."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root holding the MLflow db. Default: $SSPCTL_HOME or ./runs."),
     report_dir: Path | None = typer.Option(
-        None, "--report-dir", help="Where to write report.md/.html, CSVs and plots. Default: <output>/reports/<study>/."
+        None, "--report-dir",
+        help="Where to write report.md/.html, CSVs and plots. Default: <output>/reports/<study>/ "
+        "(<output>/reports/<study>/<grid>/ with --grid, so reports of other grids do not overwrite it).",
     ),
     grid: str | None = typer.Option(
         None, "--grid",
@@ -114,6 +117,8 @@ def report(
 
     workspace = Workspace.resolve(output)
     target = report_dir or workspace.root / "reports" / study
+    if report_dir is None and grid:
+        target = target / re.sub(r"[^A-Za-z0-9._-]", "_", grid.strip())
     try:
         result = build_report(study, workspace.tracking_uri, target, log_to_mlflow=not no_log, grid=grid)
     except ReportError as exc:

@@ -268,6 +268,13 @@ def test_cli_grid_option(two_grids, tmp_path: Path) -> None:
     lv = next(r for r in rows if r["method"] == "scratch" and r["class"] == "LV")
     assert lv["dice_mean"] == pytest.approx(np.stack([data_a[("scratch", s)] for s in SEEDS])[..., 0].mean())
     assert "grid grid-ga" in result.stderr and "dataset aaaaaaaa" in result.stderr
+    # without --report-dir: the latest grid's report in reports/<study>/, a chosen grid's in a folder of its own
+    latest = runner.invoke(app, base)
+    chosen = runner.invoke(app, [*base, "--grid", "grid-ga"])
+    assert latest.exit_code == 0 and chosen.exit_code == 0, latest.output + chosen.output
+    reports = ws.root / "reports" / "s2"
+    assert "grid-gb" in (reports / "report.md").read_text()
+    assert "grid-ga" in (reports / "grid-ga" / "report.md").read_text()
     unknown = runner.invoke(app, [*base, "--grid", "nope"])
     assert unknown.exit_code == 1
     assert "grid 'nope' not found" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
