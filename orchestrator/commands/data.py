@@ -33,7 +33,7 @@ def ingest(
 ) -> None:
     """Read M&Ms / M&Ms-2 subjects, preprocess them in Ray tasks and append them to a Zarr v3 store.
 
-    Resumable: rerunning after a crash or kill finishes the missing subjects; rerunning a finished ingest does nothing.
+    Resumable: rerunning after a crash or kill finishes the missing subjects; rerunning a finished ingest does nothing. A rerun whose source files changed since they were ingested is refused (use a new --store path), and one ingest at a time may write a local store (a second one exits 2 naming the first).
 
     Unusable subjects are skipped with a one-line reason; the command ingests the rest and exits 1 (exit 2: nothing could be done). Layout: docs/store.md.
     """
