@@ -6,7 +6,8 @@ so the same code runs on CPU in tests and on CUDA in production. Per-pixel noise
 device generator seeded from the given one, so a run is deterministic for a given generator
 state *and device* (CPU and CUDA streams differ).
 
-Order (``augment``), each op applied per image with its probability from ``AugmentConfig``:
+Order (``augment``; ``augment_pair`` for image + label batches), each op applied per image with its
+probability from ``AugmentConfig``:
 
 1. ``random_affine``: one sampling grid built by broadcasting, one **bicubic** ``grid_sample``
    (the published resampler: images bicubic, labels nearest, spec §2.1).
@@ -264,7 +265,7 @@ def random_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range: Ra
     if not bool(apply.any()):
         return x
     out = x.clone()
-    out[apply] = gaussian_blur(x[apply], sigma[apply]).to(out.dtype)  # autocast may return bf16/fp16
+    out[apply] = gaussian_blur(x[apply], sigma[apply])
     return out
 
 
@@ -313,11 +314,27 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     """
     _check(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _augment_chain(x, cfg, gen)
+        return _intensity_chain(random_affine(x, gen, cfg), cfg, gen)
 
 
-def _augment_chain(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    x = random_affine(x, gen, cfg)
+def augment_pair(
+    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a labelled batch: ``image`` ``(B, 1, H, W)`` float, ``label`` ``(B, H, W)`` integer.
+
+    The geometric transform is drawn once and applied to the image (bicubic) and to the label map
+    (nearest neighbour, 0 = background outside the input), as the published resampler (spec §2.1);
+    then the intensity ops of ``augment`` act on the image only. Same draws, in the same order, as
+    ``augment``; autocast off as there. Returns the image and an int64 label of the input shapes.
+    """
+    _check(image)
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        image, label = random_affine_pair(image, label.long(), gen, cfg)
+        return _intensity_chain(image, cfg, gen), label
+
+
+def _intensity_chain(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Steps 2-7 of the module docstring (everything after the affine warp)."""
     x = gaussian_noise(x, gen, cfg.noise_p, cfg.noise_std_max)
     x = random_blur(x, gen, cfg.smooth_p, cfg.smooth_sigma)
     x = scale_intensity(x, gen, cfg.scale_intensity_p, cfg.scale_intensity_range)

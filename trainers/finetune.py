@@ -8,7 +8,7 @@ One call is one rank of a data-parallel run (method-spec section 5):
   over those slices, or exactly ``iterations_per_epoch`` steps when set (cycling the slices, as
   nnU-Net does). Validation reads the split's
   ``valid`` subjects in store order without augmentation.
-* **Augmentation.** ``augment_pair``: the random affine of ``trainers/augment.py`` applied with the
+* **Augmentation.** ``trainers.augment.augment_pair``: the random affine applied with the
   same parameters to the image (bicubic) and to the label map (nearest neighbour), as the
   published resampler, then the intensity chain on the image only.
 * **Model.** ``UNet2d(image_size, 4)`` with deep supervision; pretrained weights (if any) are loaded
@@ -54,10 +54,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainers.augment import AugmentConfig, adjust_gamma, gaussian_noise, random_affine_pair, random_blur
-from trainers.augment import scale_intensity, shift_intensity
+from trainers.augment import augment_pair
 from trainers.checkpoint import TrainState, capture_rng, restore_rng, resume_state, save_checkpoint
 from trainers.finetune_config import FinetuneConfig
+from trainers.pretrain import autocast
 from trainers.tracking import NullTracker, Tracker
 
 log = logging.getLogger("sspctl.finetune")
@@ -70,30 +70,6 @@ MODEL_FORMAT = 1
 
 class FinetuneError(ValueError):
     """The cell cannot run with this configuration or data; one line naming the key or file."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Augmentation of image + label pairs
-# ----------------------------------------------------------------------------------------------
-
-
-def augment_pair(
-    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a labelled batch: ``image`` ``(B, 1, H, W)`` float, ``label`` ``(B, H, W)`` int64.
-
-    The geometric transform is drawn once (from ``gen``) and applied to the image (bicubic) and to
-    the label map (nearest neighbour, 0 = background outside the input), as the published resampler
-    (spec §2.1). Then noise, blur, intensity scale, shift and gamma act on the image only. Returns
-    tensors of the input shapes.
-    """
-    out_image, out_label = random_affine_pair(image, label.long(), gen, cfg)
-    x = gaussian_noise(out_image, gen, cfg.noise_p, cfg.noise_std_max)
-    x = random_blur(x, gen, cfg.smooth_p, cfg.smooth_sigma)
-    x = scale_intensity(x, gen, cfg.scale_intensity_p, cfg.scale_intensity_range)
-    x = shift_intensity(x, gen, cfg.shift_p, cfg.shift_range)
-    x = adjust_gamma(x, gen, cfg.gamma_p, cfg.gamma_range)
-    return x, out_label
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +232,6 @@ def train_step(
     momentum and weight decay) untouched, as with ``requires_grad=False`` in the published code.
     With ``amp_dtype`` (bf16) the forward pass and loss run under autocast; the backward does not.
     """
-    from trainers.pretrain import autocast
-
     with autocast(image.device, amp_dtype):
         loss = loss_fn(net(image, deep_supervision=True), label)
     optimizer.zero_grad(set_to_none=True)
@@ -461,5 +435,5 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-__all__ = ["BEST_FILE", "MODEL_FILE", "MODEL_META", "FinetuneError", "augment_pair", "build_model",
+__all__ = ["BEST_FILE", "MODEL_FILE", "MODEL_META", "FinetuneError", "build_model",
            "finetune_worker", "poly_factor", "save_model_dir", "train_step", "validate"]

@@ -6,7 +6,7 @@ so that the logic is exercised in CI. On CPU mixed precision is forced with
 
 The steps use the loop's own pieces (``trainers.pretrain.build_method``, ``wrap_model`` with
 ``world_size=1``, ``resolve_precision``, ``autocast``, ``PretrainConfig.build_optimizer`` /
-``apply_schedule``; ``trainers.finetune.build_model`` / ``augment_pair`` / ``train_step``) on
+``apply_schedule``; ``trainers.finetune.build_model`` / ``train_step``, ``trainers.augment.augment_pair``) on
 synthetic batches, in the order of ``pretrain_worker``'s step. Sizes are tiny (64 px, U-Net width 8,
 batch 4) so the CPU variants finish in seconds on 2 cores.
 
@@ -30,6 +30,7 @@ from trainers.augment import (
     AugmentConfig,
     adjust_gamma,
     augment,
+    augment_pair,
     gaussian_noise,
     patch_mask,
     random_affine_pair,
@@ -37,7 +38,7 @@ from trainers.augment import (
     scale_intensity,
     shift_intensity,
 )
-from trainers.finetune import augment_pair, build_model, train_step
+from trainers.finetune import build_model, train_step
 from trainers.finetune_config import FinetuneConfig
 from trainers.losses.segmentation import SegmentationLoss
 from trainers.methods import METHODS, PretrainConfig
@@ -437,6 +438,12 @@ def test_augmentation_runs_inside_autocast(device: str, dtype: torch.dtype) -> N
         out = augment(x, cfg, torch.Generator().manual_seed(0))
     assert out.dtype == x.dtype
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    image, label = (t.to(dev) for t in _labelled())
+    ref_pair = augment_pair(image, label, cfg, torch.Generator().manual_seed(0))
+    with autocast(dev, dtype):
+        out_pair = augment_pair(image, label, cfg, torch.Generator().manual_seed(0))
+    assert out_pair[0].dtype == image.dtype and torch.equal(out_pair[1], ref_pair[1])
+    torch.testing.assert_close(out_pair[0], ref_pair[0], atol=5e-2, rtol=5e-2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from trainers.augment import AugmentConfig
-from trainers.finetune import augment_pair, build_model, poly_factor, train_step
+from trainers.augment import AugmentConfig, augment_pair
+from trainers.finetune import build_model, poly_factor, train_step
 from trainers.finetune_config import FinetuneConfig
 from trainers.models.unet import UNet2d
 from trainers.weights import PartMismatchError, save_weights
