@@ -1,4 +1,9 @@
-"""The fine-tuning grid: methods x label budgets x seeds as a Ray Tune experiment.
+"""The fine-tuning grid: arms x label budgets x subset seeds x training seeds as a Ray Tune experiment.
+
+An arm is an initialisation (scratch, an SSP method, or a control: ``orchestrator/arms.py``). The
+subset seed chooses which subjects a budget labels (shared by every arm, as published); the
+training seed drives initialisation, data order and augmentation, so several training seeds give
+the replicate runs that the report's statistics need (``orchestrator/stats.py``).
 
 Each grid cell is one Tune trial whose function builds a ``TorchTrainer`` (so a cell can use K DDP
 workers and a fraction of a GPU) running ``trainers.finetune.finetune_worker``. Tune is FIFO with no
@@ -8,7 +13,7 @@ Resume (see docs/finetuning.md): a cell is complete when its completion marker
 ``<workspace>/finetune/<study>/<cell>/complete.json`` exists *and* its MLflow child run is FINISHED
 with ``test_dice_mean``. Complete cells are skipped before Tune starts; the remaining cells run in a
 fresh ``Tuner`` (the pending set differs from run to run, which ``Tuner.restore`` cannot express),
-and each cell's Train run, named deterministically ``ft-{method}-b{budget}-s{seed}-{hash8}`` on the
+and each cell's Train run, named deterministically ``ft-{arm}-b{budget}-s{seed}-t{train_seed}-{hash8}`` on the
 workspace's storage path, resumes from its own last checkpoint.
 """
 
@@ -26,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.arms import ARMS, INIT_KINDS, SCRATCH, SUPERVISED, Arm, arm_order, unknown_arms
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     PER_SUBJECT_ARTIFACT,
@@ -42,9 +48,8 @@ from orchestrator.workspace import Workspace
 
 log = logging.getLogger("sspctl.grid")
 
-SCRATCH = "scratch"
-#: Initialisations the grid knows: training from scratch and the four SSP methods.
-KNOWN_METHODS = (SCRATCH, "simclr", "pcl", "dino", "mim")
+#: Arms the grid knows (``orchestrator/arms.py``): scratch, the four SSP methods, mim-encdec, the controls.
+KNOWN_METHODS = tuple(ARMS)
 MARKER_NAME = "complete.json"
 #: Logical CPUs the Tune driver function of a trial holds (it only waits on its TorchTrainer).
 DRIVER_CPUS = 0.01
@@ -61,9 +66,15 @@ class GridSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    methods: tuple[str, ...] = Field(description="initialisations; 'scratch' is always included")
+    methods: tuple[str, ...] = Field(description="arms (orchestrator/arms.py); 'scratch' is always included")
     budgets: tuple[Budget, ...] = Field(description="labelled training subjects per cell, or 'all'")
-    seeds: tuple[int, ...] = Field(description="label-subset / training seeds")
+    seeds: tuple[int, ...] = Field(description="subset seeds: which subjects a budget labels (shared by all arms)")
+    train_seeds: tuple[int, ...] = Field(
+        (0,), description="training seeds: replicate runs per arm, budget and subset seed (init, order, augmentation)"
+    )
+    replicated_budgets: tuple[Budget, ...] | None = Field(
+        None, description="budgets that get every training seed; the others get the first only (None: all budgets)"
+    )
     workers_per_trial: int = Field(1, ge=1, description="Ray Train (DDP) workers per cell")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
@@ -72,13 +83,12 @@ class GridSpec(BaseModel):
     @field_validator("methods")
     @classmethod
     def _methods_known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [m for m in value if m not in KNOWN_METHODS]
+        unknown = unknown_arms(value)
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(KNOWN_METHODS)})")
-        ordered = [SCRATCH] + [m for m in KNOWN_METHODS if m != SCRATCH and m in value]
-        return tuple(ordered)
+        return tuple(sorted(dict.fromkeys([SCRATCH, *value]), key=arm_order))
 
-    @field_validator("budgets", "seeds")
+    @field_validator("budgets", "seeds", "train_seeds")
     @classmethod
     def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
         if not value:
@@ -86,6 +96,12 @@ class GridSpec(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("has duplicates")
         return value
+
+    def train_seeds_for(self, budget: Budget) -> tuple[int, ...]:
+        """The training seeds of ``budget``: all of them, or the first only outside ``replicated_budgets``."""
+        if self.replicated_budgets is None or budget in self.replicated_budgets:
+            return self.train_seeds
+        return self.train_seeds[:1]
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,10 @@ class PretrainedRun:
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: an initialisation, a label budget and a seed, with its deterministic name."""
+    """One grid cell: an arm, a label budget, a subset seed and a training seed, with its deterministic name.
+
+    ``method`` is the arm's name (the report's row); ``train_seed`` already includes the arm's offset.
+    """
 
     method: str
     budget: Budget
@@ -115,13 +134,28 @@ class Cell:
     name: str
     config: dict[str, Any]
     pretrained: PretrainedRun | None = None
+    train_seed: int = 0
+
+    @property
+    def arm(self) -> Arm:
+        return ARMS[self.method]
 
     @property
     def tags(self) -> dict[str, str]:
+        weights_sha = ""
+        if self.pretrained is not None:
+            part = self.config.get("part", "encoder")
+            weights_sha = str(self.pretrained.manifest.get("sha256", {}).get(
+                self.pretrained.manifest.get("files", {}).get(part, ""), ""))
         return {
             "method": self.method,
             "budget": str(self.budget),
             "seed": str(self.seed),
+            "subset_seed": str(self.seed),
+            "train_seed": str(self.train_seed),
+            "arm_role": self.arm.role,
+            "init_part": str(self.config.get("part", "")) if self.pretrained else "",
+            "init_weights_sha256": weights_sha,
             "pretrain_run_id": self.pretrained.mlflow_run_id if self.pretrained else "",
         }
 
@@ -174,14 +208,16 @@ def parse_budgets(text: str) -> tuple[Budget, ...]:
     return tuple(budgets)
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``; raises ``GridError`` naming ``--seeds``."""
+def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; raises ``GridError`` naming ``flag``."""
     try:
         seeds = tuple(int(item) for item in _split_list(text))
     except ValueError:
-        raise GridError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+        raise GridError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
     if not seeds:
-        raise GridError("--seeds: empty list")
+        raise GridError(f"{flag}: empty list")
+    if len(set(seeds)) != len(seeds):
+        raise GridError(f"{flag}: {text!r} has duplicates")
     return seeds
 
 
@@ -193,8 +229,8 @@ def parse_pretrained(text: str | None) -> dict[str, str]:
         method, run = method.strip(), run.strip()
         if not sep or not method or not run:
             raise GridError(f"--pretrained: {item!r} is not METHOD=RUN")
-        if method not in KNOWN_METHODS or method == SCRATCH:
-            raise GridError(f"--pretrained: unknown SSP method {method!r} (known: {', '.join(KNOWN_METHODS[1:])})")
+        if method not in INIT_KINDS:
+            raise GridError(f"--pretrained: unknown SSP method {method!r} (known: {', '.join(INIT_KINDS)})")
         if method in mapping:
             raise GridError(f"--pretrained: method {method!r} given twice")
         mapping[method] = run
@@ -232,9 +268,9 @@ def resolve_pretrained(method: str, run: str | Path, workspace: Workspace) -> Pr
 # -- building the cells --------------------------------------------------------------------------
 
 
-def cell_name(method: str, budget: Budget, seed: int, digest: str) -> str:
+def cell_name(method: str, budget: Budget, seed: int, digest: str, train_seed: int = 0) -> str:
     """Deterministic name of a cell (Train run name, MLflow run name, output directory)."""
-    return f"ft-{method}-b{budget}-s{seed}-{digest}"
+    return f"ft-{method}-b{budget}-s{seed}-t{train_seed}-{digest}"
 
 
 def build_cells(
@@ -244,13 +280,15 @@ def build_cells(
     dataset_hash: str,
     split_digest: str,
 ) -> list[Cell]:
-    """Every cell of the grid (method-major, then budget, then seed) with its resolved config.
+    """Every cell of the grid (arm-major, then budget, subset seed, training seed) with its resolved config.
 
-    The 8-digit hash in a cell's name covers the dataset, the split file, the resolved base config
-    and the pretraining run, so a changed input makes a new cell instead of resuming a stale one.
+    ``pretrained`` maps a run kind (an SSP method or ``supervised``) to its run; an arm loads the
+    run of its ``init``. The 8-digit hash in a cell's name covers the dataset, the split file, the
+    resolved config (seeds included) and the pretraining run, so a changed input makes a new cell
+    instead of resuming a stale one.
 
     Raises:
-        GridError: a pretrained method lacks its run, or a cell's config does not validate.
+        GridError: a pretrained arm lacks its run, or a cell's config does not validate.
     """
     from orchestrator.configio import format_validation_error
     from pydantic import ValidationError
@@ -259,27 +297,32 @@ def build_cells(
 
     cells = []
     for method in spec.methods:
-        run = pretrained.get(method)
-        if method != SCRATCH and run is None:
-            raise GridError(f"--methods: {method!r} needs --pretrained {method}=RUN")
+        arm = ARMS[method]
+        run = pretrained.get(arm.init) if arm.pretrained else None
+        if arm.pretrained and run is None:
+            raise GridError(f"--methods: {method!r} needs --pretrained {arm.init}=RUN")
+        part = arm.part or base_config.get("part", "encoder")
         for budget in spec.budgets:
             for seed in spec.seeds:
-                config = dict(base_config)
-                part = config.get("part", "encoder") if method == "mim" else "encoder"
-                config.update(method=method, budget=budget, seed=seed, part=part,
-                              weights=str(run.path) if run else None)
-                try:
-                    resolved = FinetuneConfig.model_validate(config).model_dump(mode="json")
-                except ValidationError as exc:
-                    raise GridError(format_validation_error(exc, f"cell {method}/b{budget}/s{seed}")) from None
-                identity = {
-                    "dataset": dataset_hash,
-                    "split": split_digest,
-                    "config": {k: v for k, v in resolved.items() if k != "weights"},
-                    "pretrained": run.manifest if run else None,
-                }
-                name = cell_name(method, budget, seed, short_hash(identity))
-                cells.append(Cell(method, budget, seed, name, resolved, run))
+                for train_seed in spec.train_seeds_for(budget):
+                    config = dict(base_config)
+                    config.update(method=arm.init, budget=budget, seed=seed, part=part,
+                                  train_seed=train_seed + arm.train_seed_offset,
+                                  weights=str(run.path) if run else None)
+                    label = f"cell {method}/b{budget}/s{seed}/t{train_seed}"
+                    try:
+                        resolved = FinetuneConfig.model_validate(config).model_dump(mode="json")
+                    except ValidationError as exc:
+                        raise GridError(format_validation_error(exc, label)) from None
+                    identity = {
+                        "dataset": dataset_hash,
+                        "split": split_digest,
+                        "arm": method,
+                        "config": {k: v for k, v in resolved.items() if k != "weights"},
+                        "pretrained": run.manifest if run else None,
+                    }
+                    name = cell_name(method, budget, seed, short_hash(identity), resolved["train_seed"])
+                    cells.append(Cell(method, budget, seed, name, resolved, run, resolved["train_seed"]))
     return cells
 
 
@@ -481,6 +524,7 @@ def _trial_config(
         "method": cell.method,
         "budget": cell.budget,
         "seed": cell.seed,
+        "train_seed": cell.train_seed,
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "storage_path": storage_path,
@@ -523,7 +567,7 @@ def _inputs(store: str | Path, split: str | Path) -> tuple[str, str, str, int, s
 
 
 def _check_split(split_path: str, spec: GridSpec) -> None:
-    """Every (budget, seed) of the grid must exist in the split file."""
+    """Every (budget, subset seed) of the grid must exist in the split file."""
     from datastore.splits import load_split
 
     try:
@@ -564,6 +608,8 @@ def plan_grid(
     study: str | None = None,
     workspace: Workspace | None = None,
     max_failures: int = 1,
+    train_seeds: Sequence[int] = (0,),
+    replicated_budgets: Sequence[Budget] | None = None,
 ) -> GridPlan:
     """Validate the inputs, build the cells, find-or-create their MLflow runs, find what is complete.
 
@@ -583,6 +629,8 @@ def plan_grid(
     try:
         spec = GridSpec(
             methods=tuple(dict.fromkeys([SCRATCH, *chosen])), budgets=tuple(budgets), seeds=tuple(seeds),
+            train_seeds=tuple(train_seeds),
+            replicated_budgets=None if replicated_budgets is None else tuple(replicated_budgets),
             workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
             cpus_per_worker=cpus_per_worker, max_failures=max_failures,
         )
@@ -590,7 +638,8 @@ def plan_grid(
         raise GridError(format_validation_error(exc, "grid")) from None
     store_path, split_path, dataset_hash, image_size, split_digest = _inputs(store, split)
     _check_split(split_path, spec)
-    runs = {m: resolve_pretrained(m, r, workspace) for m, r in pretrained.items() if m in spec.methods}
+    needed = {ARMS[m].init for m in spec.methods}
+    runs = {m: resolve_pretrained(m, r, workspace) for m, r in pretrained.items() if m in needed}
     for run in runs.values():
         size = run.manifest.get("image_size")
         if size is not None and int(size) != image_size:
@@ -607,7 +656,9 @@ def plan_grid(
         tracking, grid_id,
         tags={"dataset_hash": dataset_hash, "split": split_path, "store": store_path},
         params={"methods": ",".join(spec.methods), "budgets": ",".join(map(str, spec.budgets)),
-                "seeds": ",".join(map(str, spec.seeds)), "base_config": dict(base)},
+                "seeds": ",".join(map(str, spec.seeds)), "train_seeds": ",".join(map(str, spec.train_seeds)),
+                "replicated_budgets": "all" if spec.replicated_budgets is None else ",".join(map(str, spec.replicated_budgets)),
+                "base_config": dict(base)},
     )
     skipped: dict[str, CellOutcome] = {}
     pending: list[dict[str, Any]] = []
@@ -642,16 +693,22 @@ def run_grid(
     num_cpus: int | None = None,
     max_failures: int = 1,
     progress: bool = True,
+    train_seeds: Sequence[int] = (0,),
+    replicated_budgets: Sequence[Budget] | None = None,
 ) -> GridOutcome:
     """Run (or resume) the fine-tuning grid and return every cell's outcome.
 
     Args:
         store: the Zarr slice store.
         split: the split YAML (``datastore/splits.py``).
-        budgets: labelled subjects per cell (or ``"all"``); seeds: subset/training seeds.
-        pretrained: method -> pretraining run directory or run name under ``<workspace>/pretrain/``.
-        methods: initialisations to run (default: scratch + every pretrained method); scratch is
-            always included.
+        budgets: labelled subjects per cell (or ``"all"``); seeds: subset seeds (which subjects a
+            budget labels); train_seeds: training seeds, the replicate runs of every arm x budget x
+            subset seed (``scratch-b`` adds its offset to each); replicated_budgets: the budgets
+            that get every training seed (default all; the others get the first only).
+        pretrained: run kind (SSP method or ``supervised``) -> pretraining run directory or run
+            name under ``<workspace>/pretrain/``. When the ``supervised`` arm is asked for without a
+            run, the positive-control model is trained first (``orchestrator/controls.py``).
+        methods: arms to run (default: scratch + every pretrained method); scratch is always included.
         workers_per_trial / gpus_per_trial / cpus_per_worker: resources of one cell.
         config: base ``FinetuneConfig`` keys (from ``--config`` and flags such as ``epochs``);
             ``image_size`` defaults to the store's. ``part`` applies to MIM only.
@@ -666,10 +723,20 @@ def run_grid(
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
     """
+    pretrained = dict(pretrained or {})
+    if methods and SUPERVISED in methods and SUPERVISED not in pretrained:
+        from orchestrator.controls import ensure_supervised_init
+
+        workspace = workspace or Workspace.resolve()
+        store_path, split_path, _, image_size, _ = _inputs(store, split)
+        pretrained[SUPERVISED] = ensure_supervised_init(
+            store_path, split_path, {"image_size": image_size, **dict(config or {})}, workspace, progress=progress
+        )
     plan = plan_grid(
         store, split, budgets, seeds, pretrained=pretrained, methods=methods,
         workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
-        config=config, study=study, workspace=workspace, max_failures=max_failures,
+        config=config, study=study, workspace=workspace, max_failures=max_failures, train_seeds=train_seeds,
+        replicated_budgets=replicated_budgets,
     )
     return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)
 

@@ -1,4 +1,4 @@
-"""The study report: the paper's table, Wilcoxon tests against scratch, plots, Markdown/CSV/HTML.
+"""The study report: the paper's table, comparisons with scratch that count training runs, plots, files.
 
 Input: the finished cell runs of **one** fine-tuning grid of an MLflow study (experiment) and their
 per-subject Dice tables (artifact ``per_subject_dice.csv``, rows ``subject_id, phase, class, dice``).
@@ -6,15 +6,21 @@ per-subject Dice tables (artifact ``per_subject_dice.csv``, rows ``subject_id, p
 - Grid: by default the study's most recent grid parent run (the one that started or ended last, so
   a resumed older grid counts as recent); ``grid=`` picks another by run name (``grid-{id}``), grid
   id or run id. Only that grid's child cells are read, so grids on another dataset or split never
-  mix into the table. Within the grid, a method x budget x seed counted twice (a rerun) counts once,
-  from the FINISHED run that ended last.
+  mix into the table. Within the grid, an arm x budget x subset seed x training seed counted twice
+  (a rerun) counts once, from the FINISHED run that ended last.
 
-- Table: for each method x budget and each class (LV, MYO, RV, and ``mean`` = mean of the three
-  classes per subject-phase), the mean and sample sd (ddof 1) of 3D Dice over all seeds and test
-  subject-phases, with ``n`` the number of values pooled.
-- Tests: for each budget and each method other than scratch, the per-(subject, phase) Dice averaged
-  over seeds is paired with scratch's and compared with ``scipy.stats.wilcoxon`` (two-sided). Too few
-  pairs or all-zero differences give no p-value and a note instead of an error.
+- Table: for each arm x budget and each class (LV, MYO, RV, and ``mean`` = mean of the three
+  classes per subject-phase), the mean over runs and test subject-phases, the sd of the per-run
+  means, and a 95% interval from the two-level (run, subject) model of ``orchestrator/stats.py``;
+  also the pooled sd over all values (``dice_sd``) as before.
+- Comparisons with scratch (``comparisons.csv``): the training run is the unit (``stats.compare_arms``),
+  paired by subset seed and test subjects; a test only with 3+ runs per arm, else "descriptive
+  only". Holm's correction over the whole table's primary family (class ``mean``, every arm and
+  budget) and separately over the per-class family. One sentence per arm and budget says what can
+  be concluded.
+- The published per-subject Wilcoxon (``wilcoxon.csv``) is kept as a labelled secondary column: it
+  pairs test subject-phases of seed-averaged Dice and ignores training-run variance, so it calls
+  identical recipes different; it is there to compare with the paper, not to conclude from.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.arms import ARMS, SCRATCH, arm_order
+from orchestrator.stats import ALPHA, arm_estimate, compare_arms, conclusion, holm
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     KEY_TAG,
@@ -49,10 +57,9 @@ log = logging.getLogger("sspctl.report")
 
 CLASSES = ("LV", "MYO", "RV")
 MEAN = "mean"
-SCRATCH = "scratch"
 #: Below this many pairs a two-sided Wilcoxon test cannot reach p < 0.05.
 MIN_PAIRS_FOR_SIGNIFICANCE = 6
-_METHOD_ORDER = ("scratch", "simclr", "pcl", "dino", "mim")
+RUN_KEYS = ["method", "budget", "seed", "train_seed"]
 
 
 class ReportError(ValueError):
@@ -89,7 +96,12 @@ class Report:
 
     study: str
     summary: pd.DataFrame
+    #: The published per-subject Wilcoxon (secondary; ignores training-run variance).
     tests: pd.DataFrame
+    #: Run-level comparisons with scratch (``comparison_table``), the primary result.
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: One row per training run: its mean Dice per class.
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: The reported grid's parent run (the report is logged there).
@@ -124,6 +136,16 @@ class Report:
     def test_rows(self) -> list[dict[str, Any]]:
         return [_json_row(r) for r in self.tests.to_dict(orient="records")]
 
+    def comparison_rows(self) -> list[dict[str, Any]]:
+        return [_json_row(r) for r in self.comparisons.to_dict(orient="records")]
+
+    def conclusions(self) -> list[str]:
+        """One sentence per arm and budget (class ``mean``): what the grid lets one conclude."""
+        if self.comparisons.empty:
+            return []
+        primary = self.comparisons[self.comparisons["class"] == MEAN]
+        return [f"{r.method}, budget {r.budget}: {r.conclusion}" for r in primary.itertuples(index=False)]
+
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {}
@@ -146,7 +168,7 @@ def budget_key(budget: Any) -> tuple[int, float]:
 
 
 def method_key(method: str) -> tuple[int, str]:
-    return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), method)
+    return (arm_order(method), method)
 
 
 def _sorted_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -232,9 +254,11 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
         if run.info.status != "FINISHED" or COMPLETION_METRIC not in run.data.metrics:
             notes.append(f"cell {name} skipped: not finished ({run.info.status})")
             continue
-        # A cell rerun inside the grid (the same method, budget and seed twice) counts once, from the
+        # A cell rerun inside the grid (the same arm, budget and seeds twice) counts once, from the
         # run that finished last.
-        key = (run.data.tags.get("method", "?"), str(run.data.tags.get("budget", "?")), str(run.data.tags.get("seed", "0")))
+        tags = run.data.tags
+        key = (tags.get("method", "?"), str(tags.get("budget", "?")), str(tags.get("seed", "0")),
+               str(tags.get("train_seed", tags.get("seed", "0"))))
         previous = latest.get(key)
         if previous is not None and (previous.info.end_time or 0) > (run.info.end_time or 0):
             notes.append(f"cell {name} skipped: superseded by {previous.info.run_name}")
@@ -253,19 +277,19 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
         tags = run.data.tags
         table = table.assign(
             method=tags.get("method", "?"), budget=str(tags.get("budget", "?")), seed=int(tags.get("seed", 0)),
-            run_id=run.info.run_id, cell=name,
+            train_seed=int(tags.get("train_seed", tags.get("seed", 0))), run_id=run.info.run_id, cell=name,
         )
         frames.append(table)
         finished.append(run)
     if not frames:
         raise ReportError(f"grid {grid.name} of study {study.study!r} has no finished fine-tuning cells yet")
-    columns = ["method", "budget", "seed", "run_id", "cell", "subject_id", "phase", "class", "dice"]
+    columns = ["method", "budget", "seed", "train_seed", "run_id", "cell", "subject_id", "phase", "class", "dice"]
     return pd.concat(frames, ignore_index=True)[columns], finished, notes
 
 
 def with_mean_class(table: pd.DataFrame) -> pd.DataFrame:
     """Add rows of class ``mean``: per (cell, subject, phase), the mean Dice of LV, MYO and RV."""
-    keys = ["method", "budget", "seed", "run_id", "cell", "subject_id", "phase"]
+    keys = ["method", "budget", "seed", "train_seed", "run_id", "cell", "subject_id", "phase"]
     keys = [k for k in keys if k in table.columns]
     per_class = table[table["class"].isin(CLASSES)]
     mean = per_class.groupby(keys, as_index=False)["dice"].mean().assign(**{"class": MEAN})
@@ -275,16 +299,105 @@ def with_mean_class(table: pd.DataFrame) -> pd.DataFrame:
 # -- statistics ---------------------------------------------------------------------------------
 
 
-def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd of Dice over seeds and subject-phases per method x budget x class (incl. ``mean``).
+def _with_train_seed(table: pd.DataFrame) -> pd.DataFrame:
+    """Tables from older grids have no ``train_seed``: their training seed was the subset seed."""
+    return table if "train_seed" in table.columns else table.assign(train_seed=table["seed"])
 
-    Columns: ``method, budget, class, dice_mean, dice_sd, n, n_seeds``.
+
+def run_matrices(full: pd.DataFrame) -> dict[tuple[str, str, str], dict[int, pd.DataFrame]]:
+    """``(arm, budget, class) -> {subset seed: (runs x subject-phases) Dice}`` from a table with ``mean`` rows.
+
+    Rows are the training seeds of one subset seed, columns ``(subject_id, phase)`` sorted.
     """
-    full = with_mean_class(table)
+    matrices: dict[tuple[str, str, str], dict[int, pd.DataFrame]] = {}
+    for (method, budget, cls, seed), group in full.groupby(["method", "budget", "class", "seed"]):
+        wide = group.pivot_table(index="train_seed", columns=["subject_id", "phase"], values="dice", aggfunc="mean")
+        matrices.setdefault((method, budget, cls), {})[int(seed)] = wide.sort_index(axis=1)
+    return matrices
+
+
+def runs_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per training run: ``method, budget, seed, train_seed, cell`` and its mean Dice per class."""
+    full = with_mean_class(_with_train_seed(table))
+    per_run = full.groupby([*RUN_KEYS, "cell", "class"], as_index=False)["dice"].mean()
+    wide = per_run.pivot_table(index=[*RUN_KEYS, "cell"], columns="class", values="dice").reset_index()
+    wide.columns.name = None
+    order = wide.apply(lambda r: (method_key(r["method"]), budget_key(r["budget"]), r["seed"], r["train_seed"]), axis=1)
+    return wide.assign(_k=order).sort_values("_k").drop(columns="_k").reset_index(drop=True)
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Dice per arm x budget x class (incl. ``mean``), with runs as the unit of replication.
+
+    Columns: ``method, budget, class, dice_mean`` (over runs and subject-phases), ``dice_sd``
+    (pooled over all values, ddof 1), ``n`` (values), ``n_seeds`` (subset seeds), ``n_runs``,
+    ``run_sd`` (sd of the per-run means), ``ci_low``/``ci_high`` (95%, ``stats.arm_estimate`` on
+    all runs; NaN below 2 runs).
+    """
+    full = with_mean_class(_with_train_seed(table))
     grouped = full.groupby(["method", "budget", "class"])
     summary = grouped["dice"].agg(dice_mean="mean", dice_sd=lambda s: s.std(ddof=1), n="count").reset_index()
     summary["n_seeds"] = grouped["seed"].nunique().values
+    estimates = {}
+    for key, blocks in run_matrices(full).items():
+        matrix = pd.concat(blocks.values(), axis=0, ignore_index=True).dropna(axis=1)
+        estimates[key] = arm_estimate(matrix.to_numpy()) if matrix.shape[1] else None
+    for column in ("n_runs", "run_sd", "ci_low", "ci_high"):
+        summary[column] = [
+            getattr(estimates.get((m, b, c)), column, math.nan) if estimates.get((m, b, c)) else math.nan
+            for m, b, c in zip(summary["method"], summary["budget"], summary["class"])
+        ]
+    summary["dice_mean"] = [
+        estimates[(m, b, c)].mean if estimates.get((m, b, c)) else v
+        for m, b, c, v in zip(summary["method"], summary["budget"], summary["class"], summary["dice_mean"])
+    ]
     return _sorted_frame(summary)
+
+
+def comparison_table(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Every arm against scratch per budget and class, runs as the unit (``stats.compare_arms``).
+
+    Columns: ``method, budget, class, role, n_runs, n_runs_scratch, effect, ci_low, ci_high, df,
+    p_value, p_holm, family, conclusion, wilcoxon_p`` (the published per-subject test, secondary).
+    ``family`` is ``primary`` for class ``mean`` (Holm over every arm and budget of the table) and
+    ``per-class`` for LV/MYO/RV (Holm over those). Arms without a scratch cell at the budget are
+    left out; subject-phases missing from any run of either arm are dropped from that comparison.
+    """
+    full = with_mean_class(_with_train_seed(table))
+    matrices = run_matrices(full)
+    rows = []
+    for (method, budget, cls), blocks in matrices.items():
+        reference = matrices.get((SCRATCH, budget, cls))
+        if method == SCRATCH or reference is None:
+            continue
+        arm, ref = {}, {}
+        for seed in set(blocks) & set(reference):
+            joined = pd.concat([blocks[seed], reference[seed]], axis=0, keys=["arm", "ref"]).dropna(axis=1)
+            arm[seed] = joined.loc["arm"].to_numpy()
+            ref[seed] = joined.loc["ref"].to_numpy()
+        if not arm:
+            continue
+        result = compare_arms(arm, ref, alpha)
+        rows.append({
+            "method": method, "budget": budget, "class": cls,
+            "role": ARMS[method].role if method in ARMS else "method",
+            "n_runs": result.n_runs, "n_runs_scratch": result.n_runs_ref, "effect": result.effect,
+            "ci_low": result.ci_low, "ci_high": result.ci_high, "df": result.df, "p_value": result.p_value,
+            "note": result.note, "_result": result,
+        })
+    columns = ["method", "budget", "class", "role", "n_runs", "n_runs_scratch", "effect", "ci_low", "ci_high",
+               "df", "p_value", "p_holm", "family", "conclusion", "wilcoxon_p"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    frame["family"] = ["primary" if c == MEAN else "per-class" for c in frame["class"]]
+    frame["p_holm"] = math.nan
+    for family, part in frame.groupby("family"):
+        frame.loc[part.index, "p_holm"] = holm(part["p_value"].tolist())
+    frame["conclusion"] = [conclusion(r, p, SCRATCH, alpha) for r, p in zip(frame["_result"], frame["p_holm"])]
+    wilcoxon = wilcoxon_table(table).set_index(["method", "budget", "class"])["p_value"]
+    frame["wilcoxon_p"] = [wilcoxon.get((m, b, c), math.nan) for m, b, c in zip(frame["method"], frame["budget"], frame["class"])]
+    return _sorted_frame(frame[columns])
 
 
 def wilcoxon_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -328,17 +441,23 @@ def wilcoxon_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def pivot_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """The paper's layout: one row per method x budget, one ``mean ± sd`` column per class."""
+    """The paper's layout: one row per arm x budget, one ``mean (95% CI)`` column per class, the run count.
+
+    With one run there is no interval: the cell shows the mean alone and ``runs`` says 1.
+    """
     rows = []
     for (method, budget), group in summary.groupby(["method", "budget"], sort=False):
         row: dict[str, Any] = {"method": method, "budget": budget}
         for _, item in group.iterrows():
-            sd = "" if pd.isna(item["dice_sd"]) else f" ± {item['dice_sd']:.{digits}f}"
-            row[item["class"]] = f"{item['dice_mean']:.{digits}f}{sd}"
-        row["n"] = int(group["n"].max())
+            interval = ""
+            if not pd.isna(item.get("ci_low", math.nan)):
+                interval = f" ({item['ci_low']:.{digits}f}-{item['ci_high']:.{digits}f})"
+            row[item["class"]] = f"{item['dice_mean']:.{digits}f}{interval}"
+        runs = group["n_runs"].max() if "n_runs" in group else math.nan
+        row["runs"] = int(runs) if not pd.isna(runs) else int(group["n_seeds"].max())
         rows.append(row)
     frame = pd.DataFrame(rows)
-    return frame[["method", "budget", *[c for c in (*CLASSES, MEAN) if c in frame.columns], "n"]]
+    return frame[["method", "budget", *[c for c in (*CLASSES, MEAN) if c in frame.columns], "runs"]]
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -438,21 +557,34 @@ def _embed(path: Path) -> str:
 def write_report(
     report: Report, output: Path, plots: dict[str, Path], overlays: list[tuple[str, Path]]
 ) -> dict[str, Path]:
-    """Write ``summary.csv``, ``wilcoxon.csv``, ``per_subject.csv``-free ``report.md`` and ``report.html``."""
+    """Write ``summary.csv``, ``comparisons.csv``, ``runs.csv``, ``wilcoxon.csv``, ``report.md``, ``report.html``."""
     pivot = pivot_table(report.summary)
-    files = {"summary_csv": output / "summary.csv", "wilcoxon_csv": output / "wilcoxon.csv",
+    files = {"summary_csv": output / "summary.csv", "comparisons_csv": output / "comparisons.csv",
+             "runs_csv": output / "runs.csv", "wilcoxon_csv": output / "wilcoxon.csv",
              "markdown": output / "report.md", "html": output / "report.html"}
     report.summary.to_csv(files["summary_csv"], index=False)
+    report.comparisons.to_csv(files["comparisons_csv"], index=False)
+    report.runs.to_csv(files["runs_csv"], index=False)
     report.tests.to_csv(files["wilcoxon_csv"], index=False)
+    conclusions = report.conclusions()
     title = f"Fine-tuning study {report.study}"
     if report.grid is not None:
         title += f", {report.grid.name} (dataset {report.grid.dataset_label})"
-    intro = ("3D Dice on the test subjects (ED and ES), mean ± sd over seeds and subject-phases; "
-             "`mean` is the mean of LV, MYO and RV per subject-phase. Wilcoxon: paired signed-rank test "
-             "of each method against scratch on per-subject-phase Dice averaged over seeds (two-sided).")
+    intro = ("3D Dice on the test subjects (ED and ES): mean over training runs and subject-phases, with a 95% "
+             "interval that counts training runs and test subjects (runs = subset seeds x training seeds); "
+             "`mean` is the mean of LV, MYO and RV per subject-phase. Comparisons with scratch treat the "
+             "training run as the unit, pair runs by subset seed and test subjects, need 3 or more runs per arm, "
+             "and are Holm-corrected over the whole table. The per-subject Wilcoxon p (the published analysis) "
+             "ignores training-run variance and is shown for comparison only.")
+    comparison_view = report.comparisons[[c for c in report.comparisons.columns if c != "conclusion"]]
     grid_line = f"Reported {report.grid_line()}." if report.grid is not None else ""
-    md = [f"# {title}", "", intro, "", grid_line, "", "## Dice", "", markdown_table(pivot), "",
-          "## Wilcoxon signed-rank tests against scratch", "", markdown_table(report.tests), ""]
+    md = [f"# {title}", "", intro, "", grid_line, "", "## Conclusions", ""]
+    md += [f"- {line}" for line in conclusions] or ["- no arm besides scratch"]
+    md += ["", "## Dice", "", markdown_table(pivot), "",
+           "## Comparisons with scratch (training runs as the unit)", "", markdown_table(comparison_view), "",
+           "## Runs", "", markdown_table(report.runs), "",
+           "## Per-subject Wilcoxon signed-rank tests (published analysis, secondary)", "",
+           markdown_table(report.tests), ""]
     md += ["## Dice vs label budget", ""] + [f"![{cls}]({p.name})" for cls, p in plots.items()] + [""]
     if overlays:
         md += ["## Overlays", ""] + [f"![{label}]({p.relative_to(output)})" for label, p in overlays] + [""]
@@ -465,8 +597,13 @@ def write_report(
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
              f"<p>{html.escape(grid_line)}</p>",
+             "<h2>Conclusions</h2><ul>", "".join(f"<li>{html.escape(line)}</li>" for line in conclusions), "</ul>",
              "<h2>Dice</h2>", pivot.to_html(index=False, na_rep="-"),
-             "<h2>Wilcoxon signed-rank tests against scratch</h2>", report.tests.to_html(index=False, na_rep="-"),
+             "<h2>Comparisons with scratch (training runs as the unit)</h2>",
+             comparison_view.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"),
+             "<h2>Runs</h2>", report.runs.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"),
+             "<h2>Per-subject Wilcoxon signed-rank tests (published analysis, secondary)</h2>",
+             report.tests.to_html(index=False, na_rep="-"),
              "<h2>Dice vs label budget</h2>", "".join(_embed(p) for p in plots.values())]
     if overlays:
         parts += ["<h2>Overlays</h2>"] + [f"<figure>{_embed(p)}<figcaption>{html.escape(label)}</figcaption></figure>"
@@ -510,7 +647,8 @@ def build_report(
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     table, runs, notes = load_grid_table(tracking, chosen, output / ".cache")
-    report = Report(study=study, summary=summary_table(table), tests=wilcoxon_table(table), notes=notes,
+    report = Report(study=study, summary=summary_table(table), tests=wilcoxon_table(table),
+                    comparisons=comparison_table(table), runs=runs_table(table), notes=notes,
                     parent_run_id=chosen.run_id, grid=chosen, grids=list(grids))
     for row in report.test_rows():
         if row["note"]:

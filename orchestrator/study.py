@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator.arms import ARMS, SSP_METHODS
 from orchestrator.workspace import Workspace
 
 Budget = int | Literal["all"]
-SSP_METHODS = ("simclr", "pcl", "dino", "mim")
+#: Arms a study adds besides scratch and its pretrained methods (``orchestrator/arms.py``).
+EXTRA_ARMS = tuple(name for name, arm in ARMS.items() if arm.role != "reference" and name not in SSP_METHODS)
 
 
 class _Section(BaseModel):
@@ -64,23 +66,61 @@ class PretrainSection(_Section):
 
 class FinetuneSection(_Section):
     budgets: tuple[Budget, ...] = Field((10, 15, 25, 50, "all"), description="labelled subjects per cell")
-    seeds: tuple[int, ...] = Field((0, 1, 2), description="label-subset and training seeds")
+    seeds: tuple[int, ...] = Field((0, 1, 2), description="subset seeds: which subjects a budget labels")
+    train_seeds: tuple[int, ...] = Field(
+        (0,), description="training seeds: replicate runs per arm x budget x subset seed (published: 0 only)"
+    )
+    replicated_budgets: tuple[Budget, ...] | None = Field(
+        None, description="budgets that get every training seed; the others get the first (default: all budgets)"
+    )
+    extra_arms: tuple[str, ...] = Field(
+        (), description=f"arms besides scratch and the pretrained methods: {', '.join(EXTRA_ARMS)}"
+    )
     config: Path | None = Field(None, description="FinetuneConfig YAML")
     epochs: int | None = Field(None, ge=1, description="override the fine-tuning epochs")
     workers_per_trial: int = Field(1, ge=1)
     gpus_per_trial: float = Field(0.0, ge=0)
+
+    @field_validator("extra_arms")
+    @classmethod
+    def _known_arms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(EXTRA_ARMS))
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown}; choose from {list(EXTRA_ARMS)}")
+        return value
+
+
+class PhantomSection(_Section):
+    """Synthesise the raw sources (M&Ms- and M&Ms-2-style phantom NIfTI) under ``<output>/raw/`` first.
+
+    The ingest section's ``mnms``/``mnms2`` then default to those folders. ``datastore/synth.py``.
+    """
+
+    mnms_subjects: int = Field(20, ge=4, description="M&Ms-style phantom subjects")
+    mnms2_subjects: int = Field(10, ge=4, description="M&Ms-2-style phantom subjects")
+    seed: int = Field(7, description="phantom seed")
+    size: int = Field(96, ge=32, description="native in-plane matrix, px")
 
 
 class StudyConfig(_Section):
     """One study: what data, which methods, which grid. See ``configs/paper.yaml``."""
 
     name: str = Field(..., min_length=1, description="MLflow experiment name")
-    store: str = Field(..., description="Zarr slice store (path or fsspec URL)")
+    store: str | None = Field(
+        None, description="Zarr slice store (path or fsspec URL); with a phantom section default <output>/phantom.zarr"
+    )
+    phantom: PhantomSection | None = None
     ingest: IngestSection | None = None
     split: SplitSection = SplitSection()
     pretrain: PretrainSection = PretrainSection()
     finetune: FinetuneSection = FinetuneSection()
     ray_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (ignored with RAY_ADDRESS)")
+
+    @model_validator(mode="after")
+    def _store_given(self) -> "StudyConfig":
+        if self.store is None and self.phantom is None:
+            raise ValueError("store: required (or a phantom section, which puts it under the output folder)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -91,6 +131,26 @@ class StudyOutcome:
     pretrained: dict[str, Path]
     grid: Any
     report: Any
+
+
+def with_phantom(config: StudyConfig, workspace: Workspace, echo: Callable[[str], None]) -> StudyConfig:
+    """Synthesise the phantom sources (once) and point the store and ingest section at them."""
+    if config.phantom is None:
+        return config
+    from datastore.synth import write_dataset
+
+    section = config.phantom
+    raw = workspace.root / "raw"
+    for layout, count, first in (("mnms", section.mnms_subjects, 1), ("mnms2", section.mnms2_subjects, 101)):
+        folder = raw / layout
+        if not (folder / ".complete").is_file():
+            echo(f"synthesising {count} {layout} phantom subjects into {folder}")
+            write_dataset(folder, layout, n_subjects=count, seed=section.seed, size=section.size, first_id=first,
+                          frames=(10, 14), slices=(6, 8))
+            (folder / ".complete").touch()
+    ingest = config.ingest or IngestSection()
+    ingest = ingest.model_copy(update={"mnms": ingest.mnms or raw / "mnms", "mnms2": ingest.mnms2 or raw / "mnms2"})
+    return config.model_copy(update={"store": config.store or str(workspace.root / "phantom.zarr"), "ingest": ingest})
 
 
 def ensure_store(config: StudyConfig, echo: Callable[[str], None]) -> None:
@@ -172,15 +232,19 @@ def run_study(
     from orchestrator.ray_session import ray_session
     from orchestrator.report import build_report
 
+    config = with_phantom(config, workspace, echo)
     with ray_session(num_cpus=config.ray_cpus):
         ensure_store(config, echo)
         split = ensure_split(config, workspace, echo)
         pretrained = pretrain_all(config, workspace, split, echo, progress)
-        echo(f"fine-tuning grid: scratch + {', '.join(pretrained)} x budgets "
-             f"{list(config.finetune.budgets)} x seeds {list(config.finetune.seeds)}")
+        section = config.finetune
+        arms = ["scratch", *pretrained, *section.extra_arms]
+        echo(f"fine-tuning grid: {', '.join(arms)} x budgets {list(section.budgets)} x subset seeds "
+             f"{list(section.seeds)} x training seeds {list(section.train_seeds)}")
         grid = run_grid(
-            config.store, split, config.finetune.budgets, config.finetune.seeds,
-            pretrained=pretrained, methods=["scratch", *pretrained],
+            config.store, split, section.budgets, section.seeds, train_seeds=section.train_seeds,
+            replicated_budgets=section.replicated_budgets,
+            pretrained=pretrained, methods=arms,
             workers_per_trial=config.finetune.workers_per_trial,
             gpus_per_trial=config.finetune.gpus_per_trial, config=finetune_config(config),
             study=config.name, workspace=workspace, progress=progress,

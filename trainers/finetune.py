@@ -2,7 +2,8 @@
 
 One call is one rank of a data-parallel run (method-spec section 5):
 
-* **Data.** The training subjects are the split's ``budget(b, seed)`` subset; rank ``r`` of ``N``
+* **Data.** The training subjects are the split's ``budget(b, seed)`` subset (``seed`` = subset
+  seed; ``train_seed`` drives initialisation, data order and augmentation); rank ``r`` of ``N``
   reads its share of their labelled (ED/ES) slices through ``SliceLoader(labelled_only=True)``
   with a per-rank batch of ``batch_size / N`` (global batch 32 whatever ``N``). An epoch is one pass
   over those slices, or exactly ``iterations_per_epoch`` steps when set (cycling the slices, as
@@ -78,7 +79,7 @@ class FinetuneError(ValueError):
 
 
 def build_model(image_size: int, config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any] | None]:
-    """``UNet2d(image_size, 4)`` initialised from ``config.seed``, with the pretrained part loaded.
+    """``UNet2d(image_size, 4)`` initialised from ``config.training_seed``, with the pretrained part loaded.
 
     Returns ``(model, load report as a dict or None)``.
 
@@ -89,7 +90,7 @@ def build_model(image_size: int, config: FinetuneConfig) -> tuple[nn.Module, dic
     from trainers.models.unet import UNet2d
     from trainers.weights import load_pretrained
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.training_seed)
     model = UNet2d(image_size, NUM_CLASSES, width=config.model_width)
     if config.weights is None:
         return model, None
@@ -293,7 +294,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     batch = per_rank_batch(config.batch_size, world_size)
     train_loader = SliceLoader(store_path, train_ids, labelled_only=True, batch_size=batch, rank=rank,
-                               world_size=world_size, seed=config.seed, cache=options.cache, progress=False)
+                               world_size=world_size, seed=config.training_seed, cache=options.cache, progress=False)
     valid_loader = None
     if valid_ids:
         valid_batch = max(1, config.valid_batch_size // world_size)
@@ -332,6 +333,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
                           "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
+                          "sspctl.train_seed": str(config.training_seed),
                           "sspctl.device": device.type, "sspctl.world_size": str(world_size)})
         if state is None:
             tracker.log_params({**resolved, "learning_rate": config.learning_rate, "world_size": world_size,
@@ -343,10 +345,10 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     frozen_params = _encoder_params(modules) if config.pretrained and config.frozen_encoder_epochs else []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"finetune {config.method}/{config.budget}/{config.seed}",
+    bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"finetune {config.method}/{config.budget}/{config.seed}/t{config.training_seed}",
                unit="epoch", disable=rank != 0, leave=False)
     for epoch in range(start_epoch, config.epochs):
-        generator = torch.Generator(device=device).manual_seed(augmentation_seed(config.seed, rank, epoch))
+        generator = torch.Generator(device=device).manual_seed(augmentation_seed(config.training_seed, rank, epoch))
         net.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         lr = optimizer.param_groups[0]["lr"]

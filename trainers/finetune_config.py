@@ -24,7 +24,9 @@ class FinetuneConfig(BaseModel):
     ``method`` is an SSP method name (``simclr``, ``pcl``, ``dino``, ``mim``) or ``"scratch"``;
     ``weights`` a pretrained weights file or pretraining run directory (required unless scratch)
     and ``part`` which part of it to load. ``budget`` is a number of labelled training subjects or
-    ``"all"``; with ``seed`` it selects the split's nested subset. ``lr`` defaults to 0.01 (scratch)
+    ``"all"``; with ``seed`` (the *subset seed*) it selects the split's nested subset.
+    ``train_seed`` (the *training seed*) drives the initialisation, the data order and the
+    augmentation draws; None uses ``seed`` (read it through ``training_seed``). ``lr`` defaults to 0.01 (scratch)
     or 0.005 (pretrained): read it through ``learning_rate``. The model grid (size, 1.25 mm
     spacing) is the store's; ``image_size`` only asserts it. ``augment`` holds the probabilities and
     ranges of the random affine and intensity augmentations (``trainers/augment.py``); the label
@@ -37,7 +39,10 @@ class FinetuneConfig(BaseModel):
     weights: str | None = None
     part: Literal["encoder", "encoder_decoder"] = "encoder"
     budget: int | Literal["all"] = "all"
-    seed: int = 0
+    seed: int = Field(0, description="subset seed: which labelled subjects a budget draws (split file)")
+    train_seed: int | None = Field(
+        None, description="training seed: initialisation, data order, augmentation (None = seed)"
+    )
     epochs: int = Field(1000, ge=1)
     iterations_per_epoch: int | None = Field(
         None, ge=1,
@@ -76,6 +81,11 @@ class FinetuneConfig(BaseModel):
     def pretrained(self) -> bool:
         """True when pretrained weights are loaded."""
         return self.weights is not None
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of initialisation, data order and augmentation: ``train_seed``, else ``seed``."""
+        return self.seed if self.train_seed is None else self.train_seed
 
     @property
     def learning_rate(self) -> float:

@@ -23,11 +23,19 @@ def finetune(
         "or a run name under <output>/pretrain/.",
     ),
     budgets: str = typer.Option("10,15,25,50,all", "--budgets", help="Label budgets: labelled training subjects per cell, or 'all'."),
-    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds: each selects a nested label subset and seeds training."),
+    seeds: str = typer.Option(
+        "0,1,2", "--seeds", help="Subset seeds: each selects a nested label subset, shared by every arm (as published)."
+    ),
+    train_seeds: str = typer.Option(
+        "0", "--train-seeds",
+        help="Training seeds: replicate runs of every arm x budget x subset seed (initialisation, data order, "
+        "augmentation). The report tests an arm against scratch only with 3 or more runs per arm.",
+    ),
     methods: str | None = typer.Option(
         None, "--methods",
-        help="Initialisations to run (scratch,simclr,pcl,dino,mim). Default: scratch plus every --pretrained method. "
-        "scratch is always included.",
+        help="Arms to run: scratch, simclr, pcl, dino, mim, mim-encdec (MIM encoder+decoder), and the controls "
+        "scratch-b (A/A: scratch with other training seeds) and supervised (trained on the training pool's labels; "
+        "made automatically). Default: scratch plus every --pretrained method. scratch is always included.",
     ),
     workers_per_trial: int = typer.Option(1, "--workers-per-trial", min=1, help="Ray Train DDP workers per cell."),
     gpus_per_trial: float = typer.Option(
@@ -45,7 +53,7 @@ def finetune(
     ),
     max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
 ) -> None:
-    """Run the methods x budgets x seeds fine-tuning grid on Ray Tune (rerun the same command to resume).
+    """Run the arms x budgets x subset seeds x training seeds fine-tuning grid on Ray Tune (rerun to resume).
 
     Finished cells are skipped, interrupted cells resume from their last checkpoint.
 
@@ -62,6 +70,7 @@ def finetune(
         method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         outcome = run_grid(
             store=store, split=split, budgets=parse_budgets(budgets), seeds=parse_seeds(seeds),
+            train_seeds=parse_seeds(train_seeds, "--train-seeds"),
             pretrained=parse_pretrained(pretrained), methods=method_list,
             workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
             config=base, study=study, workspace=Workspace.resolve(output), num_cpus=num_cpus,
@@ -111,7 +120,8 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list of rows instead of a table."),
     no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to the reported grid's parent run."),
 ) -> None:
-    """Build the report of one grid of the study: Dice table (method x budget), Wilcoxon tests vs scratch, plots."""
+    """Build the report of one grid: Dice per arm x budget with 95% intervals, run-level comparisons with scratch
+    (Holm-corrected; "not enough runs" below 3 runs per arm), what can be concluded, plots."""
     from orchestrator.report import ReportError, build_report
     from orchestrator.workspace import Workspace
 
@@ -143,7 +153,7 @@ def print_report(result: object, study: str) -> None:
     pivot = pivot_table(result.summary)  # type: ignore[attr-defined]
     grid = getattr(result, "grid", None)
     where = f", {grid.name} (dataset {grid.dataset_label})" if grid is not None else ""
-    table = Table(title=f"3D Dice, study {study}{where} (mean ± sd over seeds and test subject-phases)")
+    table = Table(title=f"3D Dice, study {study}{where} (mean over runs and test subject-phases, 95% CI)")
     for column in pivot.columns:
         table.add_column(str(column), justify="left" if column == "method" else "right")
     for row in pivot.itertuples(index=False):
@@ -154,13 +164,15 @@ def print_report(result: object, study: str) -> None:
         colour = "yellow" if several else "dim"
         line = escape(result.grid_line())  # type: ignore[attr-defined]
         console.print(f"[{colour}]{line}[/{colour}]", highlight=False, soft_wrap=True)
-    tests = result.tests  # type: ignore[attr-defined]
-    significant = tests[tests["p_value"] < 0.05]
-    console.print(f"Wilcoxon vs scratch: {len(significant)} of {len(tests)} comparisons with p < 0.05")
+    conclusions = result.conclusions()  # type: ignore[attr-defined]
+    if conclusions:
+        console.print("[bold]What this grid shows[/bold] (mean Dice vs scratch; training runs as the unit, Holm-corrected):")
+        for line in conclusions:
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
     for note in result.notes[:10]:  # type: ignore[attr-defined]
         console.print(f"[yellow]note:[/yellow] {note}")
     files = result.files  # type: ignore[attr-defined]
-    console.print(f"report: {files['html']}  ({files['markdown'].name}, summary.csv, wilcoxon.csv)")
+    console.print(f"report: {files['html']}  ({files['markdown'].name}, summary.csv, comparisons.csv, runs.csv, wilcoxon.csv)")
 
 
 def ui(

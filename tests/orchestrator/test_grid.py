@@ -263,3 +263,60 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
     statuses = {client.get_run(t["run_id"]).info.status for t in plan.pending}
     assert statuses == {"FAILED"}
     assert client.get_run(plan.parent_run_id).info.status == "FAILED"
+
+
+# -- training seeds and control arms ---------------------------------------------------------------
+
+
+def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) -> None:
+    """Subset seed x training seed cells; scratch-b differs from scratch only in its training seeds."""
+    plan = plan_grid(**{**_grid_kwargs(dataset), "study": "grid-replicates"},
+                     methods=["scratch", "scratch-b", "simclr"], train_seeds=[0, 1], replicated_budgets=[2])
+    cells = [(c.method, c.budget, c.seed, c.train_seed) for c in plan.cells]
+    assert cells == [
+        ("scratch", 2, 0, 0), ("scratch", 2, 0, 1), ("scratch", "all", 0, 0),
+        ("simclr", 2, 0, 0), ("simclr", 2, 0, 1), ("simclr", "all", 0, 0),
+        ("scratch-b", 2, 0, 1000), ("scratch-b", 2, 0, 1001), ("scratch-b", "all", 0, 1000),
+    ]
+    by_key = {(c.method, c.budget, c.train_seed): c for c in plan.cells}
+    scratch, control = by_key[("scratch", 2, 0)], by_key[("scratch-b", 2, 1000)]
+    assert control.config["method"] == "scratch" and control.config["weights"] is None
+    differing = {k for k in scratch.config if scratch.config[k] != control.config[k]}
+    assert differing == {"train_seed"}
+    assert scratch.name.startswith("ft-scratch-b2-s0-t0-") and control.name.startswith("ft-scratch-b-b2-s0-t1000-")
+    assert len({c.name for c in plan.cells}) == len(plan.cells)
+    client = plan.tracking.client
+    tags = client.get_run(plan.pending[7]["run_id"]).data.tags
+    assert (tags["method"], tags["subset_seed"], tags["train_seed"], tags["arm_role"]) == (
+        "scratch-b", "0", "1001", "negative control")
+    params = client.get_run(plan.parent_run_id).data.params
+    assert params["train_seeds"] == "0,1" and params["replicated_budgets"] == "2"
+    with pytest.raises(GridError, match="'mim-encdec' needs --pretrained mim=RUN"):
+        plan_grid(**{**_grid_kwargs(dataset), "study": "grid-replicates"}, methods=["mim-encdec"])
+
+
+@pytest.mark.slow
+def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: dict) -> None:
+    """The supervised arm: a model trained on the split's train part, exported like a pretraining run."""
+    import hashlib
+
+    from datastore.splits import load_split
+    from trainers.weights import read_manifest
+
+    outcome = run_grid(**{**_grid_kwargs(dataset), "study": "grid-controls", "budgets": [2], "pretrained": {}},
+                       methods=["scratch", "supervised"], num_cpus=4, progress=False)
+    assert [c.status for c in outcome.cells] == ["done", "done"], [c.error for c in outcome.cells]
+    runs = list((dataset["ws"].root / "pretrain").glob("supervised-*"))
+    assert len(runs) == 1
+    manifest = read_manifest(runs[0])
+    assert manifest.method == "supervised" and set(manifest.files) == {"encoder", "encoder_decoder"}
+    assert manifest.config["budget"] == "all" and manifest.config["train_seed"] == 2000
+    split = load_split(dataset["split"])
+    model_meta = json.loads((runs[0] / "train" / "model.json").read_text())
+    assert model_meta["split"] == str(dataset["split"].resolve())  # trained on this split's train part only
+    assert not set(split.subjects("test")) & set(split.budget("all", 0))
+    sha = hashlib.sha256((runs[0] / "encoder.pt").read_bytes()).hexdigest()
+    study = open_study(dataset["ws"].tracking_uri, "grid-controls", create=False)
+    tags = study.client.get_run(outcome.cells[1].run_id).data.tags
+    assert tags["method"] == "supervised" and tags["arm_role"] == "positive control"
+    assert tags["init_weights_sha256"] == sha and tags["init_part"] == "encoder"

@@ -156,7 +156,8 @@ def test_files_and_mlflow_artifacts(report, study) -> None:
     assert page.count("data:image/png;base64,") == 4 + 1  # 4 budget plots + 1 overlay
     assert "Overlays" in page and "src=\"dice_vs_budget" not in page
     md = files["markdown"].read_text()
-    assert "| method | budget | LV | MYO | RV | mean | n |" in md
+    assert "| method | budget | LV | MYO | RV | mean | runs |" in md
+    assert "## Conclusions" in md and "not enough runs" in md  # 2 runs per arm: descriptive only
     assert pd.read_csv(files["summary_csv"]).shape[0] == len(report.summary)
     tracking = open_study(ws.tracking_uri, "s1", create=False)
     logged = {a.path for a in tracking.client.list_artifacts(report.parent_run_id, "report")}
@@ -175,7 +176,9 @@ def test_cli_json_and_errors(study, tmp_path: Path) -> None:
     assert all(isinstance(r["dice_mean"], float) and not math.isnan(r["dice_mean"]) for r in rows)
     table = runner.invoke(app, ["report", "--study", "s1", "--output", str(ws.root), "--no-log",
                                 "--report-dir", str(tmp_path / "r2")])
-    assert table.exit_code == 0 and "simclr" in table.stdout and "±" in table.stdout
+    assert table.exit_code == 0 and "simclr" in table.stdout
+    assert "simclr, budget 10: not enough runs: descriptive only: 2 vs 2 run(s)" in table.stdout
+    assert "p =" not in table.stdout  # two runs per arm: no p-value anywhere in the terminal summary
     missing = runner.invoke(app, ["report", "--study", "nope", "--output", str(ws.root)])
     assert missing.exit_code == 1
     assert "study 'nope' not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
@@ -296,3 +299,87 @@ def test_resumed_grid_counts_as_most_recent(tmp_path: Path) -> None:
     assert empty.study == "s4"
     with pytest.raises(ReportError, match="^study 's4' has no fine-tuning grid yet$"):
         build_report("s4", ws.tracking_uri, tmp_path / "r4")
+
+
+# -- replicated grid: training runs as the unit, controls ---------------------------------------------
+
+REP_SUBJECTS = [f"R{i:02d}" for i in range(10)]
+
+
+def _replicate(arm: str, train_seed: int) -> np.ndarray:
+    """(subject, phase, class) Dice of one run: a run-level shift shared by all its subjects.
+
+    ``scratch-b`` is drawn exactly like ``scratch`` (A/A); ``supervised`` is 0.2 better (5 run sds).
+    """
+    rng = np.random.default_rng(zlib.crc32(f"{arm}/{train_seed}".encode()))
+    shift = {"supervised": 0.2}.get(arm, 0.0)
+    subject = np.random.default_rng(99).normal(0, 0.05, size=(len(REP_SUBJECTS), 1, 1))
+    run = rng.normal(0, 0.04)
+    noise = rng.normal(0, 0.01, size=(len(REP_SUBJECTS), len(PHASES), len(CLASSES)))
+    return np.clip(0.7 + shift + run + subject + noise, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory):
+    """scratch, scratch-b, supervised x 3 training seeds, simclr x 1, at budget 4 (one subset seed)."""
+    ws = Workspace.resolve(tmp_path_factory.mktemp("ws"))
+    tracking = open_study(ws.tracking_uri, "rep", ws.artifact_root)
+    parent = grid_parent_run(tracking, "g-rep", tags={"dataset_hash": "abc"})
+    tmp = tmp_path_factory.mktemp("csv")
+    data = {}
+    for arm, seeds in (("scratch", (0, 1, 2)), ("scratch-b", (1000, 1001, 1002)), ("supervised", (0, 1, 2)),
+                       ("simclr", (0,))):
+        for train_seed in seeds:
+            name = f"ft-{arm}-b4-s0-t{train_seed}-00000000"
+            run_id = cell_run(tracking, name, parent, tags={"method": arm, "budget": "4", "seed": "0",
+                                                           "train_seed": str(train_seed)})
+            values = _replicate(arm, train_seed)
+            data[(arm, train_seed)] = values
+            folder = tmp / name
+            rows = [{"subject_id": s, "phase": p, "class": c, "dice": values[i, j, k]}
+                    for i, s in enumerate(REP_SUBJECTS) for j, p in enumerate(PHASES) for k, c in enumerate(CLASSES)]
+            folder.mkdir()
+            pd.DataFrame(rows).to_csv(folder / PER_SUBJECT_ARTIFACT, index=False)
+            tracking.client.log_artifact(run_id, str(folder / PER_SUBJECT_ARTIFACT))
+            tracking.client.log_metric(run_id, "test_dice_mean", float(values.mean()))
+            set_status(tracking, run_id, "FINISHED")
+    report = build_report("rep", ws.tracking_uri, tmp_path_factory.mktemp("rep-report"), log_to_mlflow=False)
+    return report, data
+
+
+def test_runs_are_the_unit(replicated) -> None:
+    report, data = replicated
+    runs = report.runs
+    assert len(runs) == 10
+    row = runs[(runs.method == "scratch-b") & (runs.train_seed == 1001)]
+    assert row["mean"].item() == pytest.approx(data[("scratch-b", 1001)].mean())
+    summary = report.summary.set_index(["method", "budget", "class"])
+    assert summary.loc[("scratch", "4", "mean"), "n_runs"] == 3
+    run_means = [data[("scratch", t)].mean() for t in (0, 1, 2)]
+    assert summary.loc[("scratch", "4", "mean"), "run_sd"] == pytest.approx(np.std(run_means, ddof=1))
+    assert math.isnan(summary.loc[("simclr", "4", "mean"), "ci_low"])
+
+
+def test_controls_and_conclusions(replicated) -> None:
+    report, data = replicated
+    comp = report.comparisons.set_index(["method", "budget", "class"])
+    primary = report.comparisons[report.comparisons["class"] == "mean"]
+    assert set(primary.method) == {"scratch-b", "supervised", "simclr"}
+    # Holm over the primary family: the two tested comparisons
+    tested = primary.dropna(subset=["p_value"])
+    assert len(tested) == 2
+    assert sorted(tested.p_holm) == pytest.approx(sorted(
+        [min(1.0, max(2 * tested.p_value.min(), v)) if v == tested.p_value.max() else 2 * v for v in tested.p_value]))
+    aa = comp.loc[("scratch-b", "4", "mean")]
+    assert aa.p_holm > 0.05 and aa.ci_low < 0 < aa.ci_high
+    assert aa.wilcoxon_p < 0.05  # the per-subject test calls the identical recipes different
+    positive = comp.loc[("supervised", "4", "mean")]
+    assert positive.p_holm < 0.05 and positive.ci_low > 0
+    expected = np.mean([data[("supervised", t)].mean() for t in (0, 1, 2)]) - np.mean(
+        [data[("scratch", t)].mean() for t in (0, 1, 2)])
+    assert positive.effect == pytest.approx(expected)
+    lines = report.conclusions()
+    assert any(line.startswith("supervised, budget 4: better than scratch") for line in lines)
+    assert any(line.startswith("scratch-b, budget 4: no detectable difference from scratch") for line in lines)
+    assert any(line.startswith("simclr, budget 4: not enough runs") for line in lines)
+    assert math.isnan(comp.loc[("simclr", "4", "mean")].p_value)

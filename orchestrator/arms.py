@@ -1,0 +1,79 @@
+"""The arms of a fine-tuning grid: what initialises a cell, and what role the arm plays in the report.
+
+An arm is a row of the report. Most arms are an initialisation from one pretraining method's run;
+three are not:
+
+- ``mim-encdec``: MIM's encoder *and* decoder (the option the published code was written for;
+  ``mim`` loads the encoder only). Which one the paper reported cannot be told from its code, so
+  both are arms.
+- ``scratch-b`` (negative control, A/A): training from scratch again, differing from ``scratch``
+  only in its training seeds. The report must find no difference between the two.
+- ``supervised`` (positive control): the encoder of a model trained with the labels of the whole
+  training pool (never the test subjects), loaded like a pretrained encoder. At small budgets it
+  must come out better than scratch, or the grid cannot detect a real effect.
+
+Torch-free: the CLI and the report import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SCRATCH = "scratch"
+SUPERVISED = "supervised"
+SSP_METHODS = ("simclr", "pcl", "dino", "mim")
+#: Added to a ``scratch-b`` cell's training seed: far from any seed a grid uses for ``scratch``.
+NEGATIVE_CONTROL_SEED_OFFSET = 1000
+
+Role = Literal["reference", "method", "negative control", "positive control"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One grid arm.
+
+    ``init`` is ``scratch`` or the name of the pretraining run kind it loads (an SSP method or
+    ``supervised``); ``part`` the weight part it loads (None: the fine-tuning config's ``part``,
+    MIM only); ``train_seed_offset`` is added to every training seed of its cells.
+    """
+
+    name: str
+    init: str
+    role: Role
+    part: Literal["encoder", "encoder_decoder"] | None = "encoder"
+    train_seed_offset: int = 0
+
+    @property
+    def pretrained(self) -> bool:
+        """True when the arm loads weights from a pretraining (or supervised) run."""
+        return self.init != SCRATCH
+
+
+#: Every arm, in report order: the reference, the four methods, MIM's second option, the controls.
+ARMS: dict[str, Arm] = {
+    arm.name: arm
+    for arm in (
+        Arm(SCRATCH, SCRATCH, "reference"),
+        Arm("simclr", "simclr", "method"),
+        Arm("pcl", "pcl", "method"),
+        Arm("dino", "dino", "method"),
+        Arm("mim", "mim", "method", part=None),
+        Arm("mim-encdec", "mim", "method", part="encoder_decoder"),
+        Arm("scratch-b", SCRATCH, "negative control", train_seed_offset=NEGATIVE_CONTROL_SEED_OFFSET),
+        Arm(SUPERVISED, SUPERVISED, "positive control"),
+    )
+}
+#: Pretraining run kinds an arm can load (``--pretrained KIND=RUN``).
+INIT_KINDS = (*SSP_METHODS, SUPERVISED)
+
+
+def arm_order(name: str) -> int:
+    """Position of an arm in reports (unknown names last)."""
+    names = list(ARMS)
+    return names.index(name) if name in names else len(names)
+
+
+def unknown_arms(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The names that are not arms."""
+    return [n for n in names if n not in ARMS]

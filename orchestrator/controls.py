@@ -1,0 +1,79 @@
+"""The positive control's initialisation: a model trained with the labels of the whole training pool.
+
+The ``supervised`` arm (``orchestrator/arms.py``) loads the encoder of this model like a pretrained
+encoder. It is trained with the grid's own fine-tuning recipe, from scratch, on every labelled
+subject of the split's ``train`` part (budget ``all``; never a test subject), with a training seed
+of its own, and exported as a pretraining run directory (``encoder.pt``, ``encoder_decoder.pt``,
+``manifest.json`` with ``method: supervised``), so the grid loads it like any other run.
+
+The run directory ``<workspace>/pretrain/supervised-<hash8>/`` is named from the dataset, the split
+file and the recipe; a directory with a manifest is finished and reused. An interrupted training
+starts over on the next run (it is one cell's worth of work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.arms import SUPERVISED
+from orchestrator.study_tracking import short_hash
+from orchestrator.workspace import Workspace
+
+#: Training seed of the positive-control model (far from the grid's training seeds).
+SUPERVISED_TRAIN_SEED = 2000
+
+
+def supervised_run_dir(workspace: Workspace, dataset_hash: str, split: str, config: Mapping[str, Any]) -> Path:
+    """``<workspace>/pretrain/supervised-<hash8>/`` for this dataset, split file and recipe."""
+    split_digest = hashlib.sha256(Path(split).read_bytes()).hexdigest()[:16]
+    identity = {"dataset": dataset_hash, "split": split_digest, "config": dict(config)}
+    return workspace.root / "pretrain" / f"{SUPERVISED}-{short_hash(identity)}"
+
+
+def ensure_supervised_init(
+    store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace, progress: bool = True
+) -> Path:
+    """Train (or reuse) the positive-control model and return its run directory.
+
+    Args:
+        store: the slice store (absolute path or URL).
+        split: the split YAML; its ``train`` part (budget ``all``) is the training pool.
+        base_config: the grid's base ``FinetuneConfig`` keys (the recipe).
+        workspace: the run directory goes under ``<workspace>/pretrain/``.
+        progress: show the epoch bar.
+    """
+    from datastore.store import SliceStore
+    from trainers.finetune import finetune_worker
+    from trainers.finetune_config import FinetuneConfig
+    from trainers.weights import MANIFEST_FILE, PART_PREFIXES, WeightsManifest, load_weights, save_weights, write_manifest
+
+    recipe = {k: v for k, v in base_config.items() if k not in ("method", "weights", "part", "budget", "seed", "train_seed")}
+    config = FinetuneConfig.model_validate(
+        {**recipe, "method": "scratch", "budget": "all", "seed": 0, "train_seed": SUPERVISED_TRAIN_SEED}
+    )
+    resolved = config.model_dump(mode="json")
+    opened = SliceStore.open(store)
+    run_dir = supervised_run_dir(workspace, opened.hash, split, resolved)
+    if (run_dir / MANIFEST_FILE).is_file():
+        return run_dir
+    result = finetune_worker({
+        "store": store, "split": split, "config": resolved, "output": str(run_dir / "train"), "evaluate": False,
+    })
+    state = load_weights(run_dir / "train" / "model.pt")
+    files, digests = {}, {}
+    for part, prefixes in PART_PREFIXES.items():
+        name = f"{part}.pt"
+        digests[name] = save_weights({k: v for k, v in state.items() if k.startswith(prefixes)}, run_dir / name)
+        files[part] = name
+    valid_loss = float(result.get("valid", {}).get("valid_loss", math.nan))
+    manifest = WeightsManifest(
+        method=SUPERVISED, run_name=run_dir.name, config=resolved, dataset_hash=opened.hash,
+        epochs=config.epochs, final_loss=valid_loss if math.isfinite(valid_loss) else -1.0,
+        image_size=opened.image_size, model_width=config.model_width, files=files, sha256=digests,
+    )
+    write_manifest(run_dir, manifest)
+    return run_dir
