@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.arms import ARMS, SCRATCH, arm_order
-from orchestrator.stats import ALPHA, arm_estimate, compare_arms, conclusion, holm
+from orchestrator.stats import ALPHA, MIN_RUNS, arm_estimate, compare_arms, conclusion, holm
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     KEY_TAG,
@@ -401,15 +401,17 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
 
 
 def wilcoxon_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Paired two-sided Wilcoxon signed-rank test of each method vs scratch per budget and class.
+    """The published per-subject test: paired two-sided Wilcoxon signed-rank of each arm vs scratch.
 
-    Pairs are (subject_id, phase) values averaged over seeds. Columns: ``method, budget, class,
+    Pairs are (subject_id, phase) values averaged over runs. Columns: ``method, budget, class,
     n_pairs, median_diff, statistic, p_value, note`` (``p_value`` NaN with a note when the test is
-    undefined: no pairs, all differences zero).
+    undefined: no pairs, all differences zero; or withheld: either arm has fewer than
+    ``stats.MIN_RUNS`` training runs, where the test would only measure one model against another).
     """
     from scipy.stats import wilcoxon
 
-    full = with_mean_class(table)
+    full = with_mean_class(_with_train_seed(table))
+    runs = full.groupby(["method", "budget"])[["seed", "train_seed"]].apply(lambda g: len(g.drop_duplicates()))
     per_pair = full.groupby(["method", "budget", "class", "subject_id", "phase"], as_index=False)["dice"].mean()
     rows = []
     for (method, budget, cls), group in per_pair.groupby(["method", "budget", "class"]):
@@ -421,8 +423,11 @@ def wilcoxon_table(table: pd.DataFrame) -> pd.DataFrame:
         row = {"method": method, "budget": budget, "class": cls, "n_pairs": len(paired),
                "median_diff": float(diffs.median()) if len(paired) else math.nan,
                "statistic": math.nan, "p_value": math.nan, "note": ""}
+        n_runs = (int(runs.get((method, budget), 0)), int(runs.get((SCRATCH, budget), 0)))
         if len(paired) == 0:
             row["note"] = "no scratch cell with the same subjects at this budget"
+        elif min(n_runs) < MIN_RUNS:
+            row["note"] = f"withheld: {n_runs[0]} vs {n_runs[1]} run(s); {MIN_RUNS} or more per arm needed"
         elif (diffs == 0).all():
             row["note"] = "all paired differences are zero"
         else:

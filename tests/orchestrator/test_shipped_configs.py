@@ -15,14 +15,14 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_every_shipped_config_is_covered() -> None:
-    covered = {"paper.yaml", "demo.yaml", "deploy/default.yaml"} | {
+    covered = {"paper.yaml", "demo.yaml", "phantom-study.yaml", "phantom-study/finetune.yaml", "deploy/default.yaml"} | {
         f"{kind}/{name}.yaml" for kind in ("paper", "demo") for name in ("simclr", "pcl", "dino", "mim", "finetune")
     }
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert shipped == covered, "add the new config file to tests/orchestrator/test_shipped_configs.py"
 
 
-@pytest.mark.parametrize("kind", ["paper", "demo"])
+@pytest.mark.parametrize("kind", ["paper", "demo", "phantom-study"])
 def test_study_configs_and_the_files_they_name_validate(kind: str) -> None:
     study = load_config(StudyConfig, CONFIGS / f"{kind}.yaml")
     repo = CONFIGS.parent
@@ -39,3 +39,21 @@ def test_finetune_configs_validate(kind: str) -> None:
     config = load_config(FinetuneConfig, CONFIGS / kind / "finetune.yaml")
     if kind == "paper":  # the published recipe: scratch 0.01 and pretrained 0.005 come from lr=None
         assert config.lr is None and config.precision == "fp32" and config.momentum == 0.99
+
+
+def test_demo_and_phantom_study_can_conclude_and_paper_keeps_the_published_design() -> None:
+    """The demo tests its small budget with 3+ runs and both controls; the paper config runs as published."""
+    from orchestrator.stats import MIN_RUNS
+
+    demo = load_config(StudyConfig, CONFIGS / "demo.yaml").finetune
+    small = min(b for b in demo.budgets if b != "all")
+    assert demo.replicated_budgets is not None and small in demo.replicated_budgets
+    assert len(demo.seeds) * len(demo.train_seeds) >= MIN_RUNS
+    assert {"scratch-b", "supervised"} <= set(demo.extra_arms)
+    phantom = load_config(StudyConfig, CONFIGS / "phantom-study.yaml")
+    assert phantom.finetune.replicated_budgets is None and len(phantom.finetune.budgets) == 2
+    assert len(phantom.finetune.seeds) * len(phantom.finetune.train_seeds) >= MIN_RUNS
+    assert set(phantom.pretrain.methods) == {"simclr", "pcl", "dino", "mim"}
+    assert {"scratch-b", "supervised"} <= set(phantom.finetune.extra_arms)
+    paper = load_config(StudyConfig, CONFIGS / "paper.yaml").finetune
+    assert paper.seeds == (0, 1, 2) and paper.train_seeds == (0,) and paper.extra_arms == ("mim-encdec",)
