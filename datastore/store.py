@@ -980,8 +980,9 @@ def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[
 
     Checks: the ingest finished; array lengths agree with the committed counts; metadata ranges
     (subject, frame, slice, slice_count, phase) agree with the subject table; labels exist exactly
-    on the ED/ES slices, point back to their slice and hold values in {0, 1, 2, 3}; images are
-    finite; native volumes match the table; every subject hash and the dataset hash recompute.
+    on the ED/ES slices of labelled subjects (none for ``labelled: false`` rows), point back to
+    their slice and hold values in {0, 1, 2, 3}; images are finite; native volumes (labelled
+    subjects only) match the table; every subject hash and the dataset hash recompute.
     """
     from tqdm import tqdm
 
