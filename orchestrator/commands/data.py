@@ -102,7 +102,7 @@ def info(
     typer.echo(f"store      {summary['path']}")
     typer.echo(f"hash       {summary['hash']} ({'complete' if summary['complete'] else 'INCOMPLETE'})")
     typer.echo(
-        f"subjects   {summary['subjects']}   slices {summary['slices']}   "
+        f"subjects   {summary['subjects']} ({summary['labelled_subjects']} labelled)   slices {summary['slices']}   "
         f"labelled {summary['labelled_slices']}   {summary['image_size']}^2 px at {summary['spacing_mm']} mm"
     )
     for name, table in (("dataset", summary["by_dataset"]), ("vendor", summary["by_vendor"])):

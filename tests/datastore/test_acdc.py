@@ -108,6 +108,12 @@ def test_synth_acdc_layout_round_trips_through_ingest(tmp_path: Path) -> None:
     assert not result.skipped, result.skipped
     opened = SliceStore.open(store)
     assert opened.subjects["labelled"].tolist() == [True, True, False]
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    info = CliRunner().invoke(app, ["store", "info", str(store)])
+    assert info.exit_code == 0 and "subjects   3 (2 labelled)" in info.output
     # The phantom's labels went to disk in ACDC order and came back in store order: LV inside MYO.
     native = opened.native("patient001", "ED")
     assert set(np.unique(native.label)) == {0, LV, MYO, RV}

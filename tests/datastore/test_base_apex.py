@@ -166,3 +166,20 @@ def test_decision_and_margin_land_in_the_subject_table(tmp_path: Path, nibabel_e
     assert row["base_decision"] == expected.source and row["flip_z"] == expected.flip_z
     assert row["base_margin"] == pytest.approx(expected.geometry_margin, abs=1e-4)
     assert row["base_label_margin"] is None
+
+
+def test_ingest_warns_with_the_subject_id_and_follows_the_labels(tmp_path: Path) -> None:
+    """Labels whose LV cavity grows towards the slice the geometry calls the apex win, with a warning."""
+    affine = _short_axis_affine(8.0 * BASE_TO_APEX_RAS)  # geometry: k = 0 is the base
+    files = _write_subject(tmp_path, "contra", affine, apex_last=False)  # anatomy: k = 0 is the apex
+    (tmp_path / "site.csv").write_text(
+        f"subject_id,cine,ed_label,es_label,ed_frame,es_frame\ncontra,{files['cine']},{files['ed_label']},"
+        f"{files['es_label']},0,1\n")
+    store = tmp_path / "store.zarr"
+    result = execute_ingest(plan_ingest({"manifest": [tmp_path / "site.csv"]}, store, CONFIG), executor="serial",
+                            progress=False)
+    assert [w for w in result.warnings if "site/contra" in w and "following the labels" in w]
+    row = SliceStore.open(store).subject_row("contra")
+    assert row["flip_z"] and row["base_decision"] == "labels" and row["base_label_margin"] > 0.5
+    lv = np.count_nonzero(SliceStore.open(store).native("contra", "ED").label == LV, axis=(1, 2))
+    assert lv[0] == lv.max()
