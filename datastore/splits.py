@@ -156,8 +156,21 @@ class Split:
                 previous, previous_n = chosen, n
 
     def check_against(self, subjects: Any, store_name: str = "store") -> None:
-        """Raise ``SplitError`` naming every id of the split that is not in the subject table."""
-        known = {(dataset_key(d), str(s)) for d, s in zip(subjects["dataset"], subjects["subject_id"])}
+        """Raise ``SplitError`` naming every id of the split that is not in the subject table, or
+        that is there without labels (an unlabelled subject can only be pretrained on)."""
+        flags = subjects["labelled"] if "labelled" in subjects else [True] * len(subjects)
+        pairs = [(dataset_key(d), str(s), _truthy(f)) for d, s, f in zip(subjects["dataset"], subjects["subject_id"], flags)]
+        unlabelled = sorted(
+            f"{part}.{key}: {sid}"
+            for part in PARTS
+            for key, ids in self.parts[part].items()
+            for sid in ids
+            if (key, sid, False) in set(pairs)
+        )
+        if unlabelled:
+            shown = "; ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else "")
+            raise SplitError(f"{self.source}: {len(unlabelled)} subject(s) without labels in {store_name}: {shown}")
+        known = {(k, s) for k, s, _ in pairs}
         unknown = sorted(
             f"{part}.{key}: {sid}"
             for part in PARTS

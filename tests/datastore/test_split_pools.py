@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from datastore.splits import SplitError, load_split, make_splits, named_split_path, pretrain_pool
+from datastore.splits import Split, SplitError, load_split, make_splits, named_split_path, pretrain_pool
 from orchestrator.cli import app
 
 
@@ -33,8 +33,15 @@ def test_splits_draw_from_labelled_subjects_and_pretrain_on_every_non_test_subje
     assert sum(p.startswith("U") for p in pool) == 40
     assert {"mnms/L00", "acdc/L00"} & set(pool)  # a shared id is qualified by its dataset
     assert "L00" not in pool
+    imported = load_split_from(split.to_dict() | {"train": {"mm1": split.parts["train"]["mm1"] + ["U001"]}})
+    with pytest.raises(SplitError, match="1 subject\\(s\\) without labels in store: train.mm1: U001"):
+        imported.check_against(table.assign(dataset=table["dataset"].replace({"biobank": "mnms"})))
     with pytest.raises(SplitError, match="no labelled subject"):
         make_splits(_table(0, 5).iloc[:-1], test_per_vendor=1, seed=0)
+
+
+def load_split_from(data: dict) -> Split:
+    return Split(parts={k: data[k] for k in ("train", "valid", "test")}, source="imported")
 
 
 def _published(folder: Path, ids: dict[str, list[str]]) -> None:
