@@ -483,7 +483,8 @@ def read_phased(source: SubjectSource) -> RawSubject:
         frame_shape = cine.shape[:3]
         phases: dict[str, int] = {}
         for phase, path in phase_paths.items():
-            volume, checksums[path.name] = _read_volume(path, frame_shape, affine, f"_SA_{phase.upper()}")
+            what = f"_SA_{phase.upper()}" if source.dataset == MNMS2 else f"{phase.upper()} volume"
+            volume, checksums[path.name] = _read_volume(path, frame_shape, affine, what)
             phases[phase] = _matching_frame(cine, volume, path)
         expected = info.get("frames_expected")
         if expected is not None and int(expected) != cine.shape[-1]:
@@ -549,7 +550,7 @@ def _read_labels(
         other = "es" if present[0] == "ed" else "ed"
         raise FormatError(f"{files[present[0] + '_gt']}: {present[0].upper()} label without an {other.upper()} label (give both or neither)")
     text = source.info.get("label_map")
-    label_map = None if text is None else parse_label_map(text, str(source.info.get("index_source") or source.subject_id))
+    label_map = None if text is None else parse_label_map(text, str(source.main_file))
     labels: dict[int, np.ndarray] = {}
     for phase in present:
         path = files[f"{phase}_gt"]
