@@ -108,7 +108,7 @@ def pretrain_subjects(store: Any, split: Path | None) -> list[str] | None:
     not, see ``datastore.splits.pretrain_pool``), or ``None`` (every subject) without a split.
 
     Raises:
-        LaunchError: unreadable split.
+        LaunchError: unreadable split, or split subjects the store does not hold (or holds unlabelled).
     """
     if split is None:
         return None
@@ -116,6 +116,7 @@ def pretrain_subjects(store: Any, split: Path | None) -> list[str] | None:
 
     try:
         parsed = load_split(split)
+        parsed.check_against(store.subjects, store_name=str(store.path))
     except (SplitError, OSError) as exc:
         raise LaunchError(str(exc).splitlines()[0]) from None
     subjects = pretrain_pool(store.subjects, parsed)

@@ -59,6 +59,9 @@ def test_mostly_unlabelled_store_from_four_sources(tmp_path: Path, monkeypatch: 
     assert set(split.subjects("train") + split.subjects("valid") + split.subjects("test")) <= labelled_ids
     pool = pretrain_pool(table, split)
     assert len(pool) == len(table) - len(split.subjects("test")) and {"u0", "u1"} <= set(pool)
+    from orchestrator.pretrain_launch import pretrain_subjects
+
+    assert pretrain_subjects(SliceStore.open(store), split_path) == pool  # what `pretrain --split` trains on
 
     config = tmp_path / "simclr.yaml"
     config.write_text(yaml.safe_dump({"model_width": 8, "method": {"name": "simclr"}}))
