@@ -84,8 +84,9 @@ SOURCE_KINDS = (*DATASETS, ACDC, "manifest")
 def discover_sources(sources: Mapping[str, Path | str | Sequence[Path | str] | None]) -> list[Discovery]:
     """Discover every given source: ``{"mnms": dir, "mnms2": dir, "acdc": dir, "manifest": [files]}``.
 
-    ``None`` entries are ignored. Raises :class:`IngestError` when nothing is given, a key is
-    unknown, a root or manifest is unusable, or two sources put the same subject in one dataset.
+    ``None`` entries are ignored. A subject that two sources give under one dataset and id is
+    skipped (in both). Raises :class:`IngestError` when nothing is given, a key is unknown, or a
+    root or manifest is unusable as a whole.
     """
     given = {k: v for k, v in sources.items() if v is not None and v != [] and v != ()}
     if not given:
@@ -106,17 +107,26 @@ def discover_sources(sources: Mapping[str, Path | str | Sequence[Path | str] | N
                 found.append(discover(Path(value), kind))  # type: ignore[arg-type]
     except FormatError as exc:
         raise IngestError(str(exc)) from None
-    owner: dict[tuple[str, str], str] = {}
+    _skip_cross_source_duplicates(found)
+    return found
+
+
+def _skip_cross_source_duplicates(found: list[Discovery]) -> None:
+    """A (dataset, id) given by two sources is skipped in both, naming both (as in one CSV)."""
+    roots: dict[tuple[str, str], list[str]] = {}
     for discovery in found:
         for subject in discovery.subjects:
-            key = (subject.dataset, subject.subject_id)
-            if key in owner:
-                raise IngestError(
-                    f"{discovery.root}: subject {subject.dataset}/{subject.subject_id} is also given by {owner[key]}; "
-                    "give each subject once (or a different 'dataset' in the manifest)"
-                )
-            owner[key] = str(discovery.root)
-    return found
+            roots.setdefault((subject.dataset, subject.subject_id), []).append(str(discovery.root))
+    twice = {key: where for key, where in roots.items() if len(where) > 1}
+    for discovery in found:
+        for subject in [s for s in discovery.subjects if (s.dataset, s.subject_id) in twice]:
+            discovery.subjects.remove(subject)
+            where = twice[(subject.dataset, subject.subject_id)]
+            discovery.skipped.append(SkippedSubject(
+                subject.dataset, subject.subject_id,
+                f"{subject.main_file}: subject {subject.dataset}/{subject.subject_id} is given by {len(where)} sources "
+                f"({', '.join(where)}); give it once, or another 'dataset' in the manifest",
+            ))
 
 
 def plan_ingest(

@@ -87,6 +87,12 @@ def test_yaml_manifest_and_whole_file_errors(tmp_path: Path) -> None:
     bad.write_text("subject_id,cine,colour\nx,y,z\n")
     with pytest.raises(FormatError, match="unknown column\\(s\\) 'colour'"):
         discover_manifest(bad)
+    again = tmp_path / "again.csv"  # gives biobank/007 a second time: skipped in both, the rest lands
+    again.write_text(f"subject_id,cine,dataset\n007,{a['cine']},biobank\n008,{a['cine']},biobank\n")
+    plan = plan_ingest({"manifest": [path, again]}, tmp_path / "s.zarr", CONFIG)
+    assert [s.subject_id for s in plan.todo] == ["008"]
+    assert [s.subject_id for s in plan.skipped] == ["007", "007"] and "is given by 2 sources" in plan.skipped[0].reason
+    plan.writer.close()
     with pytest.raises(IngestError, match="manifest not found"):
         plan_ingest({"manifest": [tmp_path / "nope.csv"]}, tmp_path / "s.zarr", CONFIG)
 
