@@ -23,10 +23,7 @@ SMALL = dict(seed=0, size=48, frames=(3, 3), slices=(3, 3), trivial=True)
 
 
 def _ok(*args: str) -> str:
-    import time
-    t0 = time.time()
     result = runner.invoke(app, [str(a) for a in args])
-    print("STEP", args[0], round(time.time() - t0, 1))
     assert result.exit_code == 0, result.output
     return result.output
 
