@@ -39,6 +39,10 @@ LABEL_VALUES = (0, 1, 2, 3)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+#: ``SubjectSource.info`` keys that steer the reader and are not subject-table fields.
+READER_KEYS = ("ed_index", "es_index", "index_source", "frames_expected")
+
+
 class FormatError(ValueError):
     """A raw input file is unusable; ``str(error)`` is one line ``<file>: <problem>``."""
 
@@ -47,13 +51,19 @@ class FormatError(ValueError):
 class SubjectSource:
     """A discovered subject: its files by role and its CSV metadata (nothing read yet).
 
-    ``files`` roles: M&Ms ``cine``, ``gt``; M&Ms-2 ``cine``, ``ed``, ``es``, ``ed_gt``, ``es_gt``.
+    ``files`` roles: M&Ms ``cine``, ``gt``; the others (:func:`read_phased`) ``cine``, ``ed``, ``es``,
+    ``ed_gt``, ``es_gt`` (any may be absent for ACDC and manifests), ACDC also ``info`` (Info.cfg).
     """
 
     dataset: str
     subject_id: str
     files: dict[str, Path]
     info: dict[str, Any]
+
+    @property
+    def main_file(self) -> Path:
+        """The file named in messages about the whole subject: the cine, else the first image."""
+        return self.files.get("cine") or next(iter(self.files.values()))
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,9 @@ class RawSubject:
     Attributes:
         cine: float32 ``(X, Y, Z, T)`` intensities (finite).
         affine: 4x4 voxel ``(i, j, k)`` -> RAS+ mm of the cine.
-        labels: ``{frame index: uint8 (X, Y, Z)}`` for the ED and ES frames.
-        ed, es: cine frame indices of end-diastole and end-systole.
+        labels: ``{frame index: uint8 (X, Y, Z)}`` for the ED and ES frames, in store order
+            (1 LV, 2 MYO, 3 RV); empty for an unlabelled subject (pretraining only).
+        ed, es: cine frame indices of end-diastole and end-systole (None when unknown).
         checksums: sha256 of each source file, keyed by file name.
     """
 
@@ -97,8 +108,8 @@ class RawSubject:
     cine: np.ndarray
     affine: np.ndarray
     labels: dict[int, np.ndarray]
-    ed: int
-    es: int
+    ed: int | None
+    es: int | None
     checksums: dict[str, str]
 
 
@@ -425,46 +436,178 @@ def read_subject(source: SubjectSource) -> RawSubject:
     """Read and validate one subject; ED/ES as in method-spec 1.2.
 
     M&Ms: the two labelled frames of the 4D GT, ED = the one with more labelled voxels.
-    M&Ms-2: the cine frames equal to the ``_SA_ED`` / ``_SA_ES`` volumes.
+    Every other layout (M&Ms-2, ACDC, manifest) goes through :func:`read_phased`.
 
     Raises:
         FormatError: one line naming the offending file.
     """
+    if source.dataset != MNMS:
+        return read_phased(source)
     files = source.files
     cine, affine, cine_sum = _read_cine(files["cine"])
     checksums = {files["cine"].name: cine_sum}
-    if source.dataset == MNMS:
-        gt_data, checksums[files["gt"].name] = _read_volume(files["gt"], cine.shape, affine, "label")
-        gt = _as_label(gt_data, files["gt"])
-        counts = np.count_nonzero(gt.reshape(-1, gt.shape[-1]), axis=0)
-        labelled = [int(t) for t in np.flatnonzero(counts)]
-        if not labelled:
-            raise FormatError(f"{files['gt']}: no labelled frame (all labels are 0)")
-        if len(labelled) != 2:
-            raise FormatError(
-                f"{files['gt']}: {len(labelled)} labelled frame(s) {labelled}, expected 2 (ED and ES)"
-            )
-        first, second = labelled
-        ed, es = (first, second) if counts[first] >= counts[second] else (second, first)
-        labels = {ed: gt[..., ed], es: gt[..., es]}
-    else:
-        frame_shape = cine.shape[:3]
-        labels = {}
-        phases: dict[str, int] = {}
-        for phase in ("ed", "es"):
-            volume, checksums[files[phase].name] = _read_volume(files[phase], frame_shape, affine, f"_SA_{phase.upper()}")
-            phases[phase] = _matching_frame(cine, volume, files[phase])
-        for phase in ("ed", "es"):
-            key = f"{phase}_gt"
-            data, checksums[files[key].name] = _read_volume(files[key], frame_shape, affine, "label")
-            label = _as_label(data, files[key])
-            if not label.any():
-                raise FormatError(f"{files[key]}: no labelled voxel (the {phase.upper()} label is empty)")
-            labels[phases[phase]] = label
-        ed, es = phases["ed"], phases["es"]
-        if ed == es:
-            raise FormatError(f"{files['es']}: ED and ES are the same cine frame ({ed})")
+    gt_data, checksums[files["gt"].name] = _read_volume(files["gt"], cine.shape, affine, "label")
+    gt = _as_label(gt_data, files["gt"])
+    counts = np.count_nonzero(gt.reshape(-1, gt.shape[-1]), axis=0)
+    labelled = [int(t) for t in np.flatnonzero(counts)]
+    if not labelled:
+        raise FormatError(f"{files['gt']}: no labelled frame (all labels are 0)")
+    if len(labelled) != 2:
+        raise FormatError(f"{files['gt']}: {len(labelled)} labelled frame(s) {labelled}, expected 2 (ED and ES)")
+    first, second = labelled
+    ed, es = (first, second) if counts[first] >= counts[second] else (second, first)
+    labels = {ed: gt[..., ed], es: gt[..., es]}
     return RawSubject(source, cine, affine, labels, ed, es, checksums)
+
+
+def read_phased(source: SubjectSource) -> RawSubject:
+    """Read a subject whose files are a cine and/or per-phase volumes (M&Ms-2, ACDC, manifest).
+
+    ``source.files`` roles (all optional except one image): ``cine`` 4D; ``ed``/``es`` 3D copies of
+    cine frames (or, without a cine, the only images: they become a 2-frame cine, ED then ES);
+    ``ed_gt``/``es_gt`` 3D labels. ``source.info`` may give ``ed_index``/``es_index`` (0-based cine
+    frames) and ``label_map`` (``{source value: store value}``, applied to the labels).
+
+    ED/ES: the given indices, checked against the cine frames the ``ed``/``es`` volumes equal; or
+    those frames when no index is given. Labels are both phases or none: a subject without labels
+    is valid (pretraining only) and has ``labels == {}``.
+
+    Raises:
+        FormatError: one line naming the offending file.
+    """
+    files, info = source.files, source.info
+    checksums: dict[str, str] = {}
+    phase_paths = {p: files[p] for p in ("ed", "es") if p in files}
+    if "cine" in files:
+        cine, affine, checksums[files["cine"].name] = _read_cine(files["cine"])
+        frame_shape = cine.shape[:3]
+        phases: dict[str, int] = {}
+        for phase, path in phase_paths.items():
+            what = f"_SA_{phase.upper()}" if source.dataset == MNMS2 else f"{phase.upper()} volume"
+            volume, checksums[path.name] = _read_volume(path, frame_shape, affine, what)
+            phases[phase] = _matching_frame(cine, volume, path)
+        expected = info.get("frames_expected")
+        if expected is not None and int(expected) != cine.shape[-1]:
+            raise FormatError(
+                f"{info.get('index_source') or files['cine']}: says {expected} frames, the cine has {cine.shape[-1]}"
+            )
+        for phase in ("ed", "es"):
+            given = info.get(f"{phase}_index")
+            if given is None:
+                continue
+            where = info.get("index_source") or files["cine"]
+            if not 0 <= int(given) < cine.shape[-1]:
+                raise FormatError(f"{where}: {phase.upper()} frame {given} outside the cine's {cine.shape[-1]} frames")
+            if phase in phases and phases[phase] != int(given):
+                raise FormatError(
+                    f"{phase_paths[phase]}: equals cine frame {phases[phase]}, but {where} gives "
+                    f"{phase.upper()} = frame {given}"
+                )
+            phases[phase] = int(given)
+    else:
+        if not phase_paths:
+            raise FormatError(f"{source.subject_id}: no image (give a cine, or ED/ES volumes)")
+        volumes: list[np.ndarray] = []
+        affine = None
+        for phase, path in phase_paths.items():
+            if affine is None:
+                image, checksums[path.name] = load_nifti(path)
+                if len(image.shape) != 3:
+                    raise FormatError(f"{path}: expected a 3D volume (X, Y, Z), got shape {tuple(image.shape)}")
+                _check_geometry(image, path)
+                affine = np.asarray(image.affine, dtype=np.float64)
+                data = _array(image, path)
+            else:
+                data, checksums[path.name] = _read_volume(path, volumes[0].shape, affine, f"{phase.upper()} volume")
+            _check_finite(data, path)
+            volumes.append(data)
+        cine = np.stack(volumes, axis=-1)
+        phases = {phase: t for t, phase in enumerate(phase_paths)}
+    assert affine is not None
+    labels = _read_labels(source, cine.shape[:3], affine, phases, checksums)
+    for path in files.values():  # files not read as images (e.g. ACDC's Info.cfg): for resume checks
+        if path.name not in checksums:
+            checksums[path.name] = sha256_file(path)
+    ed, es = phases.get("ed"), phases.get("es")
+    if ed is not None and ed == es:
+        raise FormatError(f"{files.get('es', files.get('cine'))}: ED and ES are the same cine frame ({ed})")
+    return RawSubject(source, cine, affine, labels, ed, es, checksums)
+
+
+def _read_labels(
+    source: SubjectSource,
+    frame_shape: tuple[int, ...],
+    affine: np.ndarray,
+    phases: dict[str, int],
+    checksums: dict[str, str],
+) -> dict[int, np.ndarray]:
+    """The ED and ES labels (store order) keyed by cine frame, or ``{}`` for an unlabelled subject."""
+    files = source.files
+    present = [p for p in ("ed", "es") if f"{p}_gt" in files]
+    if not present:
+        return {}
+    if len(present) == 1:
+        other = "es" if present[0] == "ed" else "ed"
+        raise FormatError(f"{files[present[0] + '_gt']}: {present[0].upper()} label without an {other.upper()} label (give both or neither)")
+    text = source.info.get("label_map")
+    label_map = None if text is None else parse_label_map(text, str(source.main_file))
+    labels: dict[int, np.ndarray] = {}
+    for phase in present:
+        path = files[f"{phase}_gt"]
+        if phase not in phases:
+            raise FormatError(f"{path}: label given but the {phase.upper()} frame is unknown (give its index or image)")
+        data, checksums[path.name] = _read_volume(path, frame_shape, affine, "label")
+        label = _as_label(data, path) if label_map is None else apply_label_map(data, label_map, path)
+        if not label.any():
+            raise FormatError(f"{path}: no labelled voxel (the {phase.upper()} label is empty)")
+        labels[phases[phase]] = label
+    return labels
+
+
+def parse_label_map(text: str, where: str) -> dict[int, int]:
+    """``"1:3,2:2,3:1"`` -> ``{1: 3, 2: 2, 3: 1}`` (source value -> store value; 0 stays 0).
+
+    Raises:
+        FormatError: malformed pairs, a value outside {0, 1, 2, 3}, or two sources on one target.
+    """
+    mapping: dict[int, int] = {}
+    for pair in (p.strip() for p in str(text).split(",") if p.strip()):
+        left, sep, right = pair.partition(":")
+        if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+            raise FormatError(f"{where}: label_map entry {pair!r} is not SOURCE:TARGET (e.g. 1:3,2:2,3:1)")
+        src, dst = int(left), int(right)
+        if dst not in LABEL_VALUES:
+            raise FormatError(f"{where}: label_map target {dst} outside {{0, 1, 2, 3}} (1 LV, 2 MYO, 3 RV)")
+        if src in mapping:
+            raise FormatError(f"{where}: label_map maps source value {src} twice")
+        mapping[src] = dst
+    if not mapping:
+        raise FormatError(f"{where}: label_map is empty")
+    targets = [v for v in mapping.values() if v]
+    if len(targets) != len(set(targets)):
+        raise FormatError(f"{where}: label_map maps two source values onto one class ({text})")
+    mapping.setdefault(0, 0)
+    return mapping
+
+
+def apply_label_map(data: np.ndarray, mapping: dict[int, int], path: Path) -> np.ndarray:
+    """Integer labels in the source convention -> uint8 store order (1 LV, 2 MYO, 3 RV).
+
+    Raises:
+        FormatError: non-integer values, or a value the map does not cover (named).
+    """
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        raise FormatError(f"{path}: label values must be integers")
+    values = data.astype(np.int64)
+    present = [int(v) for v in np.unique(values)]
+    unmapped = [v for v in present if v not in mapping]
+    if unmapped:
+        raise FormatError(f"{path}: label values {unmapped[:5]} not in the label_map {dict(sorted(mapping.items()))}")
+    lookup = np.zeros(max(present) + 1, dtype=np.uint8)
+    for src, dst in mapping.items():
+        if src <= max(present):
+            lookup[src] = dst
+    return lookup[values]
 
 
 def _matching_frame(cine: np.ndarray, volume: np.ndarray, path: Path) -> int:

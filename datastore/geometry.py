@@ -5,8 +5,9 @@ Axis conventions (see ``datastore/conventions.py``):
 * NIfTI arrays as nibabel returns them are indexed ``(i, j, k[, t])`` = ``(X, Y, Z[, T])``; for
   short-axis cines ``k`` is the slice axis.
 * Canonical arrays are ``(Z, Y, X)`` (or ``(T, Z, Y, X)``): the numpy transpose of the NIfTI
-  voxel order, with ``Z`` flipped when needed so that ``Z = 0`` is the **base**, i.e. the slice
-  that is most superior in patient RAS+ world coordinates.
+  voxel order, with ``Z`` flipped when needed so that ``Z = 0`` is the **base**. Which end is the
+  base is decided from the world geometry (:func:`decide_base`): the slice whose centre lies
+  furthest up the base-to-apex direction, cross-checked with the LV cavity where labels exist.
 * In-plane resampling works on the last two axes ``(Y, X)``. Spacings are in millimetres, pixel
   coordinates are 0-based pixel centres (``y = 0`` is the centre of the first row).
 
@@ -37,13 +38,111 @@ def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     return float(norms[2]), float(norms[1]), float(norms[0])
 
 
-def base_is_last(affine: np.ndarray) -> bool:
-    """True when the superior end of the slice axis is the last NIfTI slice (``k = Z-1``).
+#: Base-to-apex direction of the LV long axis in RAS+ world coordinates (unit vector): the apex
+#: lies left (-x), anterior (+y) and inferior (-z) of the base. Short-axis stacks are planned
+#: perpendicular to this axis, so their slice axis is nearly parallel (or anti-parallel) to it.
+BASE_TO_APEX_RAS = np.array([-0.6, 0.5, -0.62]) / np.linalg.norm([-0.6, 0.5, -0.62])
+#: Below this |cosine| between the slice axis and ``BASE_TO_APEX_RAS`` the geometry does not decide.
+GEOMETRY_MARGIN_MIN = 0.2
+#: Below this |Spearman correlation| of LV cavity area against slice index the labels do not decide.
+LABEL_MARGIN_MIN = 0.5
 
-    The base is the most superior slice in RAS+ world coordinates: if moving along ``k`` increases
-    the world S coordinate (``affine[2, 2] > 0``), the base is the last slice and must be flipped.
+
+@dataclass(frozen=True)
+class BaseDecision:
+    """Which end of a short-axis stack is the base, and how sure the decision is.
+
+    Attributes:
+        flip_z: True when the base is the last NIfTI slice (``k = Z - 1``): reverse to put it first.
+        source: ``"geometry"``, ``"labels"`` (labels overruled or replaced an ambiguous geometry),
+            or ``"file order"`` (both ambiguous: ``k = 0`` is taken as the base).
+        geometry_margin: cosine between the slice axis ``+k`` and ``BASE_TO_APEX_RAS`` in [-1, 1];
+            > 0 means ``k`` runs base to apex. Ambiguous when ``|margin| < GEOMETRY_MARGIN_MIN``.
+        label_margin: Spearman correlation of LV cavity area with ``k`` (< 0: the cavity shrinks
+            with ``k``, so ``k`` runs base to apex), or None without labels.
+        warning: a one-line message when the labels overruled the geometry or nothing decided.
     """
-    return bool(np.asarray(affine, dtype=np.float64)[2, 2] > 0)
+
+    flip_z: bool
+    source: str
+    geometry_margin: float
+    label_margin: float | None = None
+    warning: str | None = None
+
+    def as_info(self) -> dict[str, object]:
+        """Subject-table fields (JSON-able)."""
+        return {
+            "base_decision": self.source,
+            "base_margin": round(float(self.geometry_margin), 4),
+            "base_label_margin": None if self.label_margin is None else round(float(self.label_margin), 4),
+        }
+
+
+def geometry_margin(affine: np.ndarray) -> float:
+    """Cosine between the slice axis ``+k`` of ``affine`` and the base-to-apex direction.
+
+    Projecting each slice centre ``affine @ (i_c, j_c, k, 1)`` onto ``BASE_TO_APEX_RAS`` gives
+    ``p(k) = p(0) + k * (affine[:3, 2] . d)``: linear in ``k``, so the sign of this cosine says which
+    end projects smallest (the base), and its size how far the stack is from a long-axis view.
+    """
+    column = np.asarray(affine, dtype=np.float64)[:3, 2]
+    return float(column @ BASE_TO_APEX_RAS / np.linalg.norm(column))
+
+
+def label_margin(lv_areas: np.ndarray) -> float | None:
+    """Spearman correlation of the per-slice LV cavity area (native order ``k``) with ``k``.
+
+    Only slices holding LV count; None with fewer than 3 such slices (nothing to correlate).
+    """
+    areas = np.asarray(lv_areas, dtype=np.float64)
+    k = np.flatnonzero(areas > 0)
+    if len(k) < 3:
+        return None
+    ranks_a = np.argsort(np.argsort(areas[k], kind="stable"), kind="stable").astype(np.float64)
+    ranks_k = np.arange(len(k), dtype=np.float64)
+    if np.all(ranks_a == ranks_a[0]):
+        return 0.0
+    return float(np.corrcoef(ranks_k, ranks_a)[0, 1])
+
+
+def decide_base(affine: np.ndarray, lv_areas: np.ndarray | None = None, subject: str = "scan") -> BaseDecision:
+    """Decide which end of a short-axis stack is the base (see ``docs/store.md``, "Base and apex").
+
+    Args:
+        affine: 4x4 voxel ``(i, j, k)`` -> RAS+ mm.
+        lv_areas: optional LV cavity voxel count per native slice ``k`` (``(Z,)``, e.g. the ED label
+            summed over ``i, j``); the cavity shrinks towards the apex.
+        subject: name used in warnings.
+
+    Rule: the geometry decides (base = the slice centre with the smallest projection onto
+    ``BASE_TO_APEX_RAS``); where labels decide too and disagree, warn and follow the labels; when
+    the geometry is ambiguous the labels decide; when both are ambiguous, warn and keep the file
+    order (``k = 0`` is the base).
+    """
+    g = geometry_margin(affine)
+    lab = label_margin(lv_areas) if lv_areas is not None else None
+    geometry_decides = abs(g) >= GEOMETRY_MARGIN_MIN
+    labels_decide = lab is not None and abs(lab) >= LABEL_MARGIN_MIN
+    geometry_flip = g < 0
+    labels_flip = bool(lab is not None and lab > 0)
+    if geometry_decides and (not labels_decide or labels_flip == geometry_flip):
+        return BaseDecision(geometry_flip, "geometry", g, lab)
+    if labels_decide:
+        warning = None
+        if geometry_decides:
+            warning = (
+                f"{subject}: the LV cavity grows towards the slice the geometry calls the apex "
+                f"(geometry margin {g:+.2f}, label margin {lab:+.2f}); following the labels"
+            )
+        return BaseDecision(labels_flip, "labels", g, lab, warning)
+    return BaseDecision(
+        False,
+        "file order",
+        g,
+        lab,
+        f"{subject}: base/apex ambiguous (slice axis at cosine {g:+.2f} to the long axis, no usable labels); "
+        "keeping the file order (first slice = base)",
+    )
 
 
 @dataclass(frozen=True)
@@ -63,14 +162,20 @@ class NativeGeometry:
     flip_z: bool
 
     @classmethod
-    def from_affine(cls, affine: np.ndarray, native_shape_xyz: tuple[int, ...]) -> NativeGeometry:
-        """Geometry of a NIfTI volume with voxel shape ``(X, Y, Z[, T])`` and ``affine``."""
+    def from_affine(
+        cls, affine: np.ndarray, native_shape_xyz: tuple[int, ...], flip_z: bool | None = None
+    ) -> NativeGeometry:
+        """Geometry of a NIfTI volume with voxel shape ``(X, Y, Z[, T])`` and ``affine``.
+
+        ``flip_z`` defaults to the geometry-only :func:`decide_base` (ingest passes the decision
+        that also used the labels).
+        """
         x, y, z = (int(n) for n in native_shape_xyz[:3])
         return cls(
             shape_zyx=(z, y, x),
             spacing_zyx=spacing_from_affine(affine),
             affine=np.asarray(affine, dtype=np.float64),
-            flip_z=base_is_last(affine),
+            flip_z=decide_base(affine).flip_z if flip_z is None else bool(flip_z),
         )
 
     def to_canonical(self, data: np.ndarray) -> np.ndarray:

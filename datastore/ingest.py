@@ -1,4 +1,4 @@
-"""Ingest raw M&Ms / M&Ms-2 subjects into the slice store: Ray tasks, one writer, resume.
+"""Ingest raw M&Ms / M&Ms-2 / ACDC / manifest subjects into the slice store: Ray tasks, one writer, resume.
 
 ``plan_ingest`` discovers the subjects, opens (or resumes) the store and lists what is left to do;
 it needs no Ray. ``execute_ingest`` processes the remaining subjects as Ray tasks (the caller
@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from datastore.acdc import ACDC, discover_acdc
 from datastore.config import IngestConfig
 from datastore.formats import DATASETS, Discovery, FormatError, SkippedSubject, SubjectSource, discover
+from datastore.manifest import discover_manifest
 from datastore.store import StoreWriter, SubjectRecord
 
 #: Test-only: crash the driver after this many commits, with the next subject's rows written but
@@ -75,33 +77,77 @@ class IngestResult:
         return not self.skipped
 
 
+#: ``plan_ingest`` source keys: the directory layouts, plus ``manifest`` (one or more files).
+SOURCE_KINDS = (*DATASETS, ACDC, "manifest")
+
+
+def discover_sources(sources: Mapping[str, Path | str | Sequence[Path | str] | None]) -> list[Discovery]:
+    """Discover every given source: ``{"mnms": dir, "mnms2": dir, "acdc": dir, "manifest": [files]}``.
+
+    ``None`` entries are ignored. A subject that two sources give under one dataset and id is
+    skipped (in both). Raises :class:`IngestError` when nothing is given, a key is unknown, or a
+    root or manifest is unusable as a whole.
+    """
+    given = {k: v for k, v in sources.items() if v is not None and v != [] and v != ()}
+    if not given:
+        raise IngestError("give at least one source (--mnms, --mnms2, --acdc or --manifest)")
+    unknown = set(given) - set(SOURCE_KINDS)
+    if unknown:
+        raise IngestError(f"unknown source(s) {sorted(unknown)}; expected {SOURCE_KINDS}")
+    found: list[Discovery] = []
+    try:
+        for kind in sorted(given):
+            value = given[kind]
+            if kind == "manifest":
+                paths = [value] if isinstance(value, (str, Path)) else list(value)  # type: ignore[arg-type]
+                found.extend(discover_manifest(Path(p)) for p in paths)
+            elif kind == ACDC:
+                found.append(discover_acdc(Path(value)))  # type: ignore[arg-type]
+            else:
+                found.append(discover(Path(value), kind))  # type: ignore[arg-type]
+    except FormatError as exc:
+        raise IngestError(str(exc)) from None
+    _skip_cross_source_duplicates(found)
+    return found
+
+
+def _skip_cross_source_duplicates(found: list[Discovery]) -> None:
+    """A (dataset, id) given by two sources is skipped in both, naming both (as in one CSV)."""
+    roots: dict[tuple[str, str], list[str]] = {}
+    for discovery in found:
+        for subject in discovery.subjects:
+            roots.setdefault((subject.dataset, subject.subject_id), []).append(str(discovery.root))
+    twice = {key: where for key, where in roots.items() if len(where) > 1}
+    for discovery in found:
+        for subject in [s for s in discovery.subjects if (s.dataset, s.subject_id) in twice]:
+            discovery.subjects.remove(subject)
+            where = twice[(subject.dataset, subject.subject_id)]
+            discovery.skipped.append(SkippedSubject(
+                subject.dataset, subject.subject_id,
+                f"{subject.main_file}: subject {subject.dataset}/{subject.subject_id} is given by {len(where)} sources "
+                f"({', '.join(where)}); give it once, or another 'dataset' in the manifest",
+            ))
+
+
 def plan_ingest(
-    sources: Mapping[str, Path | str | None], store: str | os.PathLike[str], config: IngestConfig
+    sources: Mapping[str, Path | str | Sequence[Path | str] | None],
+    store: str | os.PathLike[str],
+    config: IngestConfig,
 ) -> IngestPlan:
-    """Discover subjects of every given dataset root and open or resume the store.
+    """Discover subjects of every given source and open or resume the store.
 
     Args:
-        sources: ``{"mnms": dir, "mnms2": dir}``; ``None`` entries are ignored.
+        sources: ``{"mnms": dir, "mnms2": dir, "acdc": dir, "manifest": [file, ...]}``; ``None``
+            entries are ignored. Every subject records its source dataset in the subject table.
         store: local path or fsspec URL of the store.
         config: ingest settings (must equal the store's if it exists).
 
     Raises:
-        IngestError: no source given, a root/CSV is unusable, or the store holds another config.
+        IngestError: no source given, a root/CSV/manifest is unusable, or the store holds another config.
     """
     from datastore.store import StoreError
 
-    roots = {k: Path(v) for k, v in sources.items() if v is not None}
-    if not roots:
-        raise IngestError("give at least one source directory (--mnms and/or --mnms2)")
-    unknown = set(roots) - set(DATASETS)
-    if unknown:
-        raise IngestError(f"unknown dataset(s) {sorted(unknown)}; expected {DATASETS}")
-    found: list[Discovery] = []
-    for dataset, root in sorted(roots.items()):
-        try:
-            found.append(discover(root, dataset))
-        except FormatError as exc:
-            raise IngestError(str(exc)) from None
+    found = discover_sources(sources)
     csv_checksums = {k: v for d in found for k, v in d.csv_checksums.items()}
     try:
         writer = StoreWriter.open(
@@ -111,7 +157,7 @@ def plan_ingest(
             spacing=config.spacing,
             chunk_slices=config.chunk_slices,
             extra_attrs={
-                "sources": {d.dataset: str(d.root.resolve()) for d in found},
+                "sources": {d.dataset: str(d.root.resolve()) for d in found},  # manifest: its folder
                 "csv_checksums": csv_checksums,
             },
         )
@@ -187,7 +233,7 @@ def process_subject(source: SubjectSource, config: IngestConfig) -> SubjectRecor
         return SkippedSubject(
             source.dataset,
             source.subject_id,
-            f"{source.files['cine']}: unexpected {type(exc).__name__}: {message}",
+            f"{source.main_file}: unexpected {type(exc).__name__}: {message}",
         )
     record.info["content_hash"] = record.content_hash()
     return record
@@ -228,7 +274,7 @@ def _results_ray(
         except ray.exceptions.RayError as exc:  # a worker died (e.g. out of memory) twice
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             item = SkippedSubject(
-                source.dataset, source.subject_id, f"{source.files['cine']}: Ray task failed ({type(exc).__name__}: {first})"
+                source.dataset, source.subject_id, f"{source.main_file}: Ray task failed ({type(exc).__name__}: {first})"
             )
         finished[index] = item
 
@@ -291,6 +337,10 @@ def _write_results(
             if progress:
                 bar.write(f"skipped: {item.reason}", file=sys.stderr)
             continue
+        for message in item.warnings:
+            result.warnings.append(message)
+            if progress:
+                bar.write(f"warning: {message}", file=sys.stderr)
         row = writer.write_rows(item, item.info.get("content_hash"))
         if crash_after is not None and len(result.ingested) >= crash_after:
             if os.environ.get(CRASH_MODE_ENV) == "sigkill":

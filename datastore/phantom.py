@@ -101,7 +101,7 @@ _DCM = PathologyPreset(
 _HCM = PathologyPreset(lv_radius_mm=(16.0, 22.0), wall_mm=(13.0, 20.0), septal_asymmetry=(0.2, 0.5), lvef=(0.65, 0.80))
 _ARV = PathologyPreset(rv_b_mm=(26.0, 38.0), rvef=(0.25, 0.40))
 
-#: Pathology code (M&Ms and M&Ms-2 spellings) -> shape preset.
+#: Pathology code (M&Ms, M&Ms-2 and ACDC spellings) -> shape preset.
 PATHOLOGY_PRESETS: dict[str, PathologyPreset] = {
     "NOR": _NORMAL,
     "Other": _NORMAL,
@@ -112,6 +112,8 @@ PATHOLOGY_PRESETS: dict[str, PathologyPreset] = {
     "HCM": _HCM,
     "HHD": PathologyPreset(wall_mm=(11.0, 14.0), septal_asymmetry=(0.1, 0.2), lvef=(0.55, 0.75)),
     "ARV": _ARV, "ARR": _ARV, "DRV": _ARV, "FALL": _ARV, "TRI": _ARV, "CIA": _ARV,
+    "MINF": PathologyPreset(lv_radius_mm=(26.0, 32.0), lvef=(0.30, 0.50), base_descent_mm=(6.0, 10.0)),
+    "RV": _ARV,  # ACDC's abnormal right ventricle group
 }
 
 

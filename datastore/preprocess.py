@@ -2,7 +2,8 @@
 
 Per subject (method-spec 1.2, 1.4, 1.5 and 8.4-8.5):
 
-1. canonical orientation ``(T, Z, Y, X)`` with the base (most superior slice) at ``Z = 0``;
+1. canonical orientation ``(T, Z, Y, X)`` with the base at ``Z = 0``, decided from the world
+   geometry and cross-checked with the LV cavity (``datastore.geometry.decide_base``);
 2. intensity: subtract the 4D cine's minimum, then z-score with the mean and standard deviation
    of the whole 4D cine (all slices, all frames);
 3. heart centre: centre of the smallest enclosing circle of every labelled pixel (ED and ES, all
@@ -20,9 +21,9 @@ import math
 import numpy as np
 
 from datastore.config import IngestConfig
-from datastore.conventions import PHASE_ED, PHASE_ES, PHASE_OTHER
-from datastore.formats import FormatError, RawSubject
-from datastore.geometry import NativeGeometry, resample_inplane
+from datastore.conventions import LV, PHASE_ED, PHASE_ES, PHASE_OTHER
+from datastore.formats import READER_KEYS, FormatError, RawSubject
+from datastore.geometry import NativeGeometry, decide_base, resample_inplane
 from datastore.store import SubjectRecord
 
 Circle = tuple[float, float, float]  # (centre y, centre x, radius) in pixels
@@ -94,26 +95,38 @@ def heart_centre(labels: list[np.ndarray]) -> tuple[float, float] | None:
     return cy, cx
 
 
+def lv_areas(raw: RawSubject) -> np.ndarray | None:
+    """LV voxel count per native slice ``k`` of the ED label (``(Z,)``), or None when unlabelled."""
+    if raw.ed is None or raw.ed not in raw.labels:
+        return None
+    return np.count_nonzero(raw.labels[raw.ed] == LV, axis=(0, 1))
+
+
 def preprocess(raw: RawSubject, config: IngestConfig) -> SubjectRecord:
     """Canonicalise, z-score, centre, resample and crop one subject (see the module docstring).
+
+    An unlabelled subject (``raw.labels == {}``) keeps every frame and no label or native volume;
+    its slices are centred on the image centre.
 
     Raises:
         FormatError: the cine has no intensity variation (z-score undefined).
     """
     source = raw.source
-    geometry = NativeGeometry.from_affine(raw.affine, raw.cine.shape)
+    decision = decide_base(raw.affine, lv_areas(raw), subject=f"{source.dataset}/{source.subject_id}")
+    geometry = NativeGeometry.from_affine(raw.affine, raw.cine.shape, flip_z=decision.flip_z)
     cine = geometry.to_canonical(raw.cine)  # (T, Z, Y, X) float32
     n_frames, n_slices = cine.shape[:2]
     labels = {t: geometry.to_canonical(v) for t, v in raw.labels.items()}  # (Z, Y, X) uint8
+    labelled = bool(labels)
 
     vmin = float(cine.min())
     shifted = cine - np.float32(vmin)
     mean = float(shifted.mean(dtype=np.float64))
     std = float(shifted.std(dtype=np.float64))
     if not std > 0:
-        raise FormatError(f"{source.files['cine']}: constant intensities, cannot z-score")
+        raise FormatError(f"{source.main_file}: constant intensities, cannot z-score")
 
-    centre = heart_centre([labels[raw.ed], labels[raw.es]]) if config.center_on_heart else None
+    centre = heart_centre(list(labels.values())) if config.center_on_heart and labelled else None
     if centre is None:
         centre = ((cine.shape[-2] - 1) / 2.0, (cine.shape[-1] - 1) / 2.0)
     spacing_yx = geometry.spacing_zyx[1:]
@@ -124,36 +137,45 @@ def preprocess(raw: RawSubject, config: IngestConfig) -> SubjectRecord:
     images = ((resampled - np.float32(mean)) / np.float32(std)).reshape(-1, config.size, config.size)
     frame, slice_index = np.divmod(np.arange(n_frames * n_slices), n_slices)
     phase = np.full(frame.shape, PHASE_OTHER, np.int8)
-    phase[frame == raw.ed] = PHASE_ED
-    phase[frame == raw.es] = PHASE_ES
+    if raw.ed is not None:
+        phase[frame == raw.ed] = PHASE_ED
+    if raw.es is not None:
+        phase[frame == raw.es] = PHASE_ES
 
-    phase_frames = (("ED", raw.ed), ("ES", raw.es))
-    label_stack = np.stack([labels[t] for _, t in phase_frames])  # (2, Z, Y, X)
-    label_slices = resample_inplane(
-        label_stack, spacing_yx, config.spacing, config.size, centre, mode="nearest"
-    ).reshape(-1, config.size, config.size)
-    label_rows = np.concatenate([t * n_slices + np.arange(n_slices) for _, t in phase_frames])
-
-    native = {
-        name: (((shifted[t] - np.float32(mean)) / np.float32(std)).astype(np.float32), labels[t])
-        for name, t in phase_frames
-    }
+    native: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if labelled:
+        assert raw.ed is not None and raw.es is not None
+        phase_frames = (("ED", raw.ed), ("ES", raw.es))
+        label_stack = np.stack([labels[t] for _, t in phase_frames])  # (2, Z, Y, X)
+        label_slices = resample_inplane(
+            label_stack, spacing_yx, config.spacing, config.size, centre, mode="nearest"
+        ).reshape(-1, config.size, config.size)
+        label_rows = np.concatenate([t * n_slices + np.arange(n_slices) for _, t in phase_frames])
+        native = {
+            name: (((shifted[t] - np.float32(mean)) / np.float32(std)).astype(np.float32), labels[t])
+            for name, t in phase_frames
+        }
+    else:
+        label_slices = np.zeros((0, config.size, config.size), np.uint8)
+        label_rows = np.zeros(0, np.int64)
     info = {
-        **source.info,
+        **{k: v for k, v in source.info.items() if k not in READER_KEYS},
+        "labelled": labelled,
         "frames": int(n_frames),
         "slices": int(n_slices),
-        "ed": int(raw.ed),
-        "es": int(raw.es),
+        "ed": None if raw.ed is None else int(raw.ed),
+        "es": None if raw.es is None else int(raw.es),
         "native_shape_zyx": [int(n) for n in geometry.shape_zyx],
         "spacing_zyx": [float(v) for v in geometry.spacing_zyx],
         "affine": geometry.affine.tolist(),
         "flip_z": bool(geometry.flip_z),
+        **decision.as_info(),
         "center_yx": [float(centre[0]), float(centre[1])],
         "intensity_min": vmin,
         "intensity_mean": mean,
         "intensity_std": std,
         "sources": dict(sorted(raw.checksums.items())),
-        "source_dir": str(source.files["cine"].parent),
+        "source_dir": str(source.main_file.parent),
     }
     return SubjectRecord(
         dataset=source.dataset,
@@ -167,4 +189,5 @@ def preprocess(raw: RawSubject, config: IngestConfig) -> SubjectRecord:
         label_rows=label_rows.astype(np.int64),
         native=native,
         info=info,
+        warnings=[decision.warning] if decision.warning else [],
     )

@@ -37,6 +37,10 @@ DEFAULT_BUDGET_SEEDS: tuple[int, ...] = (0, 1, 2)
 MM2_OVERLAP_PATHOLOGIES: frozenset[str] = frozenset({"NOR", "HCM", "LV"})
 #: Published per-budget file name, e.g. ``default-cine-split-nr10-seed0.yaml``.
 BUDGET_FILE = re.compile(r"^(?P<base>.+)-nr(?P<budget>\d+)-seed(?P<seed>\d+)\.ya?ml$")
+#: Published unseen-vendor split, e.g. ``default-cine-split-Vendor-A_B.yaml`` -> named split ``vendor-A_B``.
+VENDOR_FILE = re.compile(r"^(?P<base>.+)-Vendor-(?P<vendors>[A-Za-z0-9_]+)\.ya?ml$")
+#: Names of named splits (file-name safe).
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Part = Literal["train", "valid", "test"]
 Groups = dict[str, list[str]]  # dataset key -> subject ids
@@ -152,8 +156,21 @@ class Split:
                 previous, previous_n = chosen, n
 
     def check_against(self, subjects: Any, store_name: str = "store") -> None:
-        """Raise ``SplitError`` naming every id of the split that is not in the subject table."""
-        known = {(dataset_key(d), str(s)) for d, s in zip(subjects["dataset"], subjects["subject_id"])}
+        """Raise ``SplitError`` naming every id of the split that is not in the subject table, or
+        that is there without labels (an unlabelled subject can only be pretrained on)."""
+        flags = subjects["labelled"] if "labelled" in subjects else [True] * len(subjects)
+        pairs = [(dataset_key(d), str(s), _truthy(f)) for d, s, f in zip(subjects["dataset"], subjects["subject_id"], flags)]
+        unlabelled = sorted(
+            f"{part}.{key}: {sid}"
+            for part in PARTS
+            for key, ids in self.parts[part].items()
+            for sid in ids
+            if (key, sid, False) in set(pairs)
+        )
+        if unlabelled:
+            shown = "; ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else "")
+            raise SplitError(f"{self.source}: {len(unlabelled)} subject(s) without labels in {store_name}: {shown}")
+        known = {(k, s) for k, s, _ in pairs}
         unknown = sorted(
             f"{part}.{key}: {sid}"
             for part in PARTS
@@ -210,8 +227,10 @@ def make_splits(
     exclude_mm2_overlap: bool = False,
     meta: Mapping[str, Any] | None = None,
 ) -> Split:
-    """Draw a split from a subject table (``subject_id``, ``dataset``, ``vendor``[, ``pathology``]).
+    """Draw a split from a subject table (``subject_id``, ``dataset``, ``vendor``[, ``pathology``, ``labelled``]).
 
+    Only labelled subjects (``labelled`` True or absent) enter test, valid, train and the budgets;
+    unlabelled ones are counted in ``meta["unlabelled"]`` and pretrained on (:func:`pretrain_pool`).
     * test: ``test_per_vendor`` subjects from every (dataset, vendor) group (all of a smaller group);
     * the remaining pool is shuffled and ``round(valid_fraction * n)`` subjects become valid, the
       rest train; with ``exclude_mm2_overlap`` (the published code's rule when both datasets are
@@ -232,15 +251,20 @@ def make_splits(
     for column in ("subject_id", "dataset", "vendor"):
         if column not in subjects:
             raise SplitError(f"subject table has no {column!r} column")
+    labelled = [_truthy(v) for v in subjects["labelled"]] if "labelled" in subjects else [True] * len(subjects)
     rows = sorted(
         (dataset_key(d), str(s), str(v), str(p))
-        for d, s, v, p in zip(
+        for d, s, v, p, has_labels in zip(
             subjects["dataset"],
             subjects["subject_id"],
             subjects["vendor"],
             subjects["pathology"] if "pathology" in subjects else [""] * len(subjects),
+            labelled,
         )
+        if has_labels
     )
+    if not rows:
+        raise SplitError(f"subject table has no labelled subject ({len(labelled)} unlabelled): nothing to test or fine-tune on")
     if len({(k, s) for k, s, _, _ in rows}) != len(rows):
         raise SplitError("subject table lists a subject twice")
     rng = np.random.default_rng(seed)
@@ -282,6 +306,7 @@ def make_splits(
         "test_per_vendor": int(test_per_vendor),
         "valid_fraction": float(valid_fraction),
         "excluded_mm2_overlap": [s for _, s in excluded],
+        "unlabelled": int(len(labelled) - sum(labelled)),
         **dict(meta or {}),
     }
     return Split(
@@ -290,6 +315,31 @@ def make_splits(
         meta=info,
         source="make_splits",
     )
+
+
+def _truthy(value: Any) -> bool:
+    """A ``labelled`` cell: missing (None/NaN, older stores) counts as labelled."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return True
+    return bool(value)
+
+
+def pretrain_pool(subjects: Any, split: Split | None) -> list[str]:
+    """Subjects to pretrain on: every subject of the table that is not in the split's test part.
+
+    Labelled or not, train, valid or in no part at all (unlabelled, or outside an imported split).
+    Ids are plain unless two datasets share one, then ``"<dataset>/<id>"`` (what the loader takes).
+    """
+    test = set() if split is None else {(k, s) for k, ids in split.parts["test"].items() for s in ids}
+    pairs = [(str(d), str(s)) for d, s in zip(subjects["dataset"], subjects["subject_id"])]
+    counts: dict[str, int] = {}
+    for _, sid in pairs:
+        counts[sid] = counts.get(sid, 0) + 1
+    return [
+        sid if counts[sid] == 1 else f"{dataset}/{sid}"
+        for dataset, sid in pairs
+        if (dataset_key(dataset), sid) not in test
+    ]
 
 
 def _group(members: Iterable[tuple[str, str]]) -> Groups:
@@ -386,7 +436,7 @@ def import_published(paths: Sequence[str | Path], meta: Mapping[str, Any] | None
 
     ``paths`` are files or directories. A file named ``<base>-nr<B>-seed<S>.yaml`` contributes its
     ``train`` as budget ``B`` of seed ``S`` (its valid/test must equal the base's); the one other
-    file is the base split. Other ``*-<suffix>.yaml`` files in a directory (vendor splits) are skipped.
+    file is the base split. The unseen-vendor files (``*-Vendor-*.yaml``) are left to :func:`import_named`.
     """
     files: list[Path] = []
     for entry in map(Path, paths):
@@ -394,6 +444,7 @@ def import_published(paths: Sequence[str | Path], meta: Mapping[str, Any] | None
             files.extend(sorted(p for p in entry.iterdir() if p.suffix in (".yaml", ".yml")))
         else:
             files.append(entry)
+    files = [f for f in files if not VENDOR_FILE.match(f.name)]  # named splits: import_named
     budget_files = [(f, BUDGET_FILE.match(f.name)) for f in files]
     bases = [f for f, m in budget_files if m is None]
     by_budget = [(f, m) for f, m in budget_files if m is not None]
@@ -422,6 +473,48 @@ def import_published(paths: Sequence[str | Path], meta: Mapping[str, Any] | None
     return Split(parts=base.parts, budgets=budgets, meta=info, source=source)
 
 
+def import_named(paths: Sequence[str | Path], meta: Mapping[str, Any] | None = None) -> dict[str, Split]:
+    """The published unseen-vendor splits among ``paths`` (files or directories) as named splits.
+
+    ``default-cine-split-Vendor-A_B.yaml`` (train/valid/test -> mm1/mm2 -> ids; training on vendors
+    A and B, testing on the others) becomes ``{"vendor-A_B": Split}``. They have no budgets: fine-tune
+    them with budget ``all``.
+    """
+    named: dict[str, Split] = {}
+    for entry in map(Path, paths):
+        candidates = sorted(entry.iterdir()) if entry.is_dir() else [entry]
+        for path in candidates:
+            match = VENDOR_FILE.match(path.name)
+            if match is None:
+                continue
+            name = f"vendor-{match.group('vendors')}"
+            split = _parse(_read(path), str(path), _meta(path))
+            info = {"imported_from": [str(path)], "name": name, **split.meta, **dict(meta or {})}
+            named[name] = Split(parts=split.parts, budgets=split.budgets, meta=info, source=str(path))
+    return named
+
+
+def named_split_path(path: str | Path, name: str | None) -> Path:
+    """The file of split ``name`` next to the default split file ``path``.
+
+    ``split.yaml`` + ``vendor-A_B`` -> ``split.vendor-A_B.yaml`` (what ``sspctl splits import`` writes);
+    ``name`` None or ``default`` -> ``path`` itself.
+
+    Raises:
+        SplitError: an unsafe name, or no such file (the message lists the names found).
+    """
+    path = Path(path)
+    if name in (None, "", "default"):
+        return path
+    if not SPLIT_NAME.match(str(name)):
+        raise SplitError(f"--split-name {name!r}: letters, digits, '_', '-' and '.' only")
+    target = path.with_name(f"{path.stem}.{name}{path.suffix}")
+    if not target.is_file():
+        found = sorted(p.name[len(path.stem) + 1 : -len(path.suffix)] for p in path.parent.glob(f"{path.stem}.*{path.suffix}"))
+        raise SplitError(f"{target}: no split named {name!r} next to {path.name} (found: {', '.join(found) or 'none'})")
+    return target
+
+
 __all__ = [
     "DATASET_KEYS",
     "PARTS",
@@ -429,6 +522,9 @@ __all__ = [
     "SplitError",
     "dataset_key",
     "import_published",
+    "import_named",
     "load_split",
     "make_splits",
+    "named_split_path",
+    "pretrain_pool",
 ]

@@ -115,8 +115,10 @@ class SubjectRecord:
         frame, slice, slice_count, phase: int ``(n,)`` per-slice metadata.
         labels: uint8 ``(m, S, S)`` for the labelled slices.
         label_rows: int ``(m,)`` index into ``images`` (subject-local) of each label.
-        native: ``{"ED"|"ES": (image float32 (Z, Y, X), label uint8 (Z, Y, X))}``.
+        native: ``{"ED"|"ES": (image float32 (Z, Y, X), label uint8 (Z, Y, X))}``; empty for an
+            unlabelled subject (``info["labelled"]`` False: no labels, pretraining only).
         info: JSON-able subject-table fields (vendor, geometry, intensity statistics, sources...).
+        warnings: one-line notes for the user (e.g. an ambiguous base/apex decision); not stored.
     """
 
     dataset: str
@@ -130,6 +132,7 @@ class SubjectRecord:
     label_rows: np.ndarray
     native: dict[str, tuple[np.ndarray, np.ndarray]]
     info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def content_hash(self) -> str:
         """sha256 of exactly the bytes the store holds for this subject."""
@@ -166,7 +169,7 @@ def subject_content_hash(
         add(key, meta[key], META_DTYPES[key])
     add("labels", labels, "uint8")
     add("label_rows", label_rows, "int64")
-    for phase in PHASES:
+    for phase in (p for p in PHASES if p in native):  # an unlabelled subject has none
         image, label = native[phase]
         add(f"native/{phase}/image", image, "float32")
         add(f"native/{phase}/label", label, "uint8")
@@ -373,6 +376,8 @@ class SliceStore:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         row = self.subject_row(subject_id, dataset)
+        if not row.get("labelled", True):
+            raise KeyError(f"{self.path}: subject {row['dataset']}/{row['subject_id']} is unlabelled (no native ED/ES volumes)")
         node = self.group[f"native/{subject_key(row['dataset'], row['subject_id'])}/{phase}"]
         return NativeVolume(
             image=np.asarray(node["image"][:], dtype=np.float32),
@@ -639,7 +644,7 @@ class StoreWriter:
         for key, dtype in META_DTYPES.items():
             self._ensure_length(f"meta/{key}", n1)[n0:n1] = np.asarray(values[key], dtype=dtype)
         key = subject_key(record.dataset, record.subject_id)
-        for phase in PHASES:
+        for phase in (p for p in PHASES if p in record.native):
             image, label = record.native[phase]
             for name, data, dtype in (("image", image, "float32"), ("label", label, "uint8")):
                 _write_whole(self.group, f"native/{key}/{phase}/{name}", np.asarray(data, dtype=dtype))
@@ -957,6 +962,7 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "subjects": len(rows),
         "slices": store.n_slices,
         "labelled_slices": store.n_labels,
+        "labelled_subjects": sum(bool(r.get("labelled", True)) for r in rows),
         "image_size": store.image_size,
         "spacing_mm": store.attrs.get("spacing"),
         "chunk_slices": store.chunk_slices,
@@ -974,8 +980,9 @@ def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[
 
     Checks: the ingest finished; array lengths agree with the committed counts; metadata ranges
     (subject, frame, slice, slice_count, phase) agree with the subject table; labels exist exactly
-    on the ED/ES slices, point back to their slice and hold values in {0, 1, 2, 3}; images are
-    finite; native volumes match the table; every subject hash and the dataset hash recompute.
+    on the ED/ES slices of labelled subjects (none for ``labelled: false`` rows), point back to
+    their slice and hold values in {0, 1, 2, 3}; images are finite; native volumes (labelled
+    subjects only) match the table; every subject hash and the dataset hash recompute.
     """
     from tqdm import tqdm
 
@@ -1014,6 +1021,8 @@ def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[
             problems.append(f"{where}: {name} appears twice in the subject table")
         seen.add((row["dataset"], row["subject_id"]))
         first, count, frames, slices = (int(row[k]) for k in ("first_row", "n_rows", "frames", "slices"))
+        has_labels = bool(row.get("labelled", True))
+        ed, es = (-1 if row.get(k) is None else int(row[k]) for k in ("ed", "es"))
         if count != frames * slices:
             problems.append(f"{where}: {name} has {count} rows, expected frames*slices = {frames * slices}")
         if first < 0 or first + count > n:
@@ -1027,20 +1036,21 @@ def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[
             "slice": (meta["slice"][part] >= 0) & (meta["slice"][part] < slices),
             "slice_count": meta["slice_count"][part] == slices,
             "phase": meta["phase"][part]
-            == np.where(meta["frame"][part] == row["ed"], 1, np.where(meta["frame"][part] == row["es"], 2, 0)),
+            == np.where(meta["frame"][part] == ed, 1, np.where(meta["frame"][part] == es, 2, 0)),
+            "labelled": meta["labelled"][part] == ((meta["phase"][part] > 0) & has_labels),
         }
         for key, ok in checks.items():
             if not np.all(ok):
                 problems.append(f"{where}: meta/{key} disagrees with the subject table for {name}")
         n_labelled = int(meta["labelled"][part].sum())
-        if n_labelled != int(row["n_labels"]) or n_labelled != 2 * slices:
-            problems.append(f"{where}: {name} has {n_labelled} labelled slices, expected {2 * slices}")
+        if n_labelled != int(row["n_labels"]) or n_labelled != 2 * slices * has_labels:
+            problems.append(f"{where}: {name} has {n_labelled} labelled slices, expected {2 * slices * has_labels}")
     if np.any(covered != 1):
         problems.append(f"{where}: {int(np.sum(covered != 1))} slice rows are not owned by exactly one subject")
     # Labels only on ED/ES slices and pointing back.
     labelled = meta["labelled"]
-    if not np.array_equal(labelled, meta["phase"] > 0):
-        problems.append(f"{where}: meta/labelled is not exactly the ED and ES slices")
+    if np.any(labelled & (meta["phase"] == 0)):
+        problems.append(f"{where}: meta/labelled marks slices that are not ED or ES slices")
     if not np.array_equal(labelled, meta["label_row"] >= 0):
         problems.append(f"{where}: meta/label_row disagrees with meta/labelled")
     label_rows = meta["label_row"][labelled]
@@ -1063,7 +1073,7 @@ def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[
             problems.append(f"{where}: {name} has label values outside {{0, 1, 2, 3}}")
         native: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         try:
-            for phase in PHASES:
+            for phase in PHASES if row.get("labelled", True) else ():
                 node = group[f"native/{subject_key(row['dataset'], row['subject_id'])}/{phase}"]
                 native[phase] = (np.asarray(node["image"][:]), np.asarray(node["label"][:]))
                 if list(native[phase][0].shape) != list(row["native_shape_zyx"]) or native[phase][1].shape != native[phase][0].shape:

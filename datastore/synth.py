@@ -13,6 +13,15 @@ M&Ms-2 (``layout="mnms2"``)::
     <out>/<NNN>/<NNN>_SA_ED_gt.nii.gz, <NNN>_SA_ES_gt.nii.gz 3D labels
     <out>/dataset_information.csv
 
+ACDC (``layout="acdc"``; the first two thirds under ``training/``, the rest under ``testing/``)::
+
+    <out>/<part>/patientNNN/patientNNN_4d.nii.gz                 4D cine (X, Y, Z, T)
+    <out>/<part>/patientNNN/patientNNN_frameXX.nii.gz            3D ED and ES frames (XX 1-based)
+    <out>/<part>/patientNNN/patientNNN_frameXX_gt.nii.gz         3D labels in ACDC order (1 RV, 2 MYO, 3 LV)
+    <out>/<part>/patientNNN/Info.cfg                             ED, ES, Group, Height, Weight, NbFrame
+
+The last ``unlabelled`` ACDC subjects are written without ``_gt`` files (pretraining-only data).
+
 The images come from ``datastore.phantom``; see ``docs/phantom.md`` for the conventions.
 """
 
@@ -32,10 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from datastore.phantom import VENDOR_NAMES, PhantomVolume, render, sample_subject
 
-Layout = Literal["mnms", "mnms2"]
+Layout = Literal["mnms", "mnms2", "acdc"]
+LAYOUTS: tuple[str, ...] = ("mnms", "mnms2", "acdc")
 
 #: Seed stream of each layout (so ``mnms`` and ``mnms2`` written with one seed differ).
-LAYOUT_STREAM: dict[str, int] = {"mnms": 0, "mnms2": 1}
+LAYOUT_STREAM: dict[str, int] = {"mnms": 0, "mnms2": 1, "acdc": 2}
 MNMS_CSV = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
 MNMS2_CSV = "dataset_information.csv"
 MNMS_COLUMNS = ["", "External code", "VendorName", "Vendor", "Centre", "ED", "ES", "Age", "Pathology", "Sex", "Height", "Weight"]
@@ -47,6 +57,11 @@ MNMS2_PATHOLOGIES: dict[str, float] = {"NOR": 0.2, "LV": 0.2, "HCM": 0.2, "ARR":
 #: Vendor letters and sampling weights per layout (M&Ms-2 has no Canon).
 MNMS_VENDORS: dict[str, float] = {"A": 0.35, "B": 0.3, "C": 0.15, "D": 0.2}
 MNMS2_VENDORS: dict[str, float] = {"A": 0.55, "B": 0.2, "C": 0.25}
+#: ACDC: five groups of equal size, one Siemens site.
+ACDC_GROUPS: dict[str, float] = {"NOR": 0.2, "DCM": 0.2, "HCM": 0.2, "MINF": 0.2, "RV": 0.2}
+ACDC_VENDORS: dict[str, float] = {"A": 1.0}
+LAYOUT_PATHOLOGIES = {"mnms": MNMS_PATHOLOGIES, "mnms2": MNMS2_PATHOLOGIES, "acdc": ACDC_GROUPS}
+LAYOUT_VENDORS = {"mnms": MNMS_VENDORS, "mnms2": MNMS2_VENDORS, "acdc": ACDC_VENDORS}
 #: M&Ms centres per vendor letter.
 MNMS_CENTRES: dict[str, tuple[int, ...]] = {"A": (1, 6), "B": (2, 3), "C": (4,), "D": (5,)}
 #: M&Ms-2 raw ``VENDOR`` strings (as in the real file) and scanner models per vendor letter.
@@ -63,15 +78,16 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layout: Layout = Field("mnms", description="Raw on-disk layout: 'mnms' (M&Ms) or 'mnms2' (M&Ms-2).")
+    layout: Layout = Field("mnms", description="Raw on-disk layout: 'mnms' (M&Ms), 'mnms2' (M&Ms-2) or 'acdc' (ACDC).")
     n_subjects: int = Field(20, ge=1, le=10_000, description="Number of subjects to write.")
     seed: int = Field(0, ge=0, description="Root seed; subject i uses SeedSequence(seed).spawn child i.")
     size: int = Field(128, ge=32, le=1024, description="Stored matrix columns in pixels (rows may be 80-100% of it).")
     frames: tuple[int, int] = Field((20, 30), description="Inclusive range of cine frames per subject.")
     slices: tuple[int, int] = Field((8, 12), description="Inclusive range of short-axis slices per subject.")
     trivial: bool = Field(False, description="Clean images: no confounders, noise, shading or texture.")
-    first_id: int = Field(1, ge=1, description="M&Ms-2 only: number of the first subject folder (001...).")
+    first_id: int = Field(1, ge=1, description="M&Ms-2 and ACDC: number of the first subject folder (001...).")
     vendors: tuple[str, ...] | None = Field(None, description="Restrict to these vendor letters (A-D).")
+    unlabelled: int = Field(0, ge=0, description="ACDC only: write the last N subjects without _gt label files.")
 
     @field_validator("frames", "slices")
     @classmethod
@@ -84,7 +100,7 @@ class SynthConfig(BaseModel):
     @field_validator("vendors")
     @classmethod
     def _check_vendors(cls, value: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
-        allowed = MNMS2_VENDORS if info.data.get("layout") == "mnms2" else MNMS_VENDORS
+        allowed = LAYOUT_VENDORS[info.data.get("layout") or "mnms"]
         for vendor in value or ():
             if vendor not in allowed:
                 raise ValueError(f"vendor {vendor!r} not in {sorted(allowed)} for this layout")
@@ -164,6 +180,24 @@ def _write_mnms2(folder: Path, sid: str, vol: PhantomVolume) -> None:
         _save_nifti(label, p.affine, folder / f"{sid}_SA_{phase}_gt.nii.gz", p.spacing_xyz)
 
 
+def _write_acdc(folder: Path, sid: str, vol: PhantomVolume, demo: Demographics, labelled: bool) -> None:
+    p = vol.params
+    zooms4 = (*p.spacing_xyz, 1.0 / p.shape_tzyx[0])
+    _save_nifti(_to_nifti_axes(vol.stored), p.affine, folder / f"{sid}_4d.nii.gz", zooms4)
+    to_acdc = np.array([0, 3, 2, 1], np.uint8)  # store order (1 LV, 3 RV) -> ACDC order (1 RV, 3 LV)
+    for index in (p.ed_index, p.es_index):
+        stem = folder / f"{sid}_frame{index + 1:02d}"
+        frame = np.ascontiguousarray(np.transpose(vol.stored[index], (2, 1, 0)))
+        _save_nifti(frame, p.affine, Path(f"{stem}.nii.gz"), p.spacing_xyz)
+        if labelled:
+            label = np.ascontiguousarray(np.transpose(to_acdc[vol.labels[index]], (2, 1, 0)))
+            _save_nifti(label, p.affine, Path(f"{stem}_gt.nii.gz"), p.spacing_xyz)
+    (folder / "Info.cfg").write_text(
+        f"ED: {p.ed_index + 1}\nES: {p.es_index + 1}\nGroup: {demo.pathology}\nHeight: {demo.height}\n"
+        f"NbFrame: {p.shape_tzyx[0]}\nWeight: {demo.weight}\n"
+    )
+
+
 @dataclass(frozen=True)
 class Demographics:
     """CSV fields drawn per subject besides the images (vendor letter, pathology code, ...)."""
@@ -197,11 +231,11 @@ def synth_subject(
     meta_seq, geo_seq, noise_seq = child.spawn(3)
     meta_rng, geo_rng = np.random.default_rng(meta_seq), np.random.default_rng(geo_seq)
     noise_rng = np.random.Generator(np.random.SFC64(noise_seq))  # faster normals for the noise
-    vendor_weights = MNMS2_VENDORS if layout == "mnms2" else MNMS_VENDORS
+    vendor_weights = LAYOUT_VENDORS[layout]
     if vendors:
         vendor_weights = {v: w for v, w in vendor_weights.items() if v in vendors}
     vendor = _choice(meta_rng, vendor_weights)
-    pathology = _choice(meta_rng, MNMS2_PATHOLOGIES if layout == "mnms2" else MNMS_PATHOLOGIES)
+    pathology = _choice(meta_rng, LAYOUT_PATHOLOGIES[layout])
     sex = "M" if meta_rng.random() < 0.6 else "F"
     demographics = Demographics(
         vendor=vendor,
@@ -227,6 +261,7 @@ def write_dataset(
     first_id: int = 1,
     vendors: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    unlabelled: int = 0,
 ) -> list[str]:
     """Write ``n_subjects`` phantom subjects under ``out`` in the raw layout of M&Ms or M&Ms-2.
 
@@ -239,9 +274,10 @@ def write_dataset(
         frames: inclusive range of cine frames T per subject.
         slices: inclusive range of slices Z per subject.
         trivial: clean images (no confounders, noise, shading) for smoke tests.
-        first_id: M&Ms-2 only, number of the first subject folder.
+        first_id: M&Ms-2 and ACDC, number of the first subject folder.
         vendors: restrict to these vendor letters.
         progress: called with 1 after each subject (for a progress bar).
+        unlabelled: ACDC only, write the last N subjects without label files.
 
     Returns:
         The subject IDs written, in order (folder names).
@@ -251,7 +287,7 @@ def write_dataset(
     """
     config = SynthConfig(
         layout=layout, n_subjects=n_subjects, seed=seed, size=size, frames=frames, slices=slices,
-        trivial=trivial, first_id=first_id, vendors=tuple(vendors) if vendors else None,
+        trivial=trivial, first_id=first_id, vendors=tuple(vendors) if vendors else None, unlabelled=unlabelled,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +308,7 @@ def write_dataset(
                 index, sid, VENDOR_NAMES[demo.vendor], demo.vendor, centre, p.ed_index, p.es_index,
                 demo.age, demo.pathology, demo.sex, demo.height, demo.weight,
             ])
-        else:
+        elif config.layout == "mnms2":
             sid = f"{config.first_id + index:03d}"
             scanners = MNMS2_SCANNERS[demo.vendor]
             scanner, field = scanners[int(meta_rng.integers(len(scanners)))]
@@ -280,13 +316,23 @@ def write_dataset(
                 config.first_id + index, demo.pathology, demo.sex, demo.age, scanner, field,
                 MNMS2_VENDOR_STRINGS[demo.vendor],
             ])
+        else:
+            sid = f"patient{config.first_id + index:03d}"
         _check_reader_invariants(sid, vol)
-        folder = out / sid
-        folder.mkdir(exist_ok=True)
-        (_write_mnms if config.layout == "mnms" else _write_mnms2)(folder, sid, vol)
+        if config.layout == "acdc":
+            part = "training" if index < (2 * config.n_subjects + 2) // 3 else "testing"
+            folder = out / part / sid
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_acdc(folder, sid, vol, demo, labelled=index < config.n_subjects - config.unlabelled)
+        else:
+            folder = out / sid
+            folder.mkdir(exist_ok=True)
+            (_write_mnms if config.layout == "mnms" else _write_mnms2)(folder, sid, vol)
         ids.append(sid)
         if progress is not None:
             progress(1)
+    if config.layout == "acdc":
+        return ids  # ACDC keeps its metadata in each subject's Info.cfg
     csv_path = out / (MNMS_CSV if config.layout == "mnms" else MNMS2_CSV)
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -104,24 +104,24 @@ def resolve_config(method: str, config_file: Path | None, overrides: dict[str, A
 
 
 def pretrain_subjects(store: Any, split: Path | None) -> list[str] | None:
-    """Subject ids to pretrain on: the split's ``train`` part, or ``None`` (every subject) without a split.
+    """Subject ids to pretrain on: every store subject outside the split's test part (labelled or
+    not, see ``datastore.splits.pretrain_pool``), or ``None`` (every subject) without a split.
 
     Raises:
-        LaunchError: unreadable split, or train subjects the store does not hold.
+        LaunchError: unreadable split, or split subjects the store does not hold (or holds unlabelled).
     """
     if split is None:
         return None
-    from datastore.splits import SplitError, load_split
+    from datastore.splits import SplitError, load_split, pretrain_pool
 
     try:
         parsed = load_split(split)
-        subjects = parsed.subjects("train")
+        parsed.check_against(store.subjects, store_name=str(store.path))
     except (SplitError, OSError) as exc:
         raise LaunchError(str(exc).splitlines()[0]) from None
-    known = {str(s) for s in store.subjects["subject_id"]}
-    unknown = [s for s in subjects if s not in known]
-    if unknown:
-        raise LaunchError(f"{split}: {len(unknown)} train subject(s) not in the store (e.g. {', '.join(unknown[:3])})")
+    subjects = pretrain_pool(store.subjects, parsed)
+    if not subjects:
+        raise LaunchError(f"{split}: every subject of the store is in the test part; nothing to pretrain on")
     return subjects
 
 

@@ -661,6 +661,10 @@ def build_report(
     plots = plot_dice_vs_budget(report.summary, output)
     overlays = collect_overlays(tracking, runs, output / "overlays")
     report.files = write_report(report, output, plots, overlays)
+    from orchestrator.breakdown import write_breakdown  # per dataset and test vendor (issue 12)
+
+    store_path = tracking.client.get_run(chosen.run_id).data.tags.get("store", "")
+    report.files.update(write_breakdown(table, store_path, chosen.split, output))
     report.files.update({f"plot_{cls}": p for cls, p in plots.items()})
     (output / "summary.json").write_text(json.dumps(report.rows(), indent=1))
     report.files["json"] = output / "summary.json"

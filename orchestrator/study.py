@@ -10,7 +10,7 @@ Relative paths in a study config are resolved against the current working direct
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,8 @@ class IngestSection(_Section):
 
     mnms: Path | None = Field(None, description="M&Ms root (CSV + <ID>/ folders)")
     mnms2: Path | None = Field(None, description="M&Ms-2 root (dataset_information.csv + <NNN>/ folders)")
+    acdc: Path | None = Field(None, description="ACDC root (training/, testing/ with patientNNN/ folders)")
+    manifests: tuple[Path, ...] = Field((), description="CSV/YAML manifests of other subjects (docs/store.md)")
     config: Path | None = Field(None, description="IngestConfig YAML (spacing, size, ...)")
     spacing: float | None = Field(None, gt=0, description="target in-plane spacing, mm")
     size: int | None = Field(None, gt=0, description="stored slice edge, px")
@@ -46,6 +48,10 @@ class SplitSection(_Section):
     test_per_vendor: int = Field(15, ge=1, description="test subjects per dataset x vendor group")
     seed: int = Field(1234, description="seed of the test/valid draw")
     budgets_seeds: tuple[int, ...] = Field((0, 1, 2), description="seeds of the nested label-budget subsets")
+    named: tuple[str, ...] = Field(
+        (), description="named splits next to `file` (e.g. vendor-A_B, vendor-C_D from `sspctl splits import`), "
+        "each fine-tuned too with budget all: one more grid and report per name",
+    )
 
 
 class PretrainSection(_Section):
@@ -131,6 +137,8 @@ class StudyOutcome:
     pretrained: dict[str, Path]
     grid: Any
     report: Any
+    #: Named split -> (its grid, its report).
+    named: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 def with_phantom(config: StudyConfig, workspace: Workspace, echo: Callable[[str], None]) -> StudyConfig:
@@ -163,7 +171,8 @@ def ensure_store(config: StudyConfig, echo: Callable[[str], None]) -> None:
 
     section = config.ingest
     settings = load_config(IngestConfig, section.config, {"spacing": section.spacing, "size": section.size})
-    plan = plan_ingest({"mnms": section.mnms, "mnms2": section.mnms2}, config.store, settings)
+    sources = {"mnms": section.mnms, "mnms2": section.mnms2, "acdc": section.acdc, "manifest": list(section.manifests)}
+    plan = plan_ingest(sources, config.store, settings)
     if plan.noop:
         echo(f"store {config.store}: up to date ({plan.already} subjects)")
         return
@@ -224,6 +233,17 @@ def finetune_config(config: StudyConfig) -> dict[str, Any]:
     return base
 
 
+def named_split_files(config: StudyConfig, split: Path) -> dict[str, Path]:
+    """The files of ``config.split.named`` next to ``split`` (checked before any training starts).
+
+    Raises:
+        datastore.splits.SplitError: a named split file is missing (the message lists those found).
+    """
+    from datastore.splits import named_split_path
+
+    return {name: named_split_path(split, name) for name in config.split.named}
+
+
 def run_study(
     config: StudyConfig, workspace: Workspace, echo: Callable[[str], None] = print, progress: bool = True
 ) -> StudyOutcome:
@@ -233,23 +253,34 @@ def run_study(
     from orchestrator.report import build_report
 
     config = with_phantom(config, workspace, echo)
+    named_grids: dict[str, Any] = {}
     with ray_session(num_cpus=config.ray_cpus):
         ensure_store(config, echo)
         split = ensure_split(config, workspace, echo)
+        named = named_split_files(config, split)
         pretrained = pretrain_all(config, workspace, split, echo, progress)
         section = config.finetune
         arms = ["scratch", *pretrained, *section.extra_arms]
         echo(f"fine-tuning grid: {', '.join(arms)} x budgets {list(section.budgets)} x subset seeds "
              f"{list(section.seeds)} x training seeds {list(section.train_seeds)}")
-        grid = run_grid(
-            config.store, split, section.budgets, section.seeds, train_seeds=section.train_seeds,
-            replicated_budgets=section.replicated_budgets,
+        grid_args = dict(
+            train_seeds=section.train_seeds, replicated_budgets=section.replicated_budgets,
             pretrained=pretrained, methods=arms,
             workers_per_trial=config.finetune.workers_per_trial,
             gpus_per_trial=config.finetune.gpus_per_trial, config=finetune_config(config),
             study=config.name, workspace=workspace, progress=progress,
         )
-    report = build_report(
-        config.name, workspace.tracking_uri, workspace.root / "reports" / config.name, grid=grid.parent_run_id
-    )
-    return StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)
+        grid = run_grid(config.store, split, section.budgets, section.seeds, **grid_args)
+        for name, path in named.items():
+            # A named split has no budgets: budget 'all' is the same subjects for every subset seed.
+            echo(f"fine-tuning grid on split {name}: {', '.join(arms)} x budget all")
+            named_grids[name] = run_grid(config.store, path, ("all",), section.seeds[:1], **grid_args)
+    reports = workspace.root / "reports" / config.name
+    report = build_report(config.name, workspace.tracking_uri, reports, grid=grid.parent_run_id)
+    outcome = StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)
+    for name, named_grid in named_grids.items():
+        outcome.named[name] = (
+            named_grid,
+            build_report(config.name, workspace.tracking_uri, reports / name, grid=named_grid.parent_run_id),
+        )
+    return outcome

@@ -5,14 +5,15 @@ Steps (the training/evaluation preprocessing of ``datastore/preprocess.py`` and
 
 1. read ``.nii``/``.nii.gz`` (``datastore.formats.load_nifti``); accept a 3D volume ``(X, Y, Z)`` or a
    4D cine ``(X, Y, Z, T)``; refuse 2D, non-finite intensities, and invalid spacing;
-2. canonical orientation ``(T, Z, Y, X)``, base at ``Z = 0`` (``datastore.geometry``);
+2. canonical orientation ``(T, Z, Y, X)``, base at ``Z = 0`` decided from the world geometry
+   (``datastore.geometry.decide_base``; no labels here, so an ambiguous stack keeps its file order);
 3. intensities: subtract the minimum of the whole scan, z-score with the mean and standard deviation
    of the whole scan (all frames), as ingest does per subject;
 4. every frame: slices resampled to the model grid (``image_size`` px at the model's spacing,
    centred on the image centre), logits mapped back to the native grid bicubically with border
    padding, argmax;
-5. undo the reorientation and write uint8 labels {0 background, 1 LV, 2 MYO, 3 RV} with the
-   input's affine and shape.
+5. undo the reorientation and write uint8 labels with the input's affine and shape, in the input's
+   label convention (ACDC files: 1 RV, 2 MYO, 3 LV) or M&Ms order {0 background, 1 LV, 2 MYO, 3 RV}.
 
 A fine-tuned model on disk is a directory holding ``model.pt`` (a ``UNet2d`` state dict, loadable
 with ``torch.load(weights_only=True)``) and ``model.json`` (``image_size``, ``spacing_mm``,
@@ -168,18 +169,61 @@ def predict_array(segmenter: Segmenter, data: np.ndarray, affine: np.ndarray, so
     return native.astype(np.uint8)
 
 
+def output_convention(input_path: str | Path, labels: str) -> str | None:
+    """The ``label_map`` (input convention -> store order) to write predictions in, or None for
+    M&Ms order.
+
+    ``labels``: ``mnms`` (1 LV, 2 MYO, 3 RV), ``acdc`` (1 RV, 2 MYO, 3 LV), ``input`` (ACDC order for
+    an ACDC file name ``patientNNN_4d``/``_frameXX``, else M&Ms order) or an explicit map
+    ``SOURCE:TARGET,...`` in the manifest's syntax (the input's values onto the store's).
+
+    Raises:
+        InferenceError: an unknown value or a malformed map.
+    """
+    from datastore.acdc import ACDC_LABEL_MAP, is_acdc_image
+    from datastore.formats import FormatError, parse_label_map
+
+    if labels == "mnms":
+        return None
+    if labels == "acdc" or (labels == "input" and is_acdc_image(input_path)):
+        return ACDC_LABEL_MAP
+    if labels == "input":
+        return None
+    try:
+        parse_label_map(labels, "--labels")
+    except FormatError as exc:
+        raise InferenceError(f"{exc} (or use input, mnms, acdc)") from None
+    return labels
+
+
+def to_convention(labels: np.ndarray, label_map: str | None) -> np.ndarray:
+    """Store-order labels (1 LV, 2 MYO, 3 RV) -> the convention whose ``label_map`` maps onto them."""
+    if label_map is None:
+        return labels
+    from datastore.formats import parse_label_map
+
+    lookup = np.zeros(4, np.uint8)
+    for source_value, store_value in parse_label_map(label_map, "label_map").items():
+        lookup[store_value] = source_value
+    return lookup[labels]
+
+
 def predict_nifti(segmenter: Segmenter, input_path: str | Path, output_path: str | Path,
-                  progress: bool = True) -> Path:
-    """Segment ``input_path`` and write the labels to ``output_path`` with the input's affine and shape."""
+                  progress: bool = True, labels: str = "input") -> Path:
+    """Segment ``input_path`` and write the labels to ``output_path`` with the input's affine and shape.
+
+    ``labels`` picks the written label convention (:func:`output_convention`).
+    """
     import nibabel as nib
 
+    convention = output_convention(input_path, labels)
     data, affine, header = read_scan(input_path)
-    labels = predict_array(segmenter, data, affine, source=str(input_path), progress=progress)
+    labels_out = to_convention(predict_array(segmenter, data, affine, source=str(input_path), progress=progress), convention)
     out_header = header.copy()
     out_header.set_data_dtype(np.uint8)
     out_header.set_slope_inter(1.0, 0.0)
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    image = klass(labels.reshape(tuple(int(n) for n in header.get_data_shape())), affine, out_header)
+    image = klass(labels_out.reshape(tuple(int(n) for n in header.get_data_shape())), affine, out_header)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, output_path)

@@ -25,13 +25,17 @@ def ingest(
     store: str = typer.Option(..., "--store", help="Output store: a local path or an fsspec URL (e.g. s3://bucket/mnms.zarr)."),
     mnms: Optional[Path] = typer.Option(None, "--mnms", help="M&Ms root: the folder with the diagnosis CSV and the <ID>/<ID>_sa*.nii.gz subject folders."),
     mnms2: Optional[Path] = typer.Option(None, "--mnms2", help="M&Ms-2 root: the folder with dataset_information.csv and the <NNN>/<NNN>_SA_*.nii.gz subject folders."),
+    acdc: Optional[Path] = typer.Option(None, "--acdc", help="ACDC root (its training/ and testing/ folders, or either): patientNNN/ folders with patientNNN_4d.nii.gz, _frameXX[_gt].nii.gz and Info.cfg. Labels 1 RV, 2 MYO, 3 LV become 1 LV, 2 MYO, 3 RV; vendor 'unknown'."),
+    manifest: list[Path] = typer.Option([], "--manifest", help="CSV or YAML manifest, one row per subject (subject_id, cine or ed/es, optional ed_label/es_label, ed_frame/es_frame, label_map, vendor, centre, group, dataset); paths relative to it. Rows without labels are pretraining-only. Repeatable."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Target in-plane spacing in mm (default 1.25, or the --config value)."),
     size: Optional[int] = typer.Option(None, "--size", help="Stored slice height and width in pixels (default 256, or the --config value)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Ray tasks (CPUs) that read and preprocess subjects in parallel; one driver writes."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with IngestConfig keys (spacing, size, chunk_slices, center_on_heart, image_interpolation); flags override it."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Read M&Ms / M&Ms-2 subjects, preprocess them in Ray tasks and append them to a Zarr v3 store.
+    """Read M&Ms / M&Ms-2 / ACDC / manifest subjects, preprocess them in Ray tasks and append them to a Zarr v3 store.
+
+    Several sources may go into one store; each subject records its source dataset. Subjects without labels are kept for pretraining only.
 
     Resumable: rerunning after a crash or kill finishes the missing subjects; rerunning a finished ingest does nothing. A rerun whose source files changed since they were ingested is refused (use a new --store path), and one ingest at a time may write a local store (a second one exits 2 naming the first).
 
@@ -47,7 +51,7 @@ def ingest(
     except ConfigError as exc:
         fail(str(exc), code=2)
     try:
-        plan = plan_ingest({"mnms": mnms, "mnms2": mnms2}, store, settings)
+        plan = plan_ingest({"mnms": mnms, "mnms2": mnms2, "acdc": acdc, "manifest": manifest}, store, settings)
     except IngestError as exc:
         fail(str(exc), code=2)
     for message in plan.warnings:
@@ -98,7 +102,7 @@ def info(
     typer.echo(f"store      {summary['path']}")
     typer.echo(f"hash       {summary['hash']} ({'complete' if summary['complete'] else 'INCOMPLETE'})")
     typer.echo(
-        f"subjects   {summary['subjects']}   slices {summary['slices']}   "
+        f"subjects   {summary['subjects']} ({summary['labelled_subjects']} labelled)   slices {summary['slices']}   "
         f"labelled {summary['labelled_slices']}   {summary['image_size']}^2 px at {summary['spacing_mm']} mm"
     )
     for name, table in (("dataset", summary["by_dataset"]), ("vendor", summary["by_vendor"])):

@@ -89,16 +89,21 @@ def evaluate(
 def predict(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     input_path: Path = typer.Option(..., "--input", "-i", help="Short-axis NIfTI (.nii/.nii.gz): a 3D volume (X, Y, Z) or a 4D cine (X, Y, Z, T)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Label NIfTI to write (0 background, 1 LV, 2 MYO, 3 RV), same shape and affine as --input."),
+    out: Path = typer.Option(..., "--out", "-o", help="Label NIfTI to write, with exactly the shape and affine of --input."),
+    labels: str = typer.Option(
+        "input", "--labels",
+        help="Label convention of the output: input (ACDC order 1 RV 2 MYO 3 LV for ACDC files patientNNN_4d/_frameXX, "
+        "else M&Ms order), mnms (1 LV 2 MYO 3 RV), acdc, or a manifest label_map such as 1:3,2:2,3:1.",
+    ),
     device: str = typer.Option("auto", "--device", help="Torch device: auto (CUDA if present), cpu, cuda, cuda:1 ..."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root, to find --model by name. Default: $SSPCTL_HOME or ./runs."),
 ) -> None:
-    """Segment every frame of a short-axis NIfTI with a fine-tuned model and write a label NIfTI."""
+    """Segment every frame of a short-axis NIfTI (cine or single phase, any ingested layout) and write a label NIfTI."""
     from trainers.inference import InferenceError, load_segmenter, predict_nifti
 
     try:
         segmenter = load_segmenter(resolve_model(model, output), _device(device))
-        written = predict_nifti(segmenter, input_path, out)
+        written = predict_nifti(segmenter, input_path, out, labels=labels)
     except (InferenceError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {written}")

@@ -17,6 +17,11 @@ from orchestrator.commands._common import fail, root_cause
 def finetune(
     store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) to fine-tune and test on."),
     split: Path = typer.Option(..., "--split", help="Split YAML with test/train/valid and the label-budget subsets."),
+    split_name: str | None = typer.Option(
+        None, "--split-name",
+        help="Run a named split imported next to --split (e.g. vendor-A_B: <split stem>.vendor-A_B.yaml); "
+        "the published unseen-vendor splits have no budgets, so pass --budgets all.",
+    ),
     pretrained: str = typer.Option(
         "", "--pretrained",
         help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json) "
@@ -63,7 +68,10 @@ def finetune(
     from orchestrator.grid import GridError, parse_budgets, parse_pretrained, parse_seeds, run_grid
     from orchestrator.workspace import Workspace
 
+    from datastore.splits import SplitError, named_split_path
+
     try:
+        split = named_split_path(split, split_name)
         base = read_yaml(config) if config else {}
         if epochs is not None:
             base["epochs"] = epochs
@@ -76,7 +84,7 @@ def finetune(
             config=base, study=study, workspace=Workspace.resolve(output), num_cpus=num_cpus,
             max_failures=max_failures,
         )
-    except (GridError, ConfigError, LookupError) as exc:
+    except (GridError, ConfigError, LookupError, SplitError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume the unfinished cells", code=130)

@@ -29,7 +29,7 @@ def pretrain(
     steps_per_epoch: int | None = typer.Option(None, "--steps-per-epoch", min=1, help="Cap optimizer steps per epoch (quick demos; default: one full pass over the data)."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root holding pretrain/, ray/ and mlflow.db (default: $SSPCTL_HOME or ./runs)."),
     max_failures: int = typer.Option(1, "--max-failures", min=-1, help="Worker-group restarts from the last checkpoint before giving up (-1: unlimited)."),
-    split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on its train subjects (all frames). Default: every subject in the store."),
+    split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test part (all frames, labelled or not). Default: every subject in the store."),
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>)."),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),

@@ -100,14 +100,19 @@ def import_(
         ...,
         help=(
             "Published split file(s) or a directory: the base file (train/valid/test) plus optional "
-            "<base>-nr<B>-seed<S>.yaml files that become budget B of seed S."
+            "<base>-nr<B>-seed<S>.yaml files that become budget B of seed S, and the unseen-vendor files "
+            "<base>-Vendor-<X>.yaml that become named splits vendor-<X>."
         ),
     ),
     store: str | None = typer.Option(None, "--store", help="Check every subject id against this store's subject table."),
-    out: Path = typer.Option(Path("split.yaml"), "--out", help="Output file (default ./split.yaml)."),
+    out: Path = typer.Option(
+        Path("split.yaml"), "--out",
+        help="Output file (default ./split.yaml); a named split NAME goes next to it as <stem>.NAME.yaml "
+        "(split.vendor-A_B.yaml), which `sspctl finetune --split split.yaml --split-name NAME` reads.",
+    ),
 ) -> None:
-    """Convert published split files to an sspctl split file, checking ids against a store."""
-    from datastore.splits import SplitError, import_published
+    """Convert published split files to sspctl split files, checking ids against a store."""
+    from datastore.splits import VENDOR_FILE, SplitError, import_named, import_published
     from datastore.store import SliceStore, StoreError
 
     try:
@@ -116,14 +121,20 @@ def import_(
         if store is not None:
             opened = SliceStore.open(store)
             meta.update({"store": store, "store_hash": opened.hash})
-        split = import_published(files, meta=meta)
+        named = import_named(files, meta=meta)
+        listed = [f for entry in files for f in (sorted(entry.iterdir()) if entry.is_dir() else [entry])]
+        has_base = any(f.suffix in (".yaml", ".yml") and not VENDOR_FILE.match(f.name) for f in listed)
+        splits = {None: import_published(files, meta=meta)} if has_base or not named else {}
+        splits.update(named)
         if opened is not None:
-            split.check_against(opened.subjects, store_name=store or "store")
+            for split in splits.values():
+                split.check_against(opened.subjects, store_name=store or "store")
     except (SplitError, StoreError) as exc:
         fail(str(exc))
-    target = split.save(out)
-    typer.echo(split.summary())
-    typer.echo(f"wrote {target.resolve()}")
+    for name, split in splits.items():
+        target = split.save(out if name is None else out.with_name(f"{out.stem}.{name}{out.suffix}"))
+        typer.echo(f"{name or 'default'}: {split.summary()}".replace("\n", "\n  "))
+        typer.echo(f"wrote {target.resolve()}")
 
 
 def register(app: typer.Typer) -> None:

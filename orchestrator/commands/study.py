@@ -18,11 +18,12 @@ def _run_study(settings: object, workspace: object, progress: bool) -> object:
     from orchestrator.grid import GridError
     from orchestrator.pretrain_launch import LaunchError
     from orchestrator.report import ReportError
+    from datastore.splits import SplitError
     from orchestrator.study import run_study
 
     try:
         return run_study(settings, workspace, echo=typer.echo, progress=progress)  # type: ignore[arg-type]
-    except (ConfigError, GridError, LaunchError, ReportError, LookupError) as exc:
+    except (ConfigError, GridError, LaunchError, ReportError, LookupError, SplitError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to continue where it stopped", code=130)
@@ -52,7 +53,10 @@ def study(
     workspace = Workspace.resolve(output)
     outcome = _run_study(settings, workspace, progress)
     print_report(outcome.report, settings.name)  # type: ignore[attr-defined]
-    if not outcome.grid.ok:  # type: ignore[attr-defined]
+    for name, (_, named_report) in outcome.named.items():  # type: ignore[attr-defined]
+        print_report(named_report, f"{settings.name} (split {name})")  # type: ignore[attr-defined]
+    grids = [outcome.grid, *(g for g, _ in outcome.named.values())]  # type: ignore[attr-defined]
+    if not all(g.ok for g in grids):
         fail("some fine-tuning cells failed; rerun the same command to retry them")
 
 

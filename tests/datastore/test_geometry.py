@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from datastore.geometry import (
     NativeGeometry,
-    base_is_last,
+    decide_base,
     canonical_affine,
     from_canonical,
     inverse_resample_inplane,
@@ -48,7 +48,7 @@ def test_canonical_puts_the_most_superior_slice_first(slice_superior: bool) -> N
     world_s = [(affine @ np.array([2, 2.5, k, 1.0]))[2] for k in range(n_slices)]
     base_k = int(np.argmax(world_s))
     assert canonical[0, 0, 0, 0] == base_k
-    assert geometry.flip_z == slice_superior == base_is_last(affine)
+    assert geometry.flip_z == slice_superior == decide_base(affine).flip_z
     # The canonical affine agrees: canonical z = 0 is the most superior slice.
     can = geometry.canonical_affine
     s_of_z = [(can @ np.array([2, 2.5, z, 1.0]))[2] for z in range(n_slices)]
