@@ -254,8 +254,9 @@ def test_deterministic_cell_twice_is_bit_identical_and_returns_what_it_started_f
 
     from trainers.finetune import provenance
 
-    assert provenance(FinetuneConfig(seed=2), None) == {"init_weights": None, "init_sha256": None,
-                                                        "subset_seed": 2, "train_seed": 2}
+    assert provenance(FinetuneConfig(seed=2, train_seed=5), None) == {"init_weights": None, "init_sha256": None,
+                                                                      "subset_seed": 2, "train_seed": 5}
+    assert provenance(FinetuneConfig(seed=2), None)["train_seed"] == 2
     no_best = _pretrained_run(tmp_path / "no-best", with_best=False)
     with pytest.raises(WeightsError, match="no best checkpoint"):
         build_model(IMAGE_SIZE, FinetuneConfig(method="simclr", weights=str(no_best), pretrained_checkpoint="best"))
