@@ -331,16 +331,16 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     if not dataset_hash:
         raise LaunchError(f"{request.store}: the store has no content hash (ingest did not finish)")
     config = resolve_config(request.method, request.config_file, request.overrides, image_size)
+    parts = pretrain_subjects(store, request.split)
+    subjects = parts.train
+    valid = parts.valid if config.validates else None
     try:
         per_rank_batch(config.batch_size, request.workers)
-        if config.valid_batch_size is not None:
+        if valid:
             per_rank_batch(config.valid_batch_size, request.workers, key="valid_batch_size")
     except ValueError as exc:
         raise LaunchError(f"--workers {request.workers}: {exc}") from None
     runtime = RuntimeOptions.model_validate(request.runtime).model_dump(mode="json")
-    parts = pretrain_subjects(store, request.split)
-    subjects = parts.train
-    valid = parts.valid if config.validates else None
     resolved = config.model_dump(mode="json")
     run_name = run_name_for(request.method, resolved, dataset_hash, subjects, valid)
     run_dir = run_dir_for(request.workspace, run_name)

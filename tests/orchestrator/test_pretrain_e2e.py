@@ -245,9 +245,14 @@ def test_worker_survives_dead_tracking_server_outside_ray(store, tmp_path):
     assert read_manifest(tmp_path).final_loss == pytest.approx(out["final_loss"])
 
 
-def test_bad_input_is_one_line_and_non_zero(store, clean_env, tmp_path):
+def test_bad_input_is_one_line_and_non_zero(store, split, clean_env, tmp_path):
     code, out = _pretrain("--method", "simclr", "--store", store, "--workers", "3", "--batch-size", "8", "--output", str(tmp_path))
     assert code != 0 and "not divisible by 3 workers" in out and len(out.strip().splitlines()) == 1
+    # the validation batch (paper: 224) must split over the workers too, once there are validation subjects
+    code, out = _pretrain("--method", "simclr", "--store", store, "--workers", "3", "--batch-size", "9",
+                          "--split", str(split), "--output", str(tmp_path))
+    assert code != 0 and "valid_batch_size: the global batch 224 is not divisible by 3" in out
+    assert len(out.strip().splitlines()) == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: {name: simclr}\nepochz: 3\n")
     code, out = _pretrain("--method", "simclr", "--store", store, "--config", str(bad), "--output", str(tmp_path))
