@@ -277,3 +277,13 @@ def test_loop_helpers():
         parse_fault("when=2")
     seeds = {augmentation_seed(0, r, e) for r in range(4) for e in range(50)}
     assert len(seeds) == 200 and augmentation_seed(0, 1, 2) == augmentation_seed(0, 1, 2)
+
+
+def test_split_holds_its_valid_subjects_out_of_pretraining(store, split):
+    from datastore.store import SliceStore
+    from orchestrator.pretrain_launch import pretrain_subjects
+
+    ids = [str(s) for s in SliceStore.open(store).subjects["subject_id"]]
+    chosen = pretrain_subjects(SliceStore.open(store), split)
+    assert chosen.train == ids[:4] and chosen.valid == ids[4:]  # validated on, never pretrained on
+    assert pretrain_subjects(SliceStore.open(store), None) == type(chosen)(train=None, valid=None)
