@@ -1,7 +1,8 @@
 """Launch one SSP pretraining run on Ray Train and track it in MLflow (driver side of ``sspctl pretrain``).
 
 Run identity: ``pretrain-<method>-<8 hex>`` where the hex digest covers the store's content hash,
-the resolved method config and the subject list, and nothing else (no time, no worker count). So:
+the resolved method config, the subject list and the validation subjects (they choose the best
+checkpoint), and nothing else (no time, no worker count). So:
 
 * rerunning the same command resumes the same Ray Train run (same ``RunConfig(name, storage_path)``)
   from its last checkpoint, and logs into the same MLflow run (found by its ``sspctl_key`` tag);
@@ -103,32 +104,58 @@ def resolve_config(method: str, config_file: Path | None, overrides: dict[str, A
     return config
 
 
-def pretrain_subjects(store: Any, split: Path | None) -> list[str] | None:
-    """Subject ids to pretrain on: every store subject outside the split's test part (labelled or
-    not, see ``datastore.splits.pretrain_pool``), or ``None`` (every subject) without a split.
+@dataclass(frozen=True)
+class PretrainSubjects:
+    """Whom a run pretrains on (``train``; ``None`` = every subject) and validates on (``valid``; ``None`` = none).
+
+    Ids are in the loader's form (plain, or ``"<dataset>/<id>"`` where two datasets share an id).
+    """
+
+    train: list[str] | None
+    valid: list[str] | None
+
+
+def pretrain_subjects(store: Any, split: Path | None) -> PretrainSubjects:
+    """Without a split: every subject, no validation. With one: the validation loss is computed on the
+    split's ``valid`` part, and pretraining uses every other store subject outside its ``test`` part
+    (train, unlabelled and unlisted subjects, ``datastore.splits.pretrain_pool``). The validation
+    subjects are held out of pretraining, as published, so their loss measures generalisation.
 
     Raises:
-        LaunchError: unreadable split, or split subjects the store does not hold (or holds unlabelled).
+        LaunchError: unreadable split, split subjects the store does not hold (or holds unlabelled),
+            or nothing left to pretrain on.
     """
     if split is None:
-        return None
-    from datastore.splits import SplitError, load_split, pretrain_pool
+        return PretrainSubjects(train=None, valid=None)
+    from datastore.splits import SplitError, dataset_key, load_split, pretrain_pool
 
     try:
         parsed = load_split(split)
         parsed.check_against(store.subjects, store_name=str(store.path))
     except (SplitError, OSError) as exc:
         raise LaunchError(str(exc).splitlines()[0]) from None
-    subjects = pretrain_pool(store.subjects, parsed)
-    if not subjects:
-        raise LaunchError(f"{split}: every subject of the store is in the test part; nothing to pretrain on")
-    return subjects
+    table = store.subjects
+    held_out = {(key, sid) for key, ids in parsed.parts["valid"].items() for sid in ids}
+    loader_ids = pretrain_pool(table, None)  # one id per store row, qualified where ambiguous
+    valid = [q for d, s, q in zip(table["dataset"], table["subject_id"], loader_ids)
+             if (dataset_key(str(d)), str(s)) in held_out]
+    excluded = set(valid)
+    train = [q for q in pretrain_pool(table, parsed) if q not in excluded]
+    if not train:
+        raise LaunchError(f"{split}: every subject of the store is in the test or valid part; nothing to pretrain on")
+    return PretrainSubjects(train=train, valid=valid or None)
 
 
-def run_name_for(method: str, config: dict[str, Any], dataset_hash: str, subjects: list[str] | None) -> str:
+def run_name_for(
+    method: str, config: dict[str, Any], dataset_hash: str, subjects: list[str] | None,
+    valid_subjects: list[str] | None = None,
+) -> str:
     """Deterministic run name ``pretrain-<method>-<8 hex>`` (see the module docstring)."""
-    identity = json.dumps({"config": config, "data": dataset_hash, "subjects": subjects}, sort_keys=True)
-    return f"pretrain-{method}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+    identity: dict[str, Any] = {"config": config, "data": dataset_hash, "subjects": subjects}
+    if valid_subjects:
+        identity["valid_subjects"] = valid_subjects
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"pretrain-{method}-{digest}"
 
 
 def run_dir_for(workspace: Workspace, run_name: str) -> Path:
@@ -304,14 +331,18 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     if not dataset_hash:
         raise LaunchError(f"{request.store}: the store has no content hash (ingest did not finish)")
     config = resolve_config(request.method, request.config_file, request.overrides, image_size)
+    parts = pretrain_subjects(store, request.split)
+    subjects = parts.train
+    valid = parts.valid if config.validates else None
     try:
         per_rank_batch(config.batch_size, request.workers)
+        if valid:
+            per_rank_batch(config.valid_batch_size, request.workers, key="valid_batch_size")
     except ValueError as exc:
         raise LaunchError(f"--workers {request.workers}: {exc}") from None
     runtime = RuntimeOptions.model_validate(request.runtime).model_dump(mode="json")
-    subjects = pretrain_subjects(store, request.split)
     resolved = config.model_dump(mode="json")
-    run_name = run_name_for(request.method, resolved, dataset_hash, subjects)
+    run_name = run_name_for(request.method, resolved, dataset_hash, subjects, valid)
     run_dir = run_dir_for(request.workspace, run_name)
     uri = request.workspace.tracking_uri
 
@@ -327,6 +358,10 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     echo(f"{run_name}: {request.method} on {n_subjects} subjects of {request.store} "
          f"({config.epochs} epochs, global batch {config.batch_size} = {request.workers} x "
          f"{config.batch_size // request.workers})")
+    from trainers.pretrain_validation import skip_reason
+
+    skipped = skip_reason(config, valid)
+    echo(f"validation: {skipped}" if skipped else f"validation: {len(valid or [])} subjects, best checkpoint = lowest valid_loss")
     from orchestrator.study_tracking import default_study_name
 
     study = request.study or default_study_name(dataset_hash)
@@ -337,7 +372,8 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
 
     tracker = MlflowTracker(uri, run_id) if run_id is not None else None
     loop_config = {
-        "store": str(request.store), "subjects": subjects, "config": resolved, "runtime": runtime,
+        "store": str(request.store), "subjects": subjects, "valid_subjects": valid, "config": resolved,
+        "runtime": runtime,
         "run_name": run_name, "output": str(run_dir), "dataset_hash": dataset_hash, "tracker": tracker,
         "mlflow_run_id": run_id, "fault_inject": request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
     }
@@ -356,10 +392,20 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     returned = result.return_value or {}
     manifest = read_manifest(run_dir).model_dump(mode="json")
     echo(f"done: final loss {manifest['final_loss']:.4f}; weights {', '.join(manifest['files'].values())} in {run_dir}")
+    echo(describe_best(manifest, returned.get("validation_skipped") if isinstance(returned, dict) else None))
     if run_id is not None:
         echo(f"MLflow run {run_id} at {uri}")
     return PretrainOutcome(run_name, run_dir, manifest, run_id, uri, skipped=False,
                            resumed_from=returned.get("resumed_from") if isinstance(returned, dict) else None)
+
+
+def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:
+    """One line on the run's best checkpoint (or why it has none)."""
+    best = manifest.get("best")
+    if not best:
+        return f"best checkpoint: none ({skipped or 'no epoch was scored'})"
+    return (f"best checkpoint: epoch {best['epoch'] + 1} ({best['metric']} {best['loss']:.4f}): "
+            f"{', '.join(best['files'].values())}")
 
 
 def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], run_dir: Path, progress: bool) -> Any:

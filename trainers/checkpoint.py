@@ -11,7 +11,12 @@ Layout of ``state.pt``::
     {"format": 1, "epoch": int (last finished epoch, 0-based), "global_step": int,
      "model": state_dict, "optimizer": state_dict, "scheduler": state_dict | None,
      "scaler": state_dict | None, "method_extra": dict[str, Tensor], "rng": dict[str, Tensor],
-     "config": dict (JSON-able), "metrics": dict[str, float]}
+     "config": dict (JSON-able), "metrics": dict[str, float],
+     "best": None | {"epoch": int, "loss": float, "metric": str, "weights": {part: state_dict}}}
+
+``best`` is the pretraining loop's best-so-far epoch with the exported weights of that epoch, so a
+resumed run keeps selecting over every epoch, the ones before the crash included (checkpoints written
+before it existed load with ``best=None``).
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class TrainState:
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
 
 
 def _to_cpu(value: Any) -> Any:
@@ -144,6 +150,7 @@ def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
         "rng": _to_cpu(state.rng),
         "config": state.config,
         "metrics": {k: float(v) for k, v in state.metrics.items()},
+        "best": _to_cpu(state.best),
     }
     check_safe(payload)
     try:
@@ -181,6 +188,7 @@ def load_checkpoint(directory: str | Path) -> TrainState:
         rng=payload.get("rng") or {},
         config=payload.get("config") or {},
         metrics=payload.get("metrics") or {},
+        best=payload.get("best"),
     )
 
 

@@ -94,8 +94,17 @@ def build_model(image_size: int, config: FinetuneConfig) -> tuple[nn.Module, dic
     model = UNet2d(image_size, NUM_CLASSES, width=config.model_width)
     if config.weights is None:
         return model, None
-    report = load_pretrained(model, config.weights, config.part)
-    return model, {"matched": len(report.matched), "ignored": len(report.ignored), "part": config.part}
+    report = load_pretrained(model, config.weights, config.part, config.pretrained_checkpoint)
+    return model, {"matched": len(report.matched), "ignored": len(report.ignored), "part": config.part,
+                   "file": report.file, "sha256": report.sha256}
+
+
+def provenance(config: FinetuneConfig, load_report: dict[str, Any] | None) -> dict[str, Any]:
+    """What a cell started from: the weights file loaded and its sha256 (``None`` from scratch), and its
+    seeds (``subset_seed`` picks the labelled subjects, ``train_seed`` drives init, order and augmentation)."""
+    report = load_report or {}
+    return {"init_weights": report.get("file"), "init_sha256": report.get("sha256"),
+            "subset_seed": config.seed, "train_seed": config.training_seed}
 
 
 def save_model_dir(
@@ -260,7 +269,9 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         {"dice": [{"subject_id", "phase", "class", "dice"}, ...]   # 3D test Dice, native space
          "summary": {"dice_mean", "dice_LV", "dice_MYO", "dice_RV"},
          "valid": {last validation metrics}, "best_valid_loss": float, "epochs": int,
-         "output": str, "model": str, "resumed_from": int | None}
+         "output": str, "model": str, "resumed_from": int | None,
+         "init_weights": str | None, "init_sha256": str | None,      # the exact file loaded; None = scratch
+         "subset_seed": int, "train_seed": int}
 
     Other ranks return the same keys with an empty ``dice`` list and ``summary``.
     """
@@ -271,6 +282,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     from trainers.pretrain import (
         RuntimeOptions, augmentation_seed, per_rank_batch, resolve_precision, select_device, wrap_model,
     )
+    from trainers.determinism import configure_determinism
 
     rank, world_size, in_ray = _ray_context()
     config = FinetuneConfig.model_validate(loop_config["config"])
@@ -281,6 +293,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = select_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    configure_determinism(config.deterministic, device)
 
     store_path = loop_config["store"]
     store = SliceStore.open(store_path)
@@ -401,7 +414,8 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     result: dict[str, Any] = {"dice": [], "summary": {}, "valid": valid_metrics,
                               "best_valid_loss": best_valid, "epochs": config.epochs, "output": str(output),
-                              "model": str(output), "resumed_from": None if state is None else state.epoch}
+                              "model": str(output), "resumed_from": None if state is None else state.epoch,
+                              **provenance(config, load_report)}
     if rank != 0:
         return result
 
@@ -438,4 +452,4 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["BEST_FILE", "MODEL_FILE", "MODEL_META", "FinetuneError", "build_model",
-           "finetune_worker", "poly_factor", "save_model_dir", "train_step", "validate"]
+           "finetune_worker", "poly_factor", "provenance", "save_model_dir", "train_step", "validate"]

@@ -22,11 +22,13 @@ class FinetuneConfig(BaseModel):
     """One grid cell: which initialisation, which label budget, and the training recipe.
 
     ``method`` is an SSP method name (``simclr``, ``pcl``, ``dino``, ``mim``) or ``"scratch"``;
-    ``weights`` a pretrained weights file or pretraining run directory (required unless scratch)
-    and ``part`` which part of it to load. ``budget`` is a number of labelled training subjects or
-    ``"all"``; with ``seed`` (the *subset seed*) it selects the split's nested subset.
-    ``train_seed`` (the *training seed*) drives the initialisation, the data order and the
-    augmentation draws; None uses ``seed`` (read it through ``training_seed``). ``lr`` defaults to 0.01 (scratch)
+    ``weights`` a pretrained weights file or pretraining run directory (required unless scratch),
+    ``part`` which part of it to load and ``pretrained_checkpoint`` which of the run's checkpoints
+    (``last`` epoch, as published, or the ``best`` one by pretraining validation loss). ``budget``
+    is a number of labelled training subjects or ``"all"``; with ``seed`` (the *subset seed*) it
+    selects the split's nested subset. ``train_seed`` (the *training seed*) drives the
+    initialisation, the data order and the augmentation draws; None uses ``seed`` (read it through
+    ``training_seed``). ``lr`` defaults to 0.01 (scratch)
     or 0.005 (pretrained): read it through ``learning_rate``. The model grid (size, 1.25 mm
     spacing) is the store's; ``image_size`` only asserts it. ``augment`` holds the probabilities and
     ranges of the random affine and intensity augmentations (``trainers/augment.py``); the label
@@ -38,6 +40,9 @@ class FinetuneConfig(BaseModel):
     method: str = SCRATCH
     weights: str | None = None
     part: Literal["encoder", "encoder_decoder"] = "encoder"
+    pretrained_checkpoint: Literal["last", "best"] = Field(
+        "last", description="which checkpoint of a pretraining run directory to load: last epoch (published) or best"
+    )
     budget: int | Literal["all"] = "all"
     seed: int = Field(0, description="subset seed: which labelled subjects a budget draws (split file)")
     train_seed: int | None = Field(
@@ -66,6 +71,7 @@ class FinetuneConfig(BaseModel):
         "fp32", description="fp32 as published; bf16 autocast on GPU for speed (CPU always runs fp32)"
     )
     channels_last: bool = Field(False, description="NHWC memory format for model and batches (faster convs on GPU)")
+    deterministic: bool = Field(False, description="deterministic kernels, no cuDNN benchmark (bit-identical reruns)")
 
     @model_validator(mode="after")
     def _weights_match_method(self) -> "FinetuneConfig":

@@ -20,14 +20,23 @@ One call of ``pretrain_worker`` is one rank of a data-parallel run:
 * **Checkpoints.** After every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 attaches
   a safe checkpoint (``trainers.checkpoint``) of model, optimizer, scheduler, scaler, method extra
   state, epoch, RNG states and config. On start, ``ray.train.get_checkpoint()`` resumes from it.
-* **Tracking.** Rank 0 alone logs params, per-epoch loss, lr, slices/s and epoch time through the
-  ``Tracker`` it receives, writes a small progress file the driver polls, and at the end exports
-  ``encoder.pt`` (+ ``encoder_decoder.pt`` for MIM) and ``manifest.json`` (``trainers.weights``).
+* **Validation and best checkpoint** (``trainers.pretrain_validation``). With validation subjects
+  and a ``valid_batch_size``, every epoch ends with the SSP loss on those subjects (no gradient, the
+  same augmented views every epoch, mean over all ranks), logged as ``valid_loss``; the epoch with the
+  lowest one is the best (DINO: lowest epoch training loss, as published). Its weights travel in the
+  checkpoint (``TrainState.best``), so a resumed run still selects over every epoch.
+* **Determinism.** ``deterministic: true`` switches to deterministic kernels and turns the cuDNN
+  benchmark off (``trainers.determinism``).
+* **Tracking.** Rank 0 alone logs params, per-epoch loss, valid_loss, lr, slices/s and epoch time
+  through the ``Tracker`` it receives, writes a small progress file the driver polls, and at the end
+  exports ``encoder.pt`` (+ ``encoder_decoder.pt`` for MIM), the best epoch's ``encoder_best.pt``
+  (+ ``encoder_decoder_best.pt``) and ``manifest.json`` (``trainers.weights``).
 
 ``loop_config`` keys (all JSON-able except ``tracker``)::
 
     store: str                  store path/URL
     subjects: list[str] | None  subject ids to pretrain on (None = every subject of the store)
+    valid_subjects: list[str] | None  subject ids of the validation loss (None/empty = no validation)
     config: dict                the resolved method config (``trainers.methods.config``)
     runtime: dict               ``RuntimeOptions``
     run_name: str               deterministic run name (also in the manifest)
@@ -91,15 +100,15 @@ class RuntimeOptions(BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 
-def per_rank_batch(global_batch: int, world_size: int) -> int:
-    """Per-rank batch of a global batch split over ``world_size`` ranks.
+def per_rank_batch(global_batch: int, world_size: int, key: str = "batch_size") -> int:
+    """Per-rank batch of a global batch split over ``world_size`` ranks (``key`` names it in errors).
 
     Raises:
         LoopError: if ``world_size`` does not divide ``global_batch``.
     """
     if global_batch % world_size:
         raise LoopError(
-            f"batch_size: the global batch {global_batch} is not divisible by {world_size} workers; "
+            f"{key}: the global batch {global_batch} is not divisible by {world_size} workers; "
             f"choose a worker count that divides it"
         )
     return global_batch // world_size
@@ -291,7 +300,7 @@ def _report(metrics: dict[str, Any], checkpoint_dir: Path | None, epoch: int, in
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
-def _mean_over_ranks(total: torch.Tensor, count: int, world_size: int) -> float:
+def mean_over_ranks(total: torch.Tensor, count: int, world_size: int) -> float:
     """Mean of per-rank sums over all ranks (same value on every rank)."""
     pair = torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64)])
     if world_size > 1:
@@ -327,7 +336,7 @@ def _maybe_inject_fault(spec: tuple[int, int] | None, epoch: int, rank: int, out
     os._exit(1)
 
 
-def _batches(loader: Any, device: torch.device, channels_last: bool, limit: int) -> Iterator[dict[str, torch.Tensor]]:
+def device_batches(loader: Any, device: torch.device, channels_last: bool, limit: int) -> Iterator[dict[str, torch.Tensor]]:
     """At most ``limit`` batches of ``loader`` on ``device`` (``image`` NHWC if ``channels_last``)."""
     for i, batch in enumerate(loader):
         if i >= limit:
@@ -342,10 +351,13 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """One rank of a pretraining run (see the module docstring for ``loop_config``).
 
     Returns (rank 0's value becomes ``Result.return_value``) ``{"final_loss", "epochs", "run_dir",
-    "files", "resumed_from"}``.
+    "files", "resumed_from", "best", "validation_skipped"}``: ``best`` is ``{"epoch", "loss", "metric",
+    "files"}`` or ``None``; ``validation_skipped`` the one-line reason there was no validation, or ``None``.
     """
     from datastore.loader import SliceLoader
+    from trainers.determinism import configure_determinism
     from trainers.methods.config import PretrainConfig
+    from trainers.pretrain_validation import BestSoFar, best_file_name, build_valid_loader, skip_reason, validation_loss
 
     in_ray = _in_ray_worker()
     rank, world_size = _ray_context()
@@ -358,7 +370,8 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = select_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not config.deterministic
+    configure_determinism(config.deterministic, device)
 
     batch = per_rank_batch(config.batch_size, world_size)
     loader = SliceLoader(
@@ -366,6 +379,13 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         rank=rank, world_size=world_size, seed=config.seed, cache=options.cache, progress=False,
     )
     steps_per_epoch = min(len(loader), config.steps_per_epoch or len(loader))
+    valid_subjects = loop_config.get("valid_subjects")
+    valid_loader, skipped = None, skip_reason(config, valid_subjects)
+    if skipped is None:
+        valid_loader, skipped = build_valid_loader(loop_config["store"], valid_subjects, config, rank, world_size,
+                                                   options.cache)
+    if skipped is not None and rank == 0:
+        (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
     total_steps = config.total_steps(steps_per_epoch)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -378,6 +398,8 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
     start_epoch, global_step, last_loss = 0, 0, float("nan")
+    selects_best = valid_loader is not None or config.best_metric == "train_loss"
+    best = BestSoFar(config.best_metric)
     state = resume_state(in_ray)
     if state is not None:
         modules.load_state_dict(state.model)
@@ -390,11 +412,15 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             restore_rng(state.rng)
         start_epoch, global_step = state.epoch + 1, state.global_step
         last_loss = float(state.metrics.get("loss", float("nan")))
+        best = BestSoFar.from_state(config.best_metric, state.best)
+        if rank != 0:
+            best.weights = None  # only rank 0 exports
 
     resolved = config.model_dump(mode="json")
     if rank == 0:
         append_event(output, event="resume" if state is not None else "start", epoch=start_epoch,
-                     world_size=world_size, device=str(device), torch_threads=torch.get_num_threads())
+                     world_size=world_size, device=str(device), torch_threads=torch.get_num_threads(),
+                     validation_skipped=skipped)
         if start_epoch == 0:
             tracker.log_params({**resolved, "runtime": options.model_dump(mode="json"), "world_size": world_size,
                                 "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
@@ -410,7 +436,7 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         started = time.perf_counter()
         lr = config.lr_at(global_step, steps_per_epoch)
-        for step, batch_data in enumerate(_batches(loader, device, config.channels_last, steps_per_epoch)):
+        for step, batch_data in enumerate(device_batches(loader, device, config.channels_last, steps_per_epoch)):
             lr = config.apply_schedule(optimizer, global_step, steps_per_epoch)
             with autocast(device, amp_dtype):
                 out = method.training_step(batch_data, model, epoch, step, generator)
@@ -433,11 +459,19 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 rate = (step + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
                 progress.update(epoch=epoch, step=step + 1, loss=None, slices_per_s=rate)
         epoch_time = time.perf_counter() - started
-        last_loss = _mean_over_ranks(loss_sum, steps_per_epoch, world_size)
+        last_loss = mean_over_ranks(loss_sum, steps_per_epoch, world_size)
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"epoch {epoch}: training loss is {last_loss}; lower the learning rate or use fp32")
         metrics = {"loss": last_loss, "lr": lr, "slices_per_s": steps_per_epoch * config.batch_size / epoch_time,
                    "epoch_time_s": epoch_time, "epoch": epoch}
+        if valid_loader is not None:
+            metrics["valid_loss"] = validation_loss(
+                method, modules, valid_loader, device, seed=config.seed, rank=rank, world_size=world_size,
+                steps=config.valid_steps, amp_dtype=amp_dtype, channels_last=config.channels_last,
+            )
+        if selects_best:
+            best.offer(epoch, metrics["valid_loss" if config.best_metric == "valid_loss" else "loss"],
+                       method.export if rank == 0 else None)
         checkpoint_dir = None
         is_last = epoch + 1 == config.epochs
         if rank == 0:
@@ -450,12 +484,13 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                "steps_per_epoch": steps_per_epoch},
                     scaler=None if scaler is None else scaler.state_dict(),
                     method_extra=method.extra_state(), rng=capture_rng(), config=resolved,
-                    metrics={k: float(v) for k, v in metrics.items()},
+                    metrics={k: float(v) for k, v in metrics.items()}, best=best.to_state(),
                 ))
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             progress.update(epoch=epoch + 1, step=0, loss=last_loss, slices_per_s=metrics["slices_per_s"], force=True)
             append_event(output, event="epoch", epoch=epoch, loss=last_loss, slices_per_s=metrics["slices_per_s"],
-                         epoch_time_s=epoch_time, started=time.time() - epoch_time)
+                         epoch_time_s=epoch_time, started=time.time() - epoch_time,
+                         valid_loss=metrics.get("valid_loss"), best_epoch=best.epoch if best.found else None)
             if config.method.name == "mim" and ((epoch + 1) % options.recon_every == 0 or is_last):
                 _log_reconstruction(method, modules, loader, device, epoch, output, tracker, config.seed)
         _report(metrics, checkpoint_dir, epoch, in_ray)
@@ -468,12 +503,17 @@ def pretrain_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             method, output, run_name=loop_config["run_name"], config=resolved,
             dataset_hash=loop_config.get("dataset_hash") or "", epochs=config.epochs, final_loss=last_loss,
             image_size=config.image_size, model_width=config.model_width,
-            mlflow_run_id=loop_config.get("mlflow_run_id"), tracker=tracker,
+            mlflow_run_id=loop_config.get("mlflow_run_id"), tracker=tracker, best=best if best.found else None,
         )
         progress.update(epoch=config.epochs, step=0, loss=last_loss, slices_per_s=0.0, force=True, state="done")
         append_event(output, event="done", epoch=config.epochs - 1, loss=last_loss)
+    best_summary = None
+    if best.found:
+        best_summary = {"epoch": best.epoch, "loss": best.loss, "metric": best.metric,
+                        "files": {part: best_file_name(part) for part in files}}
     return {"final_loss": last_loss, "epochs": config.epochs, "run_dir": str(output), "files": files,
-            "resumed_from": None if state is None else state.epoch}
+            "resumed_from": None if state is None else state.epoch, "best": best_summary,
+            "validation_skipped": skipped}
 
 
 def build_method(config: Any) -> Any:
@@ -503,24 +543,37 @@ def _move_method_state(method: Any, device: torch.device, channels_last: bool = 
 def export_weights(
     method: Any, output: Path, *, run_name: str, config: dict[str, Any], dataset_hash: str, epochs: int,
     final_loss: float, image_size: int, model_width: int, mlflow_run_id: str | None, tracker: Tracker,
+    best: Any | None = None,
 ) -> dict[str, str]:
-    """Write ``<part>.pt`` for every part the method exports, then ``manifest.json`` (last); log them.
+    """Write ``<part>.pt`` for every part the method exports, the best epoch's ``<part>_best.pt`` when
+    ``best`` (a ``BestSoFar`` holding weights) is given, then ``manifest.json`` (last); log them.
 
-    Returns ``{part: file name}``.
+    Returns ``{part: file name}`` of the last epoch's files.
     """
+    from trainers.pretrain_validation import best_file_name
+    from trainers.weights import BestCheckpoint
+
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
     for part, state in method.export().items():
         name = f"{part}.pt"
         digests[name] = save_weights(state, output / name)
         files[part] = name
+    best_entry = None
+    if best is not None and best.weights:
+        best_files = {}
+        for part, state in best.weights.items():
+            name = best_file_name(part)
+            digests[name] = save_weights(state, output / name)
+            best_files[part] = name
+        best_entry = BestCheckpoint(epoch=best.epoch, loss=best.loss, metric=best.metric, files=best_files)
     manifest = WeightsManifest(
         method=str(method.name), run_name=run_name, config=config, dataset_hash=dataset_hash,
         epochs=epochs, final_loss=final_loss, image_size=image_size, model_width=model_width,
         mlflow_run_id=mlflow_run_id,
-        files=files, sha256=digests,
+        files=files, sha256=digests, best=best_entry,
     )
-    for name in files.values():
+    for name in digests:
         tracker.log_artifact(output / name, "weights")
     path = write_manifest(output, manifest)
     tracker.log_artifact(path, "weights")
@@ -564,7 +617,8 @@ def _log_reconstruction(
 
 
 __all__ = [
-    "LoopError", "RuntimeOptions", "augmentation_seed", "build_method", "convert_sync_batchnorm", "export_weights",
-    "parse_fault", "per_rank_batch", "pretrain_worker", "read_events", "resolve_precision", "select_device",
+    "LoopError", "RuntimeOptions", "augmentation_seed", "autocast", "build_method", "convert_sync_batchnorm",
+    "device_batches", "export_weights", "mean_over_ranks", "parse_fault", "per_rank_batch", "pretrain_worker",
+    "read_events", "resolve_precision", "select_device",
     "sync_batchnorm_applies", "wrap_model",
 ]

@@ -5,6 +5,11 @@ A pretraining run directory ``<workspace>/pretrain/<run_name>/`` holds, per expo
 ``encoder.`` and, for ``encoder_decoder``, ``decoder.``) saved with ``torch.save`` and loadable with
 ``torch.load(weights_only=True)``; plus ``manifest.json`` (``WeightsManifest``), written last, so a
 directory with a manifest is a finished run.
+
+Each part exists as the last epoch's weights (``<part>.pt``, listed in ``files``) and, when the run
+selected one, as its best checkpoint (``<part>_best.pt``, listed in ``best.files``: lowest validation
+loss, or for DINO lowest epoch training loss, as published). Fine-tuning picks one with
+``checkpoint="last" | "best"``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from trainers.safe_io import atomic_torch_save, safe_torch_load
 
 MANIFEST_FILE = "manifest.json"
 Part = Literal["encoder", "encoder_decoder"]
+Checkpoint = Literal["last", "best"]
 #: Key prefixes of ``UNet2d.state_dict()`` that each transferable part covers.
 PART_PREFIXES: dict[str, tuple[str, ...]] = {"encoder": ("encoder.",), "encoder_decoder": ("encoder.", "decoder.")}
 
@@ -40,12 +46,28 @@ class PartMismatchError(WeightsError):
         self.report = report
 
 
+class BestCheckpoint(BaseModel):
+    """The best epoch of a pretraining run: its 0-based ``epoch``, the ``loss`` that selected it and
+    which loss that was (``metric``: ``valid_loss``, or ``train_loss`` for DINO, which has no
+    validation loop), and ``files`` (part -> file name in the run directory, e.g. ``encoder_best.pt``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int
+    loss: float
+    metric: Literal["valid_loss", "train_loss"]
+    files: dict[str, str]
+
+
 class WeightsManifest(BaseModel):
     """``manifest.json`` of a pretraining run (the cross-package contract in ``docs/architecture.md``).
 
     ``files`` maps part name -> file name in the run directory; ``sha256`` the same file names -> digest.
     ``final_loss`` is the mean training loss of the last epoch; ``epochs`` the number of epochs trained;
     ``model_width`` the U-Net base width (``UNet2d(image_size, 4, width=model_width)`` loads the files).
+    ``files`` holds the last epoch's weights; ``best`` (``None`` when the run selected none, e.g.
+    without validation subjects) the best epoch's, whose digests are in ``sha256`` too.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,6 +83,7 @@ class WeightsManifest(BaseModel):
     mlflow_run_id: str | None = None
     files: dict[str, str]
     sha256: dict[str, str] = {}
+    best: BestCheckpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -68,13 +91,16 @@ class LoadReport:
     """Outcome of ``load_pretrained``: model keys loaded, part keys the file lacks, file keys the part lacks.
 
     ``ignored`` lists file keys outside the requested part (e.g. ``decoder.*`` when loading only the
-    encoder from an encoder+decoder file); they are not loaded and are not an error.
+    encoder from an encoder+decoder file); they are not loaded and are not an error. ``file`` is the
+    weights file that was read and ``sha256`` the digest of its bytes.
     """
 
     matched: list[str]
     missing: list[str]
     unexpected: list[str]
     ignored: list[str] = field(default_factory=list)
+    file: str = ""
+    sha256: str = ""
 
 
 def _sha256(path: Path) -> str:
@@ -146,22 +172,42 @@ def read_manifest(directory: str | Path) -> WeightsManifest:
         raise WeightsError(f"{path}: {key}: {msg}") from None
 
 
-def resolve_weights_file(path: str | Path, part: Part) -> Path:
-    """A weights file path: ``path`` itself if it is a file, else the manifest's file for ``part`` in that run dir."""
+def resolve_weights_file(path: str | Path, part: Part, checkpoint: Checkpoint = "last") -> Path:
+    """A weights file path: ``path`` itself if it is a file, else the manifest's file for ``part`` in that
+    run dir, from the last epoch (``files``) or the best one (``best.files``).
+
+    Raises:
+        WeightsError: the run lacks the part, ``best`` is asked of a run without a best checkpoint, or of
+            a single weights file (which has no manifest to choose from).
+    """
     path = Path(path)
-    if path.is_dir():
-        manifest = read_manifest(path)
-        if part not in manifest.files:
-            raise WeightsError(f"{path / MANIFEST_FILE}: run exports {sorted(manifest.files)}, not part '{part}'")
-        return path / manifest.files[part]
-    return path
+    if checkpoint not in ("last", "best"):
+        raise WeightsError(f"unknown checkpoint '{checkpoint}' (expected 'last' or 'best')")
+    if not path.is_dir():
+        if checkpoint == "best":
+            raise WeightsError(f"{path}: checkpoint 'best' needs a pretraining run directory (with {MANIFEST_FILE}), not a file")
+        return path
+    manifest = read_manifest(path)
+    if checkpoint == "best":
+        if manifest.best is None:
+            raise WeightsError(
+                f"{path / MANIFEST_FILE}: the run has no best checkpoint (pretrained without validation subjects); "
+                f"use pretrained_checkpoint: last"
+            )
+        files = manifest.best.files
+    else:
+        files = manifest.files
+    if part not in files:
+        raise WeightsError(f"{path / MANIFEST_FILE}: run exports {sorted(files)}, not part '{part}'")
+    return path / files[part]
 
 
-def load_pretrained(model: nn.Module, path: str | Path, part: Part) -> LoadReport:
+def load_pretrained(model: nn.Module, path: str | Path, part: Part, checkpoint: Checkpoint = "last") -> LoadReport:
     """Copy the ``part`` (``"encoder"`` or ``"encoder_decoder"``) of pretrained weights into ``model``.
 
     ``model`` is a ``UNet2d`` (or anything with the same key prefixes); ``path`` a weights file or a run
-    directory with a manifest. Strict: every key of the part in ``model.state_dict()`` must be in the file
+    directory with a manifest, whose ``checkpoint`` (``"last"`` or ``"best"``) is read. Strict: every
+    key of the part in ``model.state_dict()`` must be in the file
     with the same shape, and the file may not hold keys under the part's prefixes that the model lacks.
     Nothing is copied unless the whole part matches. Keys of the file outside the part are ignored.
 
@@ -172,7 +218,7 @@ def load_pretrained(model: nn.Module, path: str | Path, part: Part) -> LoadRepor
     """
     if part not in PART_PREFIXES:
         raise WeightsError(f"unknown part '{part}' (expected one of {sorted(PART_PREFIXES)})")
-    file = resolve_weights_file(path, part)
+    file = resolve_weights_file(path, part, checkpoint)
     weights = load_weights(file)
     prefixes = PART_PREFIXES[part]
     target = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
@@ -194,7 +240,8 @@ def load_pretrained(model: nn.Module, path: str | Path, part: Part) -> LoadRepor
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
     matched = sorted(k for k in target if k in in_part and in_part[k].shape == target[k].shape)
-    report = LoadReport(matched=matched, missing=missing, unexpected=unexpected, ignored=ignored)
+    report = LoadReport(matched=matched, missing=missing, unexpected=unexpected, ignored=ignored,
+                        file=str(file), sha256=_sha256(file))
     if problems:
         raise PartMismatchError(f"{file}: cannot load part '{part}' strictly: {'; '.join(problems)}", report)
     with torch.no_grad():

@@ -29,14 +29,16 @@ def pretrain(
     steps_per_epoch: int | None = typer.Option(None, "--steps-per-epoch", min=1, help="Cap optimizer steps per epoch (quick demos; default: one full pass over the data)."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root holding pretrain/, ray/ and mlflow.db (default: $SSPCTL_HOME or ./runs)."),
     max_failures: int = typer.Option(1, "--max-failures", min=-1, help="Worker-group restarts from the last checkpoint before giving up (-1: unlimited)."),
-    split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test part (all frames, labelled or not). Default: every subject in the store."),
+    split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test and valid parts (all frames, labelled or not) and compute the validation loss on its valid subjects each epoch (best checkpoint = lowest valid_loss; DINO: lowest training loss). Default: every subject in the store, no validation."),
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>)."),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
 ) -> None:
     """Pretrain an encoder with one SSP method; rerunning the same command resumes or reports it done.
 
-    Writes <output>/pretrain/<run>/encoder.pt (MIM also encoder_decoder.pt) and manifest.json, logs to MLflow (params, per-epoch loss, lr, slices/s, epoch time; MIM reconstructions) and checkpoints every epoch into <output>/ray/<run>/.
+    Writes <output>/pretrain/<run>/encoder.pt (MIM also encoder_decoder.pt), the best epoch's encoder_best.pt (encoder_decoder_best.pt) and manifest.json, logs to MLflow (params, per-epoch loss, valid_loss, lr, slices/s, epoch time; MIM reconstructions) and checkpoints every epoch into <output>/ray/<run>/.
+
+    deterministic: true in the --config YAML makes reruns on the same machine and thread count bit-identical (docs/pretraining.md).
 
     The run name is derived from config + data, so the same command resumes after a crash and skips a finished run.
     """

@@ -125,7 +125,7 @@ def _labelled(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batch(device: torch.device, channels_last: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A loader-like batch on ``device`` as ``pretrain._batches`` delivers it (NHWC image if asked)."""
+    """A loader-like batch on ``device`` as ``pretrain.device_batches`` delivers it (NHWC image if asked)."""
     image = _images(seed=seed).to(device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)

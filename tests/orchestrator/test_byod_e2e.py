@@ -2,8 +2,8 @@
 
 M&Ms + M&Ms-2 + ACDC phantoms (7 of 8 ACDC subjects without labels) + a manifest of unlabelled
 scans -> ``sspctl ingest`` (all four sources into one store) -> ``store validate`` -> ``splits make``
-(labelled subjects only) -> ``pretrain`` (every non-test subject, unlabelled included) -> ``finetune``
--> ``report`` with Dice by dataset and vendor. Everything through the CLI, real Ray and MLflow.
+(labelled subjects only) -> ``pretrain`` (every subject outside test and valid, unlabelled included)
+-> ``finetune`` -> ``report`` with Dice by dataset and vendor. Everything through the CLI, real Ray and MLflow.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def test_mostly_unlabelled_store_from_four_sources(tmp_path: Path, monkeypatch: 
     assert len(pool) == len(table) - len(split.subjects("test")) and {"u0", "u1"} <= set(pool)
     from orchestrator.pretrain_launch import pretrain_subjects
 
-    assert pretrain_subjects(SliceStore.open(store), split_path) == pool  # what `pretrain --split` trains on
+    chosen = pretrain_subjects(SliceStore.open(store), split_path)  # what `pretrain --split` trains and validates on
+    assert chosen.valid is not None and sorted(chosen.valid) == sorted(split.subjects("valid"))
+    assert chosen.train == [s for s in pool if s not in chosen.valid]  # valid subjects are held out
 
     config = tmp_path / "simclr.yaml"
     config.write_text(yaml.safe_dump({"model_width": 8, "method": {"name": "simclr"}}))

@@ -1,7 +1,8 @@
 """End to end: synth -> ingest -> real Zarr store -> ``sspctl pretrain`` on a real local Ray, real sqlite MLflow.
 
 Ray ``fit()`` is the expensive part (about 20 s each here), so the suite runs five: the four methods
-with one worker, and one two-worker run that is killed once and resumes. The remaining checks
+with one worker, and one two-worker run that is killed once and resumes; all pretrain on a split's
+train subjects and validate on its valid subjects. The remaining checks
 (rerun of a finished run, bad input, a dead tracking server in the worker) need no ``fit()``.
 """
 
@@ -38,8 +39,10 @@ CONFIGS = {
     "dino": {"method": {"name": "dino", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_local_crops": 2}},
     "mim": {"method": {"name": "mim", "augment": MILD}},
 }
-for _config in CONFIGS.values():
+for _name, _config in CONFIGS.items():
     _config["model_width"] = WIDTH
+    if _name != "dino":  # DINO has no validation loop (published)
+        _config["valid_batch_size"] = 8
 COMMON = ["--epochs", "2", "--batch-size", "8", "--steps-per-epoch", "5", "--no-progress"]
 
 
@@ -55,6 +58,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     plan = plan_ingest({"mnms": root / "raw"}, str(root / "store.zarr"), IngestConfig(size=IMAGE, spacing=4.0, chunk_slices=16))
     execute_ingest(plan, executor="serial", progress=False)
     return str(root / "store.zarr")
+
+
+@pytest.fixture(scope="module")
+def split(store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 train and 2 validation subjects of the store (no test subjects: pretraining never reads them)."""
+    from datastore.store import SliceStore
+
+    ids = [str(s) for s in SliceStore.open(store).subjects["subject_id"]]
+    path = tmp_path_factory.mktemp("split") / "split.yaml"
+    path.write_text(yaml.safe_dump({"train": {"mm1": ids[:4]}, "valid": {"mm1": ids[4:]}, "test": {"mm1": []}}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +128,13 @@ def _fixed_batch_losses(ray_run: Path, store: str) -> tuple[float, float]:
     return loss(initial), loss(trained)
 
 
-def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, ray_cluster, clean_env, tmp_path):
+def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, split, ray_cluster, clean_env, tmp_path):
     from mlflow.tracking import MlflowClient
 
     for method in ("simclr", "pcl", "dino", "mim"):
         ws = tmp_path / method
         code, out = _pretrain("--method", method, "--store", store, "--config", str(_config_file(tmp_path, method)),
-                              "--output", str(ws), *COMMON)
+                              "--output", str(ws), "--split", str(split), *COMMON)
         assert code == 0, out
         run_dir = _run_dir(ws)
         manifest = read_manifest(run_dir)
@@ -128,9 +142,12 @@ def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, ray_clus
         assert manifest.run_name == run_dir.name and manifest.dataset_hash and manifest.model_width == WIDTH
         expected_parts = {"encoder", "encoder_decoder"} if method == "mim" else {"encoder"}
         assert set(manifest.files) == expected_parts
-        for part in expected_parts:  # the fine-tuning U-Net takes every exported part strictly
-            report = load_pretrained(UNet2d(IMAGE, 4, width=WIDTH), run_dir, part)  # type: ignore[arg-type]
-            assert report.matched and not report.missing
+        for part in expected_parts:  # the fine-tuning U-Net takes every exported part strictly, last and best
+            for checkpoint in ("last", "best"):
+                report = load_pretrained(UNet2d(IMAGE, 4, width=WIDTH), run_dir, part, checkpoint)  # type: ignore[arg-type]
+                assert report.matched and not report.missing
+        assert manifest.best is not None and manifest.best.files == {p: f"{p}_best.pt" for p in expected_parts}
+        assert set(manifest.sha256) == {*manifest.files.values(), *manifest.best.files.values()}
 
         client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
         run = client.get_run(manifest.mlflow_run_id)
@@ -149,8 +166,17 @@ def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, ray_clus
             assert trained < initial, (method, initial, trained)
         for name in ("lr", "slices_per_s", "epoch_time_s"):
             assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+        valid = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "valid_loss"), key=lambda m: m.step)]
+        if method == "dino":  # no validation loop: the best epoch is the lowest training loss
+            assert valid == [] and "DINO has no validation loop" in out
+            assert manifest.best.metric == "train_loss" and manifest.best.loss == pytest.approx(min(losses))
+        else:
+            assert len(valid) == 2 and all(map(math.isfinite, valid)) and "validation: 2 subjects" in out
+            assert manifest.best.metric == "valid_loss" and manifest.best.loss == pytest.approx(min(valid))
+            assert manifest.best.epoch == valid.index(min(valid))
+        assert f"best checkpoint: epoch {manifest.best.epoch + 1}" in out
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
-        assert {f"weights/{f}" for f in manifest.files.values()} | {"weights/manifest.json"} <= artifacts
+        assert {f"weights/{f}" for f in manifest.sha256} | {"weights/manifest.json"} <= artifacts
         if method == "mim":
             assert client.list_artifacts(run.info.run_id, "reconstructions"), "MIM logs a reconstruction PNG"
 
@@ -158,7 +184,7 @@ def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, ray_clus
     events_before = read_events(run_dir)
     started = time.monotonic()
     code, out = _pretrain("--method", "mim", "--store", store, "--config", str(_config_file(tmp_path, "mim")),
-                          "--output", str(tmp_path / "mim"), *COMMON)
+                          "--output", str(tmp_path / "mim"), "--split", str(split), *COMMON)
     assert code == 0, out
     assert "already finished" in out and str(run_dir) in out
     assert read_events(run_dir) == events_before
@@ -171,12 +197,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_workers_killed_worker_resumes_from_checkpoint_with_dead_tracking_server(store, ray_cluster, clean_env, tmp_path):
+def test_two_workers_killed_worker_resumes_from_checkpoint_with_dead_tracking_server(
+    store, split, ray_cluster, clean_env, tmp_path
+):
+    from trainers.checkpoint import load_checkpoint
+
     clean_env.setenv("SSPCTL_FAULT_INJECT", "epoch=1,rank=1")
     clean_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
     ws = tmp_path / "ws"
     code, out = _pretrain("--method", "simclr", "--store", store, "--config", str(_config_file(tmp_path, "simclr")),
-                          "--output", str(ws), "--workers", "2", "--max-failures", "1", *COMMON)
+                          "--output", str(ws), "--workers", "2", "--max-failures", "1", "--split", str(split), *COMMON)
     assert code == 0, out
     run_dir = _run_dir(ws)
     assert (run_dir / FAULT_MARKER).exists()
@@ -192,6 +222,14 @@ def test_two_workers_killed_worker_resumes_from_checkpoint_with_dead_tracking_se
     assert json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])["world_size"] == 2
     checkpoints = sorted(p.name for p in (ws / "ray" / run_dir.name).glob("epoch_*"))
     assert checkpoints == ["epoch_0000", "epoch_0001"]
+    # The best-so-far epoch travelled through the checkpoint: the resumed attempt chose over both epochs,
+    # the one scored before the kill included.
+    valid = [e["valid_loss"] for e in read_events(run_dir) if e["event"] == "epoch"]
+    assert len(valid) == 2 and all(map(math.isfinite, valid))
+    first = load_checkpoint(ws / "ray" / run_dir.name / "epoch_0000").best
+    assert first is not None and (first["epoch"], first["loss"]) == (0, valid[0])
+    assert set(first["weights"]) == {"encoder"}
+    assert manifest.best is not None and manifest.best.loss == min(valid) and manifest.best.epoch == valid.index(min(valid))
 
 
 def test_worker_survives_dead_tracking_server_outside_ray(store, tmp_path):
@@ -207,9 +245,14 @@ def test_worker_survives_dead_tracking_server_outside_ray(store, tmp_path):
     assert read_manifest(tmp_path).final_loss == pytest.approx(out["final_loss"])
 
 
-def test_bad_input_is_one_line_and_non_zero(store, clean_env, tmp_path):
+def test_bad_input_is_one_line_and_non_zero(store, split, clean_env, tmp_path):
     code, out = _pretrain("--method", "simclr", "--store", store, "--workers", "3", "--batch-size", "8", "--output", str(tmp_path))
     assert code != 0 and "not divisible by 3 workers" in out and len(out.strip().splitlines()) == 1
+    # the validation batch (paper: 224) must split over the workers too, once there are validation subjects
+    code, out = _pretrain("--method", "simclr", "--store", store, "--workers", "3", "--batch-size", "9",
+                          "--split", str(split), "--output", str(tmp_path))
+    assert code != 0 and "valid_batch_size: the global batch 224 is not divisible by 3" in out
+    assert len(out.strip().splitlines()) == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: {name: simclr}\nepochz: 3\n")
     code, out = _pretrain("--method", "simclr", "--store", store, "--config", str(bad), "--output", str(tmp_path))
@@ -234,3 +277,13 @@ def test_loop_helpers():
         parse_fault("when=2")
     seeds = {augmentation_seed(0, r, e) for r in range(4) for e in range(50)}
     assert len(seeds) == 200 and augmentation_seed(0, 1, 2) == augmentation_seed(0, 1, 2)
+
+
+def test_split_holds_its_valid_subjects_out_of_pretraining(store, split):
+    from datastore.store import SliceStore
+    from orchestrator.pretrain_launch import pretrain_subjects
+
+    ids = [str(s) for s in SliceStore.open(store).subjects["subject_id"]]
+    chosen = pretrain_subjects(SliceStore.open(store), split)
+    assert chosen.train == ids[:4] and chosen.valid == ids[4:]  # validated on, never pretrained on
+    assert pretrain_subjects(SliceStore.open(store), None) == type(chosen)(train=None, valid=None)

@@ -87,3 +87,27 @@ def test_bad_files_give_one_line_errors(tmp_path):
     torch.save({"format": 99}, tmp_path / STATE_FILE)
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         load_checkpoint(tmp_path)
+
+
+def test_best_so_far_with_its_weights_survives_the_checkpoint(tmp_path):
+    from trainers.pretrain_validation import BestSoFar
+
+    model, state = _trained_state()
+    best = BestSoFar("valid_loss")
+    assert best.to_state() is None
+    assert best.offer(0, 2.0, lambda: {"encoder": model.state_dict()})
+    assert not best.offer(1, 2.5, lambda: {"encoder": {}}) and not best.offer(2, float("nan"), None)
+    state.best = best.to_state()
+    save_checkpoint(tmp_path / "ck", state)
+    back = BestSoFar.from_state("valid_loss", load_checkpoint(tmp_path / "ck").best)
+    assert (back.epoch, back.loss, back.metric) == (0, 2.0, "valid_loss")
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.weights["encoder"][key], value), key
+    # a later epoch must beat the restored loss, not start from infinity
+    assert not back.offer(3, 2.1, None) and back.offer(3, 1.9, None) and back.epoch == 3
+    # checkpoints written before ``best`` existed (or by another selection rule) start afresh
+    payload = torch.load(tmp_path / "ck" / STATE_FILE, weights_only=True)
+    del payload["best"]
+    torch.save(payload, tmp_path / "ck" / STATE_FILE)
+    assert load_checkpoint(tmp_path / "ck").best is None
+    assert not BestSoFar.from_state("train_loss", state.best).found

@@ -211,3 +211,54 @@ def test_epoch_batches_cycles_a_small_budget_and_cuts_a_large_one() -> None:
     assert [e for e, _ in cycled] == [20000] * 3 + [20001] * 3 + [20002]  # a fresh shuffle per pass
     assert list(epoch_batches(_CountingLoader(5), epoch=1, steps=2)) == [(10000, 0), (10000, 1)]
     assert list(epoch_batches(_CountingLoader(0), epoch=0, steps=4)) == []
+
+
+def _pretrained_run(directory: Path, with_best: bool = True) -> Path:
+    """A pretraining run directory: different last and best encoders, and their manifest."""
+    from trainers.weights import BestCheckpoint, WeightsManifest, write_manifest
+
+    digests = {}
+    for seed, name in ((1, "encoder.pt"), (2, "encoder_best.pt")):
+        torch.manual_seed(seed)
+        state = {k: v for k, v in UNet2d(IMAGE_SIZE, 4).state_dict().items() if k.startswith("encoder.")}
+        digests[name] = save_weights(state, directory / name)
+    best = BestCheckpoint(epoch=0, loss=1.0, metric="valid_loss", files={"encoder": "encoder_best.pt"})
+    write_manifest(directory, WeightsManifest(
+        method="simclr", run_name=directory.name, config={}, dataset_hash="h", epochs=2, final_loss=1.0,
+        image_size=IMAGE_SIZE, files={"encoder": "encoder.pt"}, sha256=digests, best=best if with_best else None,
+    ))
+    return directory
+
+
+def test_deterministic_cell_twice_is_bit_identical_and_returns_what_it_started_from(
+    cell_data: dict[str, Path], tmp_path: Path, one_torch_thread: None, restore_determinism: None
+) -> None:
+    from trainers.finetune import finetune_worker
+    from trainers.weights import WeightsError, load_weights, read_manifest
+
+    run = _pretrained_run(tmp_path / "pretrain")
+    config = {"method": "simclr", "weights": str(run), "pretrained_checkpoint": "best", "budget": 2, "seed": 0,
+              "epochs": 2, "iterations_per_epoch": 2, "batch_size": 4, "valid_batch_size": 16, "deterministic": True}
+    results = [finetune_worker({"store": str(cell_data["store"]), "split": str(cell_data["split"]),
+                                "output": str(tmp_path / f"cell{i}"), "config": config, "evaluate": False})
+               for i in range(2)]
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    first, second = (load_weights(tmp_path / f"cell{i}" / "model.pt") for i in range(2))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert results[0]["valid"] == results[1]["valid"] and results[0]["best_valid_loss"] == results[1]["best_valid_loss"]
+    # the cell reports the exact file it started from: the run's best encoder, not its last one
+    value = results[0]
+    assert value["init_weights"] == str(run / "encoder_best.pt")
+    assert value["init_sha256"] == read_manifest(run).sha256["encoder_best.pt"] != read_manifest(run).sha256["encoder.pt"]
+    assert (value["subset_seed"], value["train_seed"]) == (0, 0)
+
+    from trainers.finetune import provenance
+
+    assert provenance(FinetuneConfig(seed=2, train_seed=5), None) == {"init_weights": None, "init_sha256": None,
+                                                                      "subset_seed": 2, "train_seed": 5}
+    assert provenance(FinetuneConfig(seed=2), None)["train_seed"] == 2
+    no_best = _pretrained_run(tmp_path / "no-best", with_best=False)
+    with pytest.raises(WeightsError, match="no best checkpoint"):
+        build_model(IMAGE_SIZE, FinetuneConfig(method="simclr", weights=str(no_best), pretrained_checkpoint="best"))
+    _, report = build_model(IMAGE_SIZE, FinetuneConfig(method="simclr", weights=str(no_best)))  # default: last
+    assert report is not None and report["file"] == str(no_best / "encoder.pt")

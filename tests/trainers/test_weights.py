@@ -103,3 +103,36 @@ def test_weights_file_is_plain_and_bad_files_are_named(tmp_path):
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(WeightsError, match="surprise: unknown key"):
         read_manifest(tmp_path)
+
+
+def test_best_checkpoint_is_read_from_the_manifest_and_its_absence_is_one_line(tmp_path):
+    from trainers.weights import BestCheckpoint
+
+    torch.manual_seed(2)
+    last, best = UNet2d(32, 1, width=W), UNet2d(32, 1, width=W)
+    digests = {"encoder.pt": save_weights(_part(last, "encoder."), tmp_path / "encoder.pt"),
+               "encoder_best.pt": save_weights(_part(best, "encoder."), tmp_path / "encoder_best.pt")}
+    entry = BestCheckpoint(epoch=3, loss=0.25, metric="valid_loss", files={"encoder": "encoder_best.pt"})
+    write_manifest(tmp_path, _manifest(encoder="encoder.pt").model_copy(update={"sha256": digests, "best": entry}))
+    key = "encoder.blocks.0.conv1.conv.weight"
+    for checkpoint, source, name in (("last", last, "encoder.pt"), ("best", best, "encoder_best.pt")):
+        target = UNet2d(32, 4, width=W)
+        report = load_pretrained(target, tmp_path, "encoder", checkpoint)
+        assert torch.equal(target.state_dict()[key], source.state_dict()[key]), checkpoint
+        assert report.file == str(tmp_path / name) and report.sha256 == digests[name]
+    assert read_manifest(tmp_path).best == entry
+    with pytest.raises(WeightsError, match="not part 'encoder_decoder'"):
+        load_pretrained(UNet2d(32, 4, width=W), tmp_path, "encoder_decoder", "best")
+    with pytest.raises(WeightsError, match="needs a pretraining run directory"):
+        load_pretrained(UNet2d(32, 4, width=W), tmp_path / "encoder.pt", "encoder", "best")
+
+    # A manifest without a best section (an older run, or one without validation subjects) still reads,
+    # loads its last weights, and refuses "best" with a one-line reason.
+    data = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    del data["best"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(data))
+    assert read_manifest(tmp_path).best is None
+    load_pretrained(UNet2d(32, 4, width=W), tmp_path, "encoder")
+    with pytest.raises(WeightsError, match="no best checkpoint") as caught:
+        load_pretrained(UNet2d(32, 4, width=W), tmp_path, "encoder", "best")
+    assert MANIFEST_FILE in str(caught.value) and "\n" not in str(caught.value)

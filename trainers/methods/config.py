@@ -202,6 +202,12 @@ class PretrainConfig(BaseModel):
     ``batch_size`` is GLOBAL images per step (split evenly over workers); ``precision`` is the
     autocast dtype (``fp16`` uses a GradScaler); ``steps_per_epoch`` optionally caps an epoch
     (demos); ``checkpoint_every`` is in epochs.
+
+    Validation (published for SimCLR, PCL and MIM): every epoch the loss on the split's validation
+    subjects, in batches of ``valid_batch_size`` GLOBAL images (``None`` = no validation: DINO, whose
+    published code has none and whose loss moves its teacher's centre), at most ``valid_steps``
+    batches (demos; ``None`` = all). ``deterministic`` switches the run to deterministic kernels
+    (``trainers/determinism.py``).
     """
 
     model_config = _FROZEN
@@ -209,7 +215,8 @@ class PretrainConfig(BaseModel):
     method: MethodConfig
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(ge=1, description="global images per optimizer step")
-    valid_batch_size: int | None = Field(None, ge=1)
+    valid_batch_size: int | None = Field(None, ge=1, description="global validation batch; None = no validation")
+    valid_steps: int | None = Field(None, ge=1, description="cap on validation batches per epoch; None = all")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch; None = one full pass")
     image_size: int = Field(256, ge=8)
     model_width: int = Field(32, ge=1, description="U-Net base channels (paper 32: 32..512); fine-tuning must match")
@@ -220,6 +227,7 @@ class PretrainConfig(BaseModel):
     optimizer: OptimizerConfig
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint_every: int = Field(1, ge=1)
+    deterministic: bool = Field(False, description="deterministic kernels, no cuDNN benchmark (bit-identical reruns)")
 
     @model_validator(mode="before")
     @classmethod
@@ -241,7 +249,22 @@ class PretrainConfig(BaseModel):
             raise ValueError(
                 f"method.patches_per_side: {self.method.patches_per_side} does not divide image_size {self.image_size}"
             )
+        if isinstance(self.method, DINOConfig) and self.valid_batch_size is not None:
+            raise ValueError(
+                "valid_batch_size: DINO has no validation loop (published; its loss updates the teacher's centre), "
+                "leave it null"
+            )
         return self
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run computes a validation loss (given validation subjects)."""
+        return self.valid_batch_size is not None
+
+    @property
+    def best_metric(self) -> Literal["valid_loss", "train_loss"]:
+        """What selects the best checkpoint: the validation loss, or (DINO, as published) the epoch training loss."""
+        return "train_loss" if isinstance(self.method, DINOConfig) else "valid_loss"
 
     # -- schedules --------------------------------------------------------------------------
 
