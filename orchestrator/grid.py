@@ -142,11 +142,6 @@ class Cell:
 
     @property
     def tags(self) -> dict[str, str]:
-        weights_sha = ""
-        if self.pretrained is not None:
-            part = self.config.get("part", "encoder")
-            weights_sha = str(self.pretrained.manifest.get("sha256", {}).get(
-                self.pretrained.manifest.get("files", {}).get(part, ""), ""))
         return {
             "method": self.method,
             "budget": str(self.budget),
@@ -155,7 +150,6 @@ class Cell:
             "train_seed": str(self.train_seed),
             "arm_role": self.arm.role,
             "init_part": str(self.config.get("part", "")) if self.pretrained else "",
-            "init_weights_sha256": weights_sha,
             "pretrain_run_id": self.pretrained.mlflow_run_id if self.pretrained else "",
         }
 
@@ -460,6 +454,9 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) ->
         returned = result.return_value
         # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
         rows = returned.get("dice") if isinstance(returned, dict) else returned
+        if isinstance(returned, dict) and returned.get("init_sha256"):
+            # the exact weights file the worker loaded (last or best checkpoint of the run)
+            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
         metrics = _record_cell(cell, rows, tracker)
     except BaseException:
         _set_status_quietly(cell, "FAILED")
