@@ -154,7 +154,12 @@ class _StoreSource:
         if self._images is None and getattr(self._store, "group", None) is not None:
             self._images = self._store.group["images"]
         if self._images is not None:
-            return np.asarray(self._images[start:stop])
+            try:
+                return np.asarray(self._images[start:stop])
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk: name store, array and rows
+                from datastore.store import unreadable
+
+                raise unreadable(_describe(self._store), "images", start, stop, exc) from None
         reader = getattr(self._store, "read_image_range", None)
         if reader is not None:
             return np.asarray(reader(start, stop))

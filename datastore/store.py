@@ -29,21 +29,18 @@ first use and pickles by path, so create it (or unpickle it) inside each worker 
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
-import logging
 import os
-import socket
-import time
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from datastore.locks import ExclusiveLock
 
 SCHEMA_VERSION = 1
 PHASES = ("ED", "ES")
@@ -64,11 +61,22 @@ LOCK_NAME = ".sspctl-writer.lock"
 NODE_NAMES = ("images", "labels", "label_slice", "meta", *(f"meta/{k}" for k in META_DTYPES), "native")
 _GROUP_NODES = ("meta", "native")
 
-logger = logging.getLogger(__name__)
-
 
 class StoreError(ValueError):
     """The store is missing, of another schema, or inconsistent; the message names the path."""
+
+
+class CorruptChunkError(StoreError):
+    """Stored data could not be read (a damaged or truncated chunk); names store, array and rows."""
+
+
+def unreadable(store: str, array: str, start: int, stop: int, exc: BaseException) -> CorruptChunkError:
+    """The one-line error for a failed read of rows ``[start, stop)`` of ``array`` in ``store``."""
+    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return CorruptChunkError(
+        f"store {store}: array {array} rows [{start}, {stop}) unreadable ({reason}); "
+        f"`sspctl store validate {store}` lists the damaged chunks"
+    )
 
 
 def _package_version() -> str:
@@ -336,14 +344,14 @@ class SliceStore:
         if idx.size == 0:
             return np.zeros((0, self.image_size, self.image_size), np.float32)
         unique, inverse = np.unique(idx, return_inverse=True)
-        data = self.group["images"].get_orthogonal_selection((unique, slice(None), slice(None)))
+        data = self._read_rows("images", unique)
         return np.asarray(data, dtype=np.float32)[inverse]
 
     def read_image_range(self, start: int, stop: int) -> np.ndarray:
         """float32 ``(stop - start, H, W)``: a contiguous run of slices (chunk-aligned is fastest)."""
         if not 0 <= start <= stop <= self.n_slices:
             raise IndexError(f"{self.path}: slice range [{start}, {stop}) outside [0, {self.n_slices})")
-        return np.asarray(self.group["images"][start:stop], dtype=np.float32)
+        return np.asarray(self._read_rows("images", slice(start, stop)), dtype=np.float32)
 
     def read_labels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """uint8 ``(n, H, W)`` labels of the *slice rows* ``indices`` (all must be labelled)."""
@@ -355,8 +363,23 @@ class SliceStore:
         if rows.size == 0:
             return np.zeros((0, self.image_size, self.image_size), np.uint8)
         unique, inverse = np.unique(rows, return_inverse=True)
-        data = self.group["labels"].get_orthogonal_selection((unique, slice(None), slice(None)))
+        data = self._read_rows("labels", unique)
         return np.asarray(data, dtype=np.uint8)[inverse]
+
+    def _read_rows(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        """Rows of the 3D array ``name`` (a slice, or sorted unique indices).
+
+        Raises:
+            CorruptChunkError: a chunk could not be decoded (names the store, array and row range).
+        """
+        array = self.group[name]
+        try:
+            if isinstance(rows, slice):
+                return np.asarray(array[rows])
+            return np.asarray(array.get_orthogonal_selection((rows, slice(None), slice(None))))
+        except Exception as exc:  # noqa: BLE001 - codec errors have no common type
+            first, last = (rows.start, rows.stop) if isinstance(rows, slice) else (int(rows[0]), int(rows[-1]) + 1)
+            raise unreadable(self.path, name, first, last, exc) from None
 
     def subject_row(self, subject_id: str, dataset: str | None = None) -> dict[str, Any]:
         """The subject-table row of ``subject_id`` (``dataset`` disambiguates equal ids)."""
@@ -378,10 +401,15 @@ class SliceStore:
         row = self.subject_row(subject_id, dataset)
         if not row.get("labelled", True):
             raise KeyError(f"{self.path}: subject {row['dataset']}/{row['subject_id']} is unlabelled (no native ED/ES volumes)")
-        node = self.group[f"native/{subject_key(row['dataset'], row['subject_id'])}/{phase}"]
+        name = f"native/{subject_key(row['dataset'], row['subject_id'])}/{phase}"
+        node = self.group[name]
+        try:
+            image, label = np.asarray(node["image"][:], dtype=np.float32), np.asarray(node["label"][:], dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - codec errors have no common type
+            raise unreadable(self.path, name, 0, int(row["native_shape_zyx"][0]), exc) from None
         return NativeVolume(
-            image=np.asarray(node["image"][:], dtype=np.float32),
-            label=np.asarray(node["label"][:], dtype=np.uint8),
+            image=image,
+            label=label,
             spacing_zyx=tuple(float(v) for v in row["spacing_zyx"]),  # type: ignore[arg-type]
             affine=np.asarray(row["affine"], dtype=np.float64),
             flip_z=bool(row["flip_z"]),
@@ -397,122 +425,29 @@ class SliceStore:
         return slice(int(row["first_row"]), int(row["first_row"]) + int(row["n_rows"]))
 
 
-def _holder_text(holder: Mapping[str, Any]) -> str:
-    """``pid N on HOST (since TIME)`` from a lock file's content (``?`` for unknown fields)."""
-    since = f" (since {holder['since']})" if holder.get("since") else ""
-    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{since}"
+class WriterLock(ExclusiveLock):
+    """Exclusive writer lock of a local store: ``<store>/.sspctl-writer.lock`` (``datastore.locks``).
 
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    """The JSON ``{"pid", "host", "since"}`` written by the lock's holder; ``{}`` if unreadable."""
-    try:
-        data = os.pread(fd, 4096, 0)
-        holder = json.loads(data.decode()) if data else {}
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-_HELD_LOCKS: weakref.WeakSet[WriterLock] = weakref.WeakSet()
-
-
-class WriterLock:
-    """Exclusive writer lock of a local store: ``fcntl.flock`` on ``<store>/.sspctl-writer.lock``.
-
-    The file holds the holder's pid, host and start time (for the error message of a second
-    writer). The kernel drops the lock when its process dies, so a lock file left by a killed
-    ingest is stale as soon as nobody holds it: the next writer takes it over with a warning.
-    Releasing removes the file. A second writer in the same process is refused like any other.
+    A lock file left by a killed ingest is stale as soon as nobody holds it: the next writer takes it
+    over with one warning.
     """
 
-    def __init__(self, store_dir: Path) -> None:
-        self.store_dir = store_dir
-        self.path = store_dir / LOCK_NAME
-        self._fd: int | None = None
+    error = StoreError
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
+    def __init__(self, store_dir: Path) -> None:
+        super().__init__(store_dir / LOCK_NAME)
+        self.store_dir = store_dir
 
     def acquire(self) -> list[str]:
-        """Take the lock (idempotent); returns warnings (a stale lock taken over).
-
-        Raises:
-            StoreError: another writer holds the lock, or the lock file cannot be created.
-        """
-        if self._fd is not None:
-            return []
-        if self.store_dir.exists() and not self.store_dir.is_dir():
+        if self._fd is None and self.store_dir.exists() and not self.store_dir.is_dir():
             raise StoreError(f"{self.store_dir}: exists and is not a directory (not a zarr store)")
-        for _ in range(5):  # the file may be removed by a releasing writer between open and flock
-            fd = self._open_locked()
-            if fd is None:
-                continue
-            previous = _read_holder(fd)
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
-            self._fd = fd
-            _HELD_LOCKS.add(self)
-            same_process = previous.get("pid") == me["pid"] and previous.get("host") == me["host"]
-            if not previous or same_process:
-                return []
-            return [
-                f"store {self.store_dir}: taking over the writer lock left by {_holder_text(previous)}, "
-                "which no longer holds it (killed?); resuming"
-            ]
-        raise StoreError(f"{self.path}: the writer lock file keeps being replaced; retry")
+        return super().acquire()
 
-    def _open_locked(self) -> int | None:
-        """Open and flock the lock file; None if it was replaced meanwhile (retry)."""
-        import fcntl
+    def busy_message(self, holder: str) -> str:
+        return f"store {self.store_dir} is being written by {holder}; wait for that ingest to finish or use another --store path"
 
-        try:
-            self.store_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(f"{self.path}: cannot create the writer lock ({exc.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise StoreError(
-                f"store {self.store_dir} is being written by {_holder_text(holder)}; "
-                "wait for that ingest to finish or use another --store path"
-            ) from None
-        try:
-            current = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current != os.fstat(fd).st_ino:
-            os.close(fd)
-            return None
-        return fd
-
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (no-op when not held)."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        _HELD_LOCKS.discard(self)
-        try:
-            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                os.unlink(self.path)
-        except OSError:
-            pass  # already gone: nothing to clean up
-        finally:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.release()
-
-
-@atexit.register
-def _release_held_locks() -> None:
-    """Remove the lock files of writers never closed (the kernel would drop the locks anyway)."""
-    for lock in list(_HELD_LOCKS):
-        lock.release()
+    def takeover_message(self, holder: str) -> str:
+        return f"store {self.store_dir}: taking over the writer lock left by {holder}, which no longer holds it (killed?); resuming"
 
 
 class StoreWriter:
@@ -563,9 +498,7 @@ class StoreWriter:
                 lock.release()
             raise
         writer = cls(group, target, lock)
-        writer.warnings = notes
-        for note in notes:
-            logger.warning(note)
+        writer.warnings = notes  # shown once, by the caller
         return writer
 
     def close(self) -> None:
@@ -975,10 +908,35 @@ def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def unreadable_chunks(group: Any, where: str, progress: bool = False) -> list[str]:
+    """Read every chunk of every array under ``group``; one line per chunk that cannot be decoded.
+
+    A missing chunk is not an error (zarr fills it); a damaged or truncated one is.
+    """
+    import zarr
+    from tqdm import tqdm
+
+    arrays = [(name, node) for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
+    problems: list[str] = []
+    for name, array in tqdm(arrays, desc="chunks", unit="array", disable=not progress or None, leave=False):
+        for index in np.ndindex(*array.cdata_shape):
+            region = tuple(
+                slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, array.chunks, array.shape, strict=True)
+            )
+            try:
+                array[region]
+            except Exception as exc:  # noqa: BLE001 - codec errors have no common type
+                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                rows = f" (rows [{region[0].start}, {region[0].stop}))" if region else ""
+                problems.append(f"{where}: array {name} chunk {'.'.join(map(str, index))}{rows} unreadable ({reason})")
+    return problems
+
+
 def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[str]:
     """Check every invariant of a store; returns one line per violation (empty = valid).
 
-    Checks: the ingest finished; array lengths agree with the committed counts; metadata ranges
+    Checks: the ingest finished; array lengths agree with the committed counts; every chunk of every
+    array decodes (one line per damaged chunk, naming array and chunk); metadata ranges
     (subject, frame, slice, slice_count, phase) agree with the subject table; labels exist exactly
     on the ED/ES slices of labelled subjects (none for ``labelled: false`` rows), point back to
     their slice and hold values in {0, 1, 2, 3}; images are finite; native volumes (labelled
@@ -1007,7 +965,8 @@ def validate_store(path: str | os.PathLike[str], progress: bool = True) -> list[
             continue
         if actual != shape:
             problems.append(f"{where}: {name} has shape {actual}, expected {shape} from the commit record")
-    if problems:
+    problems.extend(unreadable_chunks(group, where, progress))
+    if problems:  # the content checks below need every chunk
         return problems
     meta = store.meta
     rows = commit["subjects"]

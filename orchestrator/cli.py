@@ -12,7 +12,7 @@ import os
 
 import typer
 
-from orchestrator.commands import data, deploy, evaluate, finetune, pretrain, splits, study, synth
+from orchestrator.commands import data, deploy, evaluate, finetune, pretrain, splits, study, sync, synth
 
 app = typer.Typer(
     name="sspctl",
@@ -26,13 +26,16 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (synth, data, splits, pretrain, finetune, evaluate, study, deploy):
+for module in (synth, data, splits, pretrain, finetune, evaluate, study, sync, deploy):
     module.register(app)
 
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging and the Ray workers' logs.")) -> None:
     """Self-supervised pretraining studies for cardiac MR cine segmentation."""
+    from orchestrator import signals
+
+    signals.install()  # SIGTERM/SIGHUP clean up like Ctrl-C (docs/failures.md)
     if verbose:
         os.environ["SSPCTL_RAY_LOGS"] = "1"
     logging.basicConfig(

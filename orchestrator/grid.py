@@ -44,6 +44,8 @@ from orchestrator.study_tracking import (
     set_status,
     short_hash,
 )
+from orchestrator.preflight import check_split_subjects
+from orchestrator.run_lock import grid_lock_path, run_lock
 from orchestrator.workspace import Workspace
 
 log = logging.getLogger("sspctl.grid")
@@ -355,7 +357,7 @@ def max_concurrent_trials(
 def cell_output_dir(workspace: Workspace, study: str, cell: Cell | str) -> Path:
     """``<workspace>/finetune/<study>/<cell name>/``: the worker's output directory."""
     name = cell if isinstance(cell, str) else cell.name
-    return workspace.root / "finetune" / study / name
+    return workspace.folder("finetune", study, name)
 
 
 def is_complete(output_dir: Path, study: StudyTracking, run_id: str) -> bool:
@@ -426,10 +428,12 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) ->
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.tracking import MlflowTracker
+    from orchestrator.run_lock import RUN_LOCK_NAME
+    from orchestrator.tracking import SPOOL_NAME, MlflowTracker
 
     cell = config["cell"]
-    tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"])
+    output = Path(cell["loop_config"]["output"])
+    tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"], spool=output / SPOOL_NAME)
     use_gpu = cell["gpus_per_trial"] > 0
     per_worker: dict[str, float] = {"CPU": cell["cpus_per_worker"]}
     if use_gpu:
@@ -449,18 +453,19 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) ->
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        result = trainer.fit()
-        returned = result.return_value
-        # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
-        rows = returned.get("dice") if isinstance(returned, dict) else returned
-        if isinstance(returned, dict) and returned.get("init_sha256"):
-            # the exact weights file the worker loaded (last or best checkpoint of the run)
-            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
-        metrics = _record_cell(cell, rows, tracker)
-    except BaseException:
-        _set_status_quietly(cell, "FAILED")
-        raise
+    with run_lock(output / RUN_LOCK_NAME, f"grid cell {cell['name']}"):
+        try:
+            result = trainer.fit()
+            returned = result.return_value
+            # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
+            rows = returned.get("dice") if isinstance(returned, dict) else returned
+            if isinstance(returned, dict) and returned.get("init_sha256"):
+                # the exact weights file the worker loaded (last or best checkpoint of the run)
+                tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
+            metrics = _record_cell(cell, rows, tracker)
+        except BaseException:
+            _set_status_quietly(cell, "FAILED")
+            raise
     tune.report({**metrics, "cell_done": 1})
 
 
@@ -573,7 +578,8 @@ def _check_split(split_path: str, spec: GridSpec) -> None:
             for seed in spec.seeds:
                 split.budget(budget, seed)
     except Exception as exc:  # noqa: BLE001 - the split module's errors name the problem
-        raise GridError(f"{split_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GridError(text if text.startswith(split_path) else f"{split_path}: {text}") from None
 
 
 @dataclass
@@ -635,6 +641,7 @@ def plan_grid(
         raise GridError(format_validation_error(exc, "grid")) from None
     store_path, split_path, dataset_hash, image_size, split_digest = _inputs(store, split)
     _check_split(split_path, spec)
+    check_split_subjects(split_path, store_path)  # every id, before any cell starts
     needed = {ARMS[m].init for m in spec.methods}
     runs = {m: resolve_pretrained(m, r, workspace) for m, r in pretrained.items() if m in needed}
     for run in runs.values():
@@ -735,7 +742,8 @@ def run_grid(
         config=config, study=study, workspace=workspace, max_failures=max_failures, train_seeds=train_seeds,
         replicated_budgets=replicated_budgets,
     )
-    return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)
+    with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):
+        return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)
 
 
 def execute_plan(

@@ -197,18 +197,6 @@ def ensure_mlflow_run(
         return None
 
 
-def finish_mlflow_run(tracking_uri: str, run_id: str | None, status: str) -> None:
-    """Mark the MLflow run ``FINISHED``/``FAILED``/``KILLED``; never raises."""
-    if run_id is None:
-        return
-    try:
-        from orchestrator.study_tracking import client_for
-
-        client_for(tracking_uri).set_terminated(run_id, status=status)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(exc).splitlines()[0][:200])
-
-
 # ----------------------------------------------------------------------------------------------
 # Live progress in the driver
 # ----------------------------------------------------------------------------------------------
@@ -315,11 +303,11 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
 
     Raises:
         LaunchError: bad store/config/split/flags (before Ray starts).
+        orchestrator.run_lock.RunLockedError: the same run is running in another process.
         ray.train.WorkerGroupError / ray.train.ControllerError: training failed after ``max_failures``.
     """
     from datastore.store import SliceStore, StoreError
     from trainers.pretrain import RuntimeOptions, per_rank_batch
-    from trainers.weights import MANIFEST_FILE, WeightsError, read_manifest
 
     if request.workers < 1:
         raise LaunchError(f"--workers must be >= 1, got {request.workers}")
@@ -344,37 +332,75 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     resolved = config.model_dump(mode="json")
     run_name = run_name_for(request.method, resolved, dataset_hash, subjects, valid)
     run_dir = run_dir_for(request.workspace, run_name)
-    uri = request.workspace.tracking_uri
+    from orchestrator.run_lock import RUN_LOCK_NAME, run_lock
 
+    with run_lock(run_dir / RUN_LOCK_NAME, f"pretraining run {run_name}", warn=lambda note: echo(f"warning: {note}")):
+        plan = _RunPlan(request, config, resolved, runtime, subjects, valid, store, dataset_hash, run_name, run_dir)
+        return _run_or_skip(plan, echo, progress)
+
+
+@dataclass(frozen=True)
+class _RunPlan:
+    """A validated pretraining request with its resolved config and run identity."""
+
+    request: PretrainRequest
+    config: Any
+    resolved: dict[str, Any]
+    runtime: dict[str, Any]
+    subjects: list[str] | None
+    valid: list[str] | None
+    store: Any
+    dataset_hash: str
+    run_name: str
+    run_dir: Path
+
+
+def _finish(uri: str, run_id: str | None, status: str, run_dir: Path, echo: Callable[[str], None]) -> None:
+    """Flush what the run could not log and set its status; say in one line what is left if MLflow is down."""
+    from orchestrator.tracking import SPOOL_NAME, finish_run
+
+    result = finish_run(uri, run_id, status, run_dir / SPOOL_NAME)
+    if not result.ok:
+        echo(result.line(run_id or "?", uri))
+
+
+def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) -> PretrainOutcome:
+    """With the run lock held: report a finished run (logging what it could not), else train it."""
+    from trainers.weights import MANIFEST_FILE, WeightsError, read_manifest
+
+    request, config, run_name, run_dir = plan.request, plan.config, plan.run_name, plan.run_dir
+    uri = request.workspace.tracking_uri
     if (run_dir / MANIFEST_FILE).is_file():
         try:
             manifest = read_manifest(run_dir).model_dump(mode="json")
         except WeightsError as exc:
             raise LaunchError(str(exc)) from None
+        _replay_left_over(run_dir, echo)
         echo(f"{run_name} is already finished: weights in {run_dir} (delete that directory to retrain)")
         return PretrainOutcome(run_name, run_dir, manifest, manifest.get("mlflow_run_id"), uri, skipped=True)
 
-    n_subjects = len(store.subjects) if subjects is None else len(subjects)
+    n_subjects = len(plan.store.subjects) if plan.subjects is None else len(plan.subjects)
     echo(f"{run_name}: {request.method} on {n_subjects} subjects of {request.store} "
          f"({config.epochs} epochs, global batch {config.batch_size} = {request.workers} x "
          f"{config.batch_size // request.workers})")
     from trainers.pretrain_validation import skip_reason
 
-    skipped = skip_reason(config, valid)
-    echo(f"validation: {skipped}" if skipped else f"validation: {len(valid or [])} subjects, best checkpoint = lowest valid_loss")
+    skipped = skip_reason(config, plan.valid)
+    echo(f"validation: {skipped}" if skipped else f"validation: {len(plan.valid or [])} subjects, best checkpoint = lowest valid_loss")
     from orchestrator.study_tracking import default_study_name
 
-    study = request.study or default_study_name(dataset_hash)
-    run_id = ensure_mlflow_run(request.workspace, study, run_name, request.method, dataset_hash, {
+    study = request.study or default_study_name(plan.dataset_hash)
+    _replay_left_over(run_dir, echo)
+    run_id = ensure_mlflow_run(request.workspace, study, run_name, request.method, plan.dataset_hash, {
         "ray_run_name": run_name, "ray_storage_path": request.workspace.storage_path, "run_dir": str(run_dir),
     })
-    from orchestrator.tracking import MlflowTracker
+    from orchestrator.tracking import SPOOL_NAME, MlflowTracker
 
-    tracker = MlflowTracker(uri, run_id) if run_id is not None else None
+    tracker = MlflowTracker(uri, run_id, spool=run_dir / SPOOL_NAME) if run_id is not None else None
     loop_config = {
-        "store": str(request.store), "subjects": subjects, "valid_subjects": valid, "config": resolved,
-        "runtime": runtime,
-        "run_name": run_name, "output": str(run_dir), "dataset_hash": dataset_hash, "tracker": tracker,
+        "store": str(request.store), "subjects": plan.subjects, "valid_subjects": plan.valid, "config": plan.resolved,
+        "runtime": plan.runtime,
+        "run_name": run_name, "output": str(run_dir), "dataset_hash": plan.dataset_hash, "tracker": tracker,
         "mlflow_run_id": run_id, "fault_inject": request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
     }
     from orchestrator.ray_session import ray_session
@@ -388,7 +414,7 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
         status = "KILLED"
         raise
     finally:
-        finish_mlflow_run(uri, run_id, status)
+        _finish(uri, run_id, status, run_dir, echo)
     returned = result.return_value or {}
     manifest = read_manifest(run_dir).model_dump(mode="json")
     echo(f"done: final loss {manifest['final_loss']:.4f}; weights {', '.join(manifest['files'].values())} in {run_dir}")
@@ -406,6 +432,18 @@ def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:
         return f"best checkpoint: none ({skipped or 'no epoch was scored'})"
     return (f"best checkpoint: epoch {best['epoch'] + 1} ({best['metric']} {best['loss']:.4f}): "
             f"{', '.join(best['files'].values())}")
+
+
+def _replay_left_over(run_dir: Path, echo: Callable[[str], None]) -> None:
+    """Log the tracking records an earlier attempt could not (a tracking outage), if any."""
+    from orchestrator.tracking import SPOOL_NAME, replay_spool
+
+    spool = run_dir / SPOOL_NAME
+    if not spool.is_file():
+        return
+    result = replay_spool(spool)
+    echo("logged the tracking records an earlier attempt left in " + str(spool) if result.ok
+         else f"MLflow still unreachable: {result.pending} tracking record(s) stay in {spool}")
 
 
 def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], run_dir: Path, progress: bool) -> Any:

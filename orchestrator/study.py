@@ -173,6 +173,8 @@ def ensure_store(config: StudyConfig, echo: Callable[[str], None]) -> None:
     settings = load_config(IngestConfig, section.config, {"spacing": section.spacing, "size": section.size})
     sources = {"mnms": section.mnms, "mnms2": section.mnms2, "acdc": section.acdc, "manifest": list(section.manifests)}
     plan = plan_ingest(sources, config.store, settings)
+    for message in plan.warnings:
+        echo(f"warning: {message}")
     if plan.noop:
         echo(f"store {config.store}: up to date ({plan.already} subjects)")
         return

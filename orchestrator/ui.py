@@ -2,7 +2,7 @@
 
 ``mlflow server`` with defaults starts about 15 processes (2.4 GB); with ``--workers 1`` and
 ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` it is 2 processes (about 0.46 GB). The server runs in
-its own process group so that stopping it (Ctrl-C) terminates its workers too.
+its own process group so that stopping sspctl (Ctrl-C, SIGTERM, SIGHUP) terminates its workers too.
 """
 
 from __future__ import annotations
@@ -98,22 +98,45 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 60.0) -> Non
     raise UiError(f"mlflow server did not answer at {url} within {timeout_s:.0f}s")
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stop_ui(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """Terminate the server's process group (SIGTERM, then SIGKILL after ``timeout_s``)."""
-    if proc.poll() is not None:
-        return
+    """Stop the server's whole process group: SIGTERM, then SIGKILL for anything left after ``timeout_s``.
+
+    The group outlives its leader when ``mlflow server`` exits before its uvicorn worker, so the
+    group is checked, not just the leader.
+    """
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.poll()
+        return
+    deadline = time.monotonic() + timeout_s
+    try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout_s)
-    except ProcessLookupError:
         pass
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=timeout_s)
 
 
 def serve(workspace: Workspace, port: int = DEFAULT_PORT, host: str = HOST, echo: object = print) -> int:
-    """Run the UI in the foreground until Ctrl-C; returns the server's exit code (0 on Ctrl-C)."""
+    """Run the UI in the foreground until Ctrl-C, SIGTERM or SIGHUP; returns the server's exit code (0 when stopped).
+
+    SIGTERM and SIGHUP arrive as ``KeyboardInterrupt`` once ``orchestrator.signals.install`` ran (the
+    CLI does); either way the server's process group is killed on the way out.
+    """
     proc = start_ui(workspace, port, host, inherit=True)
     url = f"http://{host}:{port}"
     try:

@@ -20,11 +20,18 @@ class Workspace:
     root: Path
 
     @classmethod
-    def resolve(cls, root: str | Path | None = None) -> "Workspace":
-        """``root``, else ``$SSPCTL_HOME``, else ``./runs``; made absolute and created."""
+    def resolve(cls, root: str | Path | None = None, create: bool = True) -> "Workspace":
+        """``root``, else ``$SSPCTL_HOME``, else ``./runs``; made absolute and (with ``create``) created."""
         chosen = Path(root or os.environ.get("SSPCTL_HOME") or DEFAULT_HOME).expanduser().resolve()
-        chosen.mkdir(parents=True, exist_ok=True)
+        if create:
+            chosen.mkdir(parents=True, exist_ok=True)
         return cls(chosen)
+
+    def folder(self, *names: str) -> Path:
+        """``<root>/<names...>`` for names checked as plain folder names: it cannot leave the workspace."""
+        from orchestrator.paths import inside
+
+        return inside(self.root, *names)
 
     @property
     def tracking_uri(self) -> str:

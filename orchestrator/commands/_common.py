@@ -1,9 +1,10 @@
-"""Helpers shared by command modules: consistent errors and exit codes."""
+"""Helpers shared by command modules: consistent errors, exit codes and checked paths and names."""
 
 from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -27,3 +28,40 @@ def root_cause(exc: BaseException) -> str:
               and not line.startswith(("ray.train.", "Error:", "WorkerGroupError"))]
     text = causes[-1] if causes else (lines[0] if lines else "")
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+def interrupted(exc: BaseException, next_step: str) -> NoReturn:
+    """Exit after Ctrl-C, SIGTERM or SIGHUP: one line naming the signal and what a rerun does.
+
+    Exit code ``128 + signal`` (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
+    """
+    from orchestrator.signals import exit_code, signal_name
+
+    fail(f"interrupted ({signal_name(exc)}); {next_step}", code=exit_code(exc))
+
+
+def path_arg(value: Path | str | None, flag: str, must_exist: bool = True, kind: str = "any") -> str | None:
+    """``value`` as an absolute path (URLs unchanged; ``None`` stays ``None``); exit 2 when unusable.
+
+    Called by every command for every path it takes, before Ray starts (``orchestrator.paths``).
+    """
+    from orchestrator.paths import PathCheckError, user_path
+
+    if value is None:
+        return None
+    try:
+        return user_path(value, flag, must_exist=must_exist, kind=kind)
+    except PathCheckError as exc:
+        fail(str(exc), code=2)
+
+
+def name_arg(value: str | None, flag: str) -> str | None:
+    """``value`` if it is a valid study/grid/run name (``orchestrator.paths.check_name``); exit 2 if not."""
+    from orchestrator.paths import PathCheckError, check_name
+
+    if value is None:
+        return None
+    try:
+        return check_name(value, flag)
+    except PathCheckError as exc:
+        fail(str(exc), code=2)

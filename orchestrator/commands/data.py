@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator.commands._common import fail, warn
+from orchestrator.commands._common import fail, interrupted, path_arg, warn
 
 store_app = typer.Typer(
     name="store",
@@ -46,6 +46,10 @@ def ingest(
     from datastore.store import StoreError
     from orchestrator.configio import ConfigError, load_config
 
+    store = path_arg(store, "--store", must_exist=False)
+    mnms = _dir_option(mnms, "--mnms")
+    mnms2 = _dir_option(mnms2, "--mnms2")
+    config = _dir_option(config, "--config", kind="file")
     try:
         settings = load_config(IngestConfig, config, {"spacing": spacing, "size": size})
     except ConfigError as exc:
@@ -73,6 +77,11 @@ def ingest(
             result = execute_ingest(plan, executor="serial", progress=False)
     except (IngestError, StoreError) as exc:  # e.g. another writer took the store in the meantime
         fail(str(exc), code=2)
+    except KeyboardInterrupt as exc:
+        interrupted(exc, f"{_committed(plan)}; rerun the same command to resume")
+    except OSError as exc:  # e.g. ENOSPC: the commit protocol keeps every committed subject
+        fail(f"writing {plan.store} failed ({exc.strerror or exc}); {_committed(plan)}, the store is consistent; "
+             "fix the cause and rerun the same command to resume")
     typer.echo(
         f"{result.store}: {result.n_subjects} subjects, {result.n_slices} slices "
         f"({len(result.ingested)} new), hash {result.hash}"
@@ -84,6 +93,18 @@ def ingest(
         raise typer.Exit(1)
 
 
+def _dir_option(value: Optional[Path], flag: str, kind: str = "dir") -> Optional[Path]:
+    """An optional existing path option made absolute (exit 2 when missing)."""
+    checked = path_arg(value, flag, kind=kind)
+    return Path(checked) if checked else None
+
+
+def _committed(plan: object) -> str:
+    """``N subjects committed to STORE (M in this run)`` from an ingest plan's writer."""
+    total = len(plan.writer.commit["subjects"])  # type: ignore[attr-defined]
+    return f"{total} subjects committed to {plan.store} ({total - plan.already} in this run)"  # type: ignore[attr-defined]
+
+
 @store_app.command("info")
 def info(
     path: str = typer.Argument(..., help="Store path or fsspec URL."),
@@ -92,6 +113,7 @@ def info(
     """Counts (subjects, slices, labelled slices, per dataset and vendor), hash and size on disk."""
     from datastore.store import StoreError, store_info
 
+    path = path_arg(path, "PATH", must_exist=False)  # the store module names a missing store
     try:
         summary = store_info(path)
     except StoreError as exc:
@@ -116,9 +138,13 @@ def validate(
     path: str = typer.Argument(..., help="Store path or fsspec URL."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Check the store's invariants and recompute its hash; exits 1 on any violation."""
+    """Check the store's invariants, read every chunk and recompute its hash; exits 1 on any violation.
+
+    Each problem is one line (a damaged chunk: the array and the chunk index).
+    """
     from datastore.store import validate_store
 
+    path = path_arg(path, "PATH", must_exist=False)  # the store module names a missing store
     problems = validate_store(path, progress=progress)
     if problems:
         for line in problems:

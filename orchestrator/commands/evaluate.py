@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail
+from orchestrator.commands._common import fail, path_arg
 
 MODEL_HELP = (
     "Fine-tuned model: a directory holding model.pt + model.json (a finetune cell's output), the model.pt "
@@ -27,10 +27,10 @@ def resolve_model(model: str, output: Path | None) -> Path:
     """
     path = Path(model).expanduser()
     if path.exists():
-        return path
+        return path.absolute()
     from orchestrator.workspace import Workspace
 
-    root = Workspace.resolve(output).root
+    root = Workspace.resolve(output, create=False).root  # a lookup never creates the workspace
     found = sorted({p.parent for p in root.glob(f"**/{model}/model.json")})
     if not found:
         raise ValueError(f"--model {model}: no such file or directory, and no fine-tuned model named so under {root}")
@@ -67,6 +67,9 @@ def evaluate(
 
     if part not in ("test", "valid", "train"):
         fail(f"--part: expected test, valid or train, got {part!r}")
+    store = path_arg(store, "--store", kind="dir")
+    split = Path(path_arg(split, "--split", kind="file"))
+    out = Path(path_arg(out, "--out", must_exist=False)) if out else None
     try:
         segmenter = load_segmenter(resolve_model(model, output), _device(device))
         opened = SliceStore.open(store)
@@ -101,6 +104,8 @@ def predict(
     """Segment every frame of a short-axis NIfTI (cine or single phase, any ingested layout) and write a label NIfTI."""
     from trainers.inference import InferenceError, load_segmenter, predict_nifti
 
+    input_path = Path(path_arg(input_path, "--input", kind="file"))
+    out = Path(path_arg(out, "--out", must_exist=False))
     try:
         segmenter = load_segmenter(resolve_model(model, output), _device(device))
         written = predict_nifti(segmenter, input_path, out, labels=labels)

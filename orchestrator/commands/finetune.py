@@ -6,12 +6,11 @@ Heavy imports (Ray, MLflow, torch, matplotlib) happen inside the commands.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail, root_cause
+from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
 
 
 def finetune(
@@ -64,32 +63,47 @@ def finetune(
 
     Each cell is an MLflow child run of the grid's parent run in the study's experiment.
     """
+    from datastore.splits import SplitError, named_split_path
     from orchestrator.configio import ConfigError, read_yaml
     from orchestrator.grid import GridError, parse_budgets, parse_pretrained, parse_seeds, run_grid
+    from orchestrator.paths import removed_if_left_empty
+    from orchestrator.run_lock import RunLockedError
     from orchestrator.workspace import Workspace
 
-    from datastore.splits import SplitError, named_split_path
-
-    try:
-        split = named_split_path(split, split_name)
-        base = read_yaml(config) if config else {}
-        if epochs is not None:
-            base["epochs"] = epochs
-        method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-        outcome = run_grid(
-            store=store, split=split, budgets=parse_budgets(budgets), seeds=parse_seeds(seeds),
-            train_seeds=parse_seeds(train_seeds, "--train-seeds"),
-            pretrained=parse_pretrained(pretrained), methods=method_list,
-            workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
-            config=base, study=study, workspace=Workspace.resolve(output), num_cpus=num_cpus,
-            max_failures=max_failures,
-        )
-    except (GridError, ConfigError, LookupError, SplitError) as exc:
+    try:  # flag syntax first, then the paths, then the work
+        budget_list, seed_list, runs = parse_budgets(budgets), parse_seeds(seeds), parse_pretrained(pretrained)
+        train_seed_list = parse_seeds(train_seeds, "--train-seeds")
+        split = named_split_path(path_arg(split, "--split", must_exist=False), split_name)
+    except (GridError, SplitError) as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume the unfinished cells", code=130)
-    except Exception as exc:  # noqa: BLE001 - e.g. MLflow unreachable: one line, non-zero exit
-        fail(f"fine-tuning grid failed: {root_cause(exc)}")
+    store = path_arg(store, "--store", kind="dir")
+    split_file = path_arg(split, "--split", kind="file")
+    config_file = path_arg(config, "--config", kind="file")
+    study = name_arg(study, "--study")
+    runs = {m: _pretrained_path(r) for m, r in runs.items()}
+    root = Workspace.resolve(path_arg(output, "--output", must_exist=False), create=False).root
+    with removed_if_left_empty(root):
+        workspace = Workspace.resolve(root)  # created: MLflow's sqlite file needs its folder
+        try:
+            base = read_yaml(Path(config_file)) if config_file else {}
+            if epochs is not None:
+                base["epochs"] = epochs
+            method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+            outcome = run_grid(
+                store=store, split=split_file, budgets=budget_list, seeds=seed_list, train_seeds=train_seed_list,
+                pretrained=runs, methods=method_list,
+                workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
+                config=base, study=study, workspace=workspace, num_cpus=num_cpus,
+                max_failures=max_failures,
+            )
+        except RunLockedError as exc:
+            fail(str(exc), code=2)
+        except (GridError, ConfigError, LookupError, SplitError) as exc:
+            fail(str(exc))
+        except KeyboardInterrupt as exc:
+            interrupted(exc, "rerun the same command to resume the unfinished cells")
+        except Exception as exc:  # noqa: BLE001 - e.g. MLflow unreachable: one line, non-zero exit
+            fail(f"fine-tuning grid failed: {root_cause(exc)}")
     from rich.console import Console
     from rich.table import Table
 
@@ -110,6 +124,11 @@ def finetune(
             typer.secho(f"  {cell.cell.name}: {cell.error}", fg=typer.colors.RED, err=True)
     if not outcome.ok:
         fail("some cells failed; rerun the same command to retry them")
+
+
+def _pretrained_path(run: str) -> str:
+    """A ``--pretrained`` RUN that is a path, made absolute; a run name is left for the grid to look up."""
+    return path_arg(run, "--pretrained", kind="dir") if Path(run).expanduser().exists() else run
 
 
 def report(
@@ -133,10 +152,11 @@ def report(
     from orchestrator.report import ReportError, build_report
     from orchestrator.workspace import Workspace
 
-    workspace = Workspace.resolve(output)
-    target = report_dir or workspace.root / "reports" / study
-    if report_dir is None and grid:
-        target = target / re.sub(r"[^A-Za-z0-9._-]", "_", grid.strip())
+    study = name_arg(study, "--study")
+    grid = name_arg(grid.strip(), "--grid") if grid else None
+    chosen_dir = path_arg(report_dir, "--report-dir", must_exist=False)
+    workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False))
+    target = Path(chosen_dir) if chosen_dir else workspace.folder("reports", study, *([grid] if grid else []))
     try:
         result = build_report(study, workspace.tracking_uri, target, log_to_mlflow=not no_log, grid=grid)
     except ReportError as exc:
@@ -187,12 +207,12 @@ def ui(
     output: Path | None = typer.Option(None, "--output", help="Workspace root whose MLflow backend to browse. Default: $SSPCTL_HOME or ./runs."),
     port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C stops it)."""
+    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C, SIGTERM or SIGHUP stops it and its server processes)."""
     from orchestrator.ui import UiError, serve
     from orchestrator.workspace import Workspace
 
     try:
-        code = serve(Workspace.resolve(output), port=port, echo=typer.echo)
+        code = serve(Workspace.resolve(path_arg(output, "--output", must_exist=False)), port=port, echo=typer.echo)
     except UiError as exc:
         fail(str(exc))
     if code:

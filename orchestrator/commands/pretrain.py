@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail, root_cause
+from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
 
 
 class Method(str, Enum):
@@ -43,23 +43,35 @@ def pretrain(
     The run name is derived from config + data, so the same command resumes after a crash and skips a finished run.
     """
     from orchestrator.pretrain_launch import LaunchError, PretrainRequest, launch_pretrain
+    from orchestrator.paths import removed_if_left_empty
+    from orchestrator.run_lock import RunLockedError
     from orchestrator.workspace import Workspace
 
+    store = path_arg(store, "--store", kind="dir")
+    config_file = path_arg(config, "--config", kind="file")
+    split_file = path_arg(split, "--split", kind="file")
+    study = name_arg(study, "--study")
+    workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False), create=False)
     overrides = {"epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
     request = PretrainRequest(
-        method=method.value, store=store, workspace=Workspace.resolve(output), config_file=config,
-        overrides={k: v for k, v in overrides.items() if v is not None}, split=split, workers=workers,
+        method=method.value, store=store, workspace=workspace,
+        config_file=Path(config_file) if config_file else None,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+        split=Path(split_file) if split_file else None, workers=workers,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
         runtime={"sync_batchnorm": not no_sync_bn}, study=study,
     )
-    try:
-        launch_pretrain(request, echo=typer.echo, progress=not no_progress)
-    except LaunchError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume from the last checkpoint", code=130)
-    except Exception as exc:  # noqa: BLE001 - a training failure: one line, non-zero exit
-        fail(f"pretraining failed: {root_cause(exc)}")
+    with removed_if_left_empty(workspace.root):
+        try:
+            launch_pretrain(request, echo=typer.echo, progress=not no_progress)
+        except RunLockedError as exc:
+            fail(str(exc), code=2)
+        except LaunchError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt as exc:
+            interrupted(exc, "rerun the same command to resume from the last checkpoint")
+        except Exception as exc:  # noqa: BLE001 - a training failure: one line, non-zero exit
+            fail(f"pretraining failed: {root_cause(exc)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail
+from orchestrator.commands._common import fail, path_arg
 
 splits_app = typer.Typer(
     help=(
@@ -68,6 +68,8 @@ def make(
     from datastore.splits import SplitError, make_splits
     from datastore.store import SliceStore, StoreError
 
+    store = path_arg(store, "--store", kind="dir")
+    out = Path(path_arg(out, "--out", must_exist=False)) if out else None
     budget_list = _int_list(budgets, "--budgets")
     seed_list = _int_list(budget_seeds, "--budget-seeds")
     try:
@@ -115,6 +117,9 @@ def import_(
     from datastore.splits import VENDOR_FILE, SplitError, import_named, import_published
     from datastore.store import SliceStore, StoreError
 
+    files = [Path(path_arg(f, "FILES")) for f in files]
+    store = path_arg(store, "--store", kind="dir")
+    out = Path(path_arg(out, "--out", must_exist=False))
     try:
         meta = {"created_by": "sspctl splits import"}
         opened = None

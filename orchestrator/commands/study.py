@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from orchestrator.commands._common import fail, root_cause
+if TYPE_CHECKING:
+    from orchestrator.study import StudyConfig
+
+from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+#: Prefix naming a study file key in errors (``study config: store``).
+STUDY_FILE_KEY = "study config: "
 
 
 def _run_study(settings: object, workspace: object, progress: bool) -> object:
@@ -17,18 +23,48 @@ def _run_study(settings: object, workspace: object, progress: bool) -> object:
     from orchestrator.configio import ConfigError
     from orchestrator.grid import GridError
     from orchestrator.pretrain_launch import LaunchError
-    from orchestrator.report import ReportError
     from datastore.splits import SplitError
+    from orchestrator.report import ReportError
+    from orchestrator.run_lock import RunLockedError
     from orchestrator.study import run_study
 
     try:
         return run_study(settings, workspace, echo=typer.echo, progress=progress)  # type: ignore[arg-type]
+    except RunLockedError as exc:
+        fail(str(exc), code=2)
     except (ConfigError, GridError, LaunchError, ReportError, LookupError, SplitError) as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to continue where it stopped", code=130)
+    except KeyboardInterrupt as exc:
+        interrupted(exc, "rerun the same command to continue where it stopped")
     except Exception as exc:  # noqa: BLE001 - a training failure: one line, non-zero exit
         fail(f"study failed: {root_cause(exc)}; rerun the same command to retry")
+
+
+def absolute_paths(settings: StudyConfig) -> StudyConfig:
+    """The study config with its name checked and every relative path made absolute (exit 2 if unusable).
+
+    Relative paths in a study file mean "from the current directory"; Ray workers have another one.
+    """
+    name_arg(settings.name, f"{STUDY_FILE_KEY}name")
+
+    def local(value: Path | str | None, key: str, kind: str = "any", must_exist: bool = True) -> Path | None:
+        checked = path_arg(value, f"{STUDY_FILE_KEY}{key}", must_exist=must_exist, kind=kind)
+        return Path(checked) if checked else None
+
+    updates: dict[str, object] = {"store": path_arg(settings.store, f"{STUDY_FILE_KEY}store", must_exist=False)}
+    if settings.ingest is not None:
+        ingest = settings.ingest
+        updates["ingest"] = ingest.model_copy(update={
+            "mnms": local(ingest.mnms, "ingest.mnms", "dir"), "mnms2": local(ingest.mnms2, "ingest.mnms2", "dir"),
+            "acdc": local(ingest.acdc, "ingest.acdc", "dir"), "config": local(ingest.config, "ingest.config", "file"),
+            "manifests": tuple(local(m, "ingest.manifests", "file") for m in ingest.manifests),
+        })
+    updates["split"] = settings.split.model_copy(update={"file": local(settings.split.file, "split.file", must_exist=False)})
+    updates["pretrain"] = settings.pretrain.model_copy(
+        update={"config_dir": local(settings.pretrain.config_dir, "pretrain.config_dir", "dir")})
+    updates["finetune"] = settings.finetune.model_copy(
+        update={"config": local(settings.finetune.config, "finetune.config", "file")})
+    return settings.model_copy(update=updates)
 
 
 def study(
@@ -46,11 +82,13 @@ def study(
     from orchestrator.study import StudyConfig
     from orchestrator.workspace import Workspace
 
+    config = Path(path_arg(config, "--config", kind="file"))
     try:
         settings = load_config(StudyConfig, config)
     except ConfigError as exc:
         fail(str(exc), code=2)
-    workspace = Workspace.resolve(output)
+    settings = absolute_paths(settings)
+    workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False))
     outcome = _run_study(settings, workspace, progress)
     print_report(outcome.report, settings.name)  # type: ignore[attr-defined]
     for name, (_, named_report) in outcome.named.items():  # type: ignore[attr-defined]
@@ -81,7 +119,7 @@ def demo(
     from orchestrator.workspace import Workspace
 
     started = time.monotonic()
-    workspace = Workspace.resolve(output)
+    workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False))
     template = read_yaml(DEMO_CONFIG)
     template["phantom"] = {**template.get("phantom", {}), "mnms_subjects": subjects,
                            "mnms2_subjects": max(4, subjects // 2)}

@@ -191,6 +191,44 @@ def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, split, r
     assert time.monotonic() - started < 15
 
 
+def test_relative_paths_a_second_command_and_a_stale_run_lock(store, ray_cluster, clean_env, tmp_path):
+    """A relative --store used to fail in the Ray workers; the same command twice used to retrain into one folder."""
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.run_lock import RUN_LOCK_NAME
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    _config_file(work, "mim")
+    clean_env.chdir(work)
+    args = ["--method", "mim", "--store", os.path.relpath(store, work), "--config", "mim.yaml", "--output", "ws", *COMMON]
+    code, out = _pretrain(*args)
+    assert code == 0, out
+    run_dir = _run_dir(work / "ws")
+    assert read_manifest(run_dir).epochs == 2
+
+    script = ("import sys; from pathlib import Path; from orchestrator.run_lock import RunLock; "
+              "RunLock(Path(sys.argv[1]), 'x').acquire(); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(run_dir / RUN_LOCK_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        code, out = _pretrain(*args)
+        assert code == 2, out
+        assert out.strip().splitlines()[-1].startswith(f"error: pretraining run {run_dir.name} is already running as "
+                                                       f"pid {holder.pid} on {socket.gethostname()}"), out
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, nobody holds it
+        holder.wait(timeout=60)
+    assert (run_dir / RUN_LOCK_NAME).is_file()
+    code, out = _pretrain(*args)
+    assert code == 0 and "already finished" in out, out
+    assert out.count(f"taking over the lock left by pid {holder.pid}") == 1, out
+    assert not (run_dir / RUN_LOCK_NAME).exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,83 @@
+"""What a grid checks before any cell starts: every split id against the store, and its run lock."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.grid import plan_grid
+from orchestrator.run_lock import RunLock, grid_lock_path
+from orchestrator.workspace import Workspace
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An 8-subject 32-px phantom store and a split with budget 2 of seed 0."""
+    from datastore.config import IngestConfig
+    from datastore.ingest import execute_ingest, plan_ingest
+    from datastore.splits import make_splits
+    from datastore.store import SliceStore
+    from datastore.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("guards")
+    write_dataset(root / "raw", "mnms", n_subjects=8, seed=0, size=SIZE, frames=(3, 3), slices=(3, 3), trivial=True)
+    store = root / "store.zarr"
+    execute_ingest(plan_ingest({"mnms": root / "raw"}, store, IngestConfig(size=SIZE)), executor="serial", progress=False)
+    split = make_splits(SliceStore.open(store).subjects, test_per_vendor=1, seed=0, budgets=(2,), seeds=(0,))
+    split.save(root / "split.yaml")
+    return {"store": store, "split": root / "split.yaml", "root": root}
+
+
+def _finetune(data: dict, split: Path, ws: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["finetune", "--store", str(data["store"]), "--split", str(split),
+                                      "--budgets", "2,all", "--seeds", "0", "--epochs", "1", "--output", str(ws),
+                                      "--study", "guards", *extra])
+    return result.exit_code, result.output
+
+
+def test_unknown_split_subject_stops_the_grid_before_any_cell(data: dict, tmp_path: Path) -> None:
+    content = yaml.safe_load(data["split"].read_text())
+    content["train"]["mm1"].append("NOPE99")
+    budget = content["budgets"][0][2] if 0 in content["budgets"] else content["budgets"]["0"]["2"]
+    budget["mm1"][-1] = "NOPE99"  # a budget cell that would fail only when it runs
+    bad = tmp_path / "bad-split.yaml"
+    bad.write_text(yaml.safe_dump(content))
+    ws = tmp_path / "ws"
+    code, out = _finetune(data, bad, ws)
+    assert code == 1, out
+    assert out.strip().splitlines() == [f"error: {bad}: 1 subject id(s) not in store {data['store']}: train.mm1: NOPE99"]
+    assert not ws.exists(), "no cell folder, no MLflow run: nothing started"
+
+
+def test_overlapping_split_error_names_the_file_once(data: dict, tmp_path: Path) -> None:
+    content = yaml.safe_load(data["split"].read_text())
+    content["test"]["mm1"].append(content["train"]["mm1"][0])
+    bad = tmp_path / "overlap.yaml"
+    bad.write_text(yaml.safe_dump(content))
+    code, out = _finetune(data, bad, tmp_path / "ws")
+    assert code == 1 and "is in both" in out, out
+    assert out.count(str(bad)) == 1, out
+
+
+def test_the_same_grid_twice_exits_2_naming_the_holder(data: dict, tmp_path: Path) -> None:
+    ws = Workspace.resolve(tmp_path / "ws")
+    plan = plan_grid(data["store"], data["split"], [2, "all"], [0], config={"epochs": 1}, study="guards", workspace=ws)
+    holder = RunLock(grid_lock_path(ws.root, plan.study, plan.grid_id), "held by the test")
+    holder.acquire()  # a second lock object is refused like another process
+    try:
+        code, out = _finetune(data, data["split"], ws.root)
+    finally:
+        holder.release()
+    assert code == 2, out
+    assert out.strip().splitlines()[-1].startswith(
+        f"error: grid {plan.grid_id} of study guards is already running as pid {__import__('os').getpid()} "
+        f"on {socket.gethostname()}"
+    ), out
+    assert not list((ws.root / "finetune" / "guards").glob("ft-*")), "no cell started"
