@@ -91,9 +91,11 @@ def test_ingest_on_a_full_disk_fails_in_one_line_and_resumes(tmp_path: Path, mon
     assert "Traceback" not in result.output
     opened = SliceStore.open(store)
     assert len(opened.subjects) == 1 and not opened.complete
-    assert validate_store(store, progress=False) == [f"{opened.path}: ingest not finished (complete is false); rerun sspctl ingest"]
+    assert opened.read_image_range(0, opened.n_slices).shape == (opened.n_slices, 32, 32)  # committed rows intact
+    assert not (store / ".sspctl-writer.lock").exists()
 
     monkeypatch.undo()
     again = CliRunner().invoke(app, [*args, "--store", str(store)])
     assert again.exit_code == 0, again.output
     assert SliceStore.open(store).hash == SliceStore.open(tmp_path / "clean.zarr").hash
+    assert validate_store(store, progress=False) == []
