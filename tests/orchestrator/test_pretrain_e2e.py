@@ -210,7 +210,7 @@ def test_relative_paths_a_second_command_and_a_stale_run_lock(store, ray_cluster
     assert read_manifest(run_dir).epochs == 2
 
     script = ("import sys; from pathlib import Path; from orchestrator.run_lock import RunLock; "
-              "RunLock(Path(sys.argv[1]), 'x').acquire(); print('locked', flush=True); sys.stdin.read()")
+              "lock = RunLock(Path(sys.argv[1]), 'x'); lock.acquire(); print('locked', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", script, str(run_dir / RUN_LOCK_NAME)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
