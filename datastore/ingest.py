@@ -171,7 +171,10 @@ def plan_ingest(
         raise
     done = writer.done
     todo = [s for s in subjects if (s.dataset, s.subject_id) not in done]
-    skipped = [s for d in found for s in d.skipped if (s.dataset, s.subject_id) not in done]
+    by_subject: dict[tuple[str, str], SkippedSubject] = {}  # one entry per subject, the first reason:
+    for skip in (s for d in found for s in d.skipped):  # a bad id is reported by its CSV row and its folder
+        by_subject.setdefault((skip.dataset, skip.subject_id), skip)
+    skipped = [s for key, s in by_subject.items() if key not in done]
     warnings = [*writer.warnings, *(w for d in found for w in d.warnings)]
     complete = bool(dict(writer.group.attrs).get("complete", False))
     plan = IngestPlan(

@@ -292,3 +292,30 @@ def test_cli_refuses_a_second_ingest_into_a_store_being_written(tmp_path: Path) 
     assert f"store {tmp_path / 'store'} is being written by pid {os.getpid()} on {socket.gethostname()}" in result.output
     execute_ingest(plan, executor="serial", progress=False)
     assert not (tmp_path / "store" / LOCK_NAME).exists()
+
+
+def test_a_path_like_subject_id_is_one_skipped_subject(tmp_path: Path) -> None:
+    """``..evil`` is refused by both its CSV row and its folder: one subject, one reason."""
+    root = write_mnms(tmp_path / "mnms", [GOOD, "..evil"])
+    plan = plan_ingest({"mnms": root}, tmp_path / "store", CONFIG)
+    plan.writer.close()
+    assert [(s.subject_id, "not allowed" in s.reason) for s in plan.skipped] == [("..evil", True)]
+
+
+def test_a_stale_lock_is_reported_once(tmp_path: Path) -> None:
+    """The take-over warning was printed twice (by the store's logger and by the command)."""
+    import json
+    import subprocess
+    import sys
+
+    root = write_mnms(tmp_path / "mnms", [GOOD])
+    store = tmp_path / "store"
+    execute_ingest(plan_ingest({"mnms": root}, store, CONFIG), executor="serial", progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (store / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    sspctl = Path(sys.executable).with_name("sspctl")
+    result = subprocess.run([str(sspctl), "ingest", "--mnms", str(root), "--store", str(store), "--size", "32"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(f"taking over the writer lock left by pid {int(dead.stdout)}") == 1, result.stderr
+    assert "up to date" in result.stdout
