@@ -46,6 +46,7 @@ from orchestrator.study_tracking import (
 )
 from orchestrator.preflight import check_split_subjects
 from orchestrator.run_lock import grid_lock_path, run_lock
+from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
 
 log = logging.getLogger("sspctl.grid")
@@ -486,7 +487,7 @@ def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, flo
     for name in ("model.pt", "model.json"):
         if (output / name).is_file():
             tracker.log_artifact(output / name, "model")
-    _set_status_quietly(cell, "FINISHED")
+    tracker.set_status("FINISHED")  # queued behind anything an outage holds back (docs/failures.md)
     marker = {"cell": cell["name"], "run_id": cell["run_id"], "metrics": metrics, "finished_at": time.time()}
     (output / MARKER_NAME).write_text(json.dumps(marker, indent=2))
     return metrics
@@ -671,6 +672,7 @@ def plan_grid(
             tracking, cell.name, parent, tags={**cell.tags, "dataset_hash": dataset_hash}, params=cell.config
         )
         output = cell_output_dir(workspace, study_name, cell)
+        replay_left_over(output)  # what a tracking outage kept back, the final status included
         if is_complete(output, tracking, run_id):
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))

@@ -366,6 +366,7 @@ def _finish(uri: str, run_id: str | None, status: str, run_dir: Path, echo: Call
 
 def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) -> PretrainOutcome:
     """With the run lock held: report a finished run (logging what it could not), else train it."""
+    from orchestrator.tracking import replay_left_over
     from trainers.weights import MANIFEST_FILE, WeightsError, read_manifest
 
     request, config, run_name, run_dir = plan.request, plan.config, plan.run_name, plan.run_dir
@@ -375,7 +376,7 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
             manifest = read_manifest(run_dir).model_dump(mode="json")
         except WeightsError as exc:
             raise LaunchError(str(exc)) from None
-        _replay_left_over(run_dir, echo)
+        replay_left_over(run_dir, echo)
         echo(f"{run_name} is already finished: weights in {run_dir} (delete that directory to retrain)")
         return PretrainOutcome(run_name, run_dir, manifest, manifest.get("mlflow_run_id"), uri, skipped=True)
 
@@ -390,7 +391,7 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
     from orchestrator.study_tracking import default_study_name
 
     study = request.study or default_study_name(plan.dataset_hash)
-    _replay_left_over(run_dir, echo)
+    replay_left_over(run_dir, echo)
     run_id = ensure_mlflow_run(request.workspace, study, run_name, request.method, plan.dataset_hash, {
         "ray_run_name": run_name, "ray_storage_path": request.workspace.storage_path, "run_dir": str(run_dir),
     })
@@ -432,18 +433,6 @@ def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:
         return f"best checkpoint: none ({skipped or 'no epoch was scored'})"
     return (f"best checkpoint: epoch {best['epoch'] + 1} ({best['metric']} {best['loss']:.4f}): "
             f"{', '.join(best['files'].values())}")
-
-
-def _replay_left_over(run_dir: Path, echo: Callable[[str], None]) -> None:
-    """Log the tracking records an earlier attempt could not (a tracking outage), if any."""
-    from orchestrator.tracking import SPOOL_NAME, replay_spool
-
-    spool = run_dir / SPOOL_NAME
-    if not spool.is_file():
-        return
-    result = replay_spool(spool)
-    echo("logged the tracking records an earlier attempt left in " + str(spool) if result.ok
-         else f"MLflow still unreachable: {result.pending} tracking record(s) stay in {spool}")
 
 
 def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], run_dir: Path, progress: bool) -> Any:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,17 @@ def replay_spool(spool: Path, wait_s: float = 0.0) -> FinishResult:
 def find_spools(root: Path) -> list[Path]:
     """Every spool file under a workspace root."""
     return sorted(root.rglob(SPOOL_NAME))
+
+
+def replay_left_over(run_dir: Path, echo: Callable[[str], None] = log.warning) -> bool:
+    """Log the records an earlier attempt of a run left in ``run_dir`` (a tracking outage), if any.
+
+    Returns True when nothing is left pending; says in one line what happened when there was something.
+    """
+    spool = run_dir / SPOOL_NAME
+    if not spool.is_file():
+        return True
+    result = replay_spool(spool)
+    echo(f"logged the tracking records an earlier attempt left in {spool}" if result.ok
+         else f"MLflow still unreachable: {result.pending} tracking record(s) stay in {spool}")
+    return result.ok

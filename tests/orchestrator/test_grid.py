@@ -136,7 +136,7 @@ def test_cli_rejects_bad_flags_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == "error: --budgets: 'lots' is neither a number of subjects nor 'all'"
     result = runner.invoke(app, ["finetune", "--store", str(tmp_path / "missing.zarr"), "--split", str(tmp_path / "s.yaml"),
                                  "--output", str(tmp_path / "ws")])
-    assert result.exit_code == 1 and "missing.zarr: store not found" in result.stderr
+    assert result.exit_code == 2 and f"--store {tmp_path / 'missing.zarr'}: not found" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
