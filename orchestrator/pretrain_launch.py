@@ -160,7 +160,7 @@ def run_name_for(
 
 def run_dir_for(workspace: Workspace, run_name: str) -> Path:
     """``<workspace>/pretrain/<run_name>`` (created)."""
-    path = workspace.root / "pretrain" / run_name
+    path = workspace.folder("pretrain", run_name)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -89,7 +89,9 @@ def open_study(tracking_uri: str, study: str, artifact_root: str | None = None, 
             raise LookupError(f"study {study!r} not found in MLflow at {tracking_uri}")
         location = None
         if artifact_root and not tracking_uri.startswith(("http://", "https://", "databricks")):
-            location = f"{artifact_root.rstrip('/')}/{study}"
+            from orchestrator.paths import check_name
+
+            location = f"{artifact_root.rstrip('/')}/{check_name(study, 'study')}"  # stays under the root
         experiment_id = client.create_experiment(study, artifact_location=location)
     else:
         if experiment.lifecycle_stage == "deleted":

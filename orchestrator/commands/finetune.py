@@ -50,7 +50,7 @@ def finetune(
         None, "--config", help="YAML of FinetuneConfig keys applied to every cell (method/budget/seed/weights are set per cell)."
     ),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the number of epochs per cell (paper: 1000)."),
-    study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study. Default: sspctl-<store hash8>."),
+    study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (letters, digits, '.', '_', '-', at most 64). Default: sspctl-<store hash8>."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root (MLflow db, Ray storage, outputs). Default: $SSPCTL_HOME or ./runs."),
     num_cpus: int | None = typer.Option(
         None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
@@ -132,7 +132,7 @@ def _pretrained_path(run: str) -> str:
 
 
 def report(
-    study: str = typer.Option(..., "--study", help="MLflow experiment name of the study (as given to finetune)."),
+    study: str = typer.Option(..., "--study", help="MLflow experiment name of the study (as given to finetune; letters, digits, '.', '_', '-')."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root holding the MLflow db. Default: $SSPCTL_HOME or ./runs."),
     report_dir: Path | None = typer.Option(
         None, "--report-dir",

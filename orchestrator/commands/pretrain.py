@@ -30,7 +30,7 @@ def pretrain(
     output: Path | None = typer.Option(None, "--output", help="Workspace root holding pretrain/, ray/ and mlflow.db (default: $SSPCTL_HOME or ./runs)."),
     max_failures: int = typer.Option(1, "--max-failures", min=-1, help="Worker-group restarts from the last checkpoint before giving up (-1: unlimited)."),
     split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test and valid parts (all frames, labelled or not) and compute the validation loss on its valid subjects each epoch (best checkpoint = lowest valid_loss; DINO: lowest training loss). Default: every subject in the store, no validation."),
-    study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>)."),
+    study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
 ) -> None:

@@ -124,3 +124,17 @@ def test_predict_with_a_missing_model_leaves_no_runs_folder(tmp_path: Path, monk
     code, out = _invoke("predict", "--model", "nope", "--input", "scan.nii.gz", "--out", "seg.nii.gz")
     assert code == 1 and "--model nope" in out
     assert sorted(os.listdir(tmp_path)) == ["scan.nii.gz"]
+
+
+def test_library_paths_cannot_leave_the_workspace_either(tmp_path: Path) -> None:
+    """Callers that bypass the CLI (a study config, the Python API) meet the same checks by construction."""
+    from orchestrator.grid import cell_output_dir
+    from orchestrator.study_tracking import open_study
+    from orchestrator.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    with pytest.raises(PathCheckError):
+        cell_output_dir(ws, "../../esc", "ft-scratch-b10-s0-abcd")
+    with pytest.raises(PathCheckError):
+        open_study(ws.tracking_uri, "../../esc", ws.artifact_root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]

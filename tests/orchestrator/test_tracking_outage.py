@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,68 +39,81 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.mark.slow
-def test_server_killed_mid_run_then_restarted_gets_every_metric_artifact_and_the_status(tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
+class LiveServer:
+    """A real server on a free port with one run; ``kill`` and ``restart`` keep the port and the database."""
 
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
-    try:
-        client = MlflowClient(uri)
-        run_id = client.create_run(client.create_experiment("outage")).info.run_id
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        spool = run_dir / SPOOL_NAME
-        tracker = MlflowTracker(uri, run_id, retry_after_s=0.0, spool=spool)
-        tracker.log_metrics({"loss": 3.0}, step=0)
-        assert not spool.exists()
+    def __init__(self, root: Path) -> None:
+        from mlflow.tracking import MlflowClient
 
-        _kill(server)  # after epoch 0 of 3
-        for step, loss in ((1, 2.0), (2, 1.0)):
-            tracker.log_metrics({"loss": loss}, step=step)  # training goes on; nothing raises
-        (run_dir / "encoder.pt").write_bytes(b"weights")
-        tracker.log_artifact(run_dir / "encoder.pt", "weights")
-        assert len(json.loads(spool.read_text())["records"]) == 3
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = _start_server(root, self.port)
+        self.client = MlflowClient(self.uri)
+        self.run_id = self.client.create_run(self.client.create_experiment("outage")).info.run_id
 
-        # The end of the run while the server is still down: everything, the status included, stays spooled.
-        result = finish_run(uri, run_id, "FINISHED", spool, wait_s=0.5)
-        assert not result.ok and result.pending == 4
-        assert str(spool) in result.line(run_id, uri) and "sspctl sync" in result.line(run_id, uri)
+    def kill(self) -> None:
+        _kill(self.proc)
 
-        server = _start_server(tmp_path, port)
-        code = CliRunner().invoke(app, ["sync", "--output", str(tmp_path)])
-        assert code.exit_code == 0, code.output
-        assert not spool.exists()
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
-        assert history == [(0, 3.0), (1, 2.0), (2, 1.0)]
-        assert [a.path for a in client.list_artifacts(run_id, "weights")] == ["weights/encoder.pt"]
-        assert client.get_run(run_id).info.status == "FINISHED"
-    finally:
-        _kill(server)
+    def restart(self) -> None:
+        self.proc = _start_server(self.root, self.port)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[LiveServer]:
+    live = LiveServer(tmp_path)
+    yield live
+    if live.proc.poll() is None:
+        live.kill()
 
 
 @pytest.mark.slow
-def test_buffer_is_flushed_in_order_when_the_server_comes_back_during_training(tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
+def test_server_killed_mid_run_then_restarted_gets_every_metric_artifact_and_the_status(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    uri, client, run_id = server.uri, server.client, server.run_id
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spool = run_dir / SPOOL_NAME
+    tracker = MlflowTracker(uri, run_id, retry_after_s=0.0, spool=spool)
+    tracker.log_metrics({"loss": 3.0}, step=0)
+    assert not spool.exists()
 
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
-    try:
-        client = MlflowClient(uri)
-        run_id = client.create_run(client.create_experiment("blip")).info.run_id
-        tracker = MlflowTracker(uri, run_id, retry_after_s=0.0, spool=tmp_path / SPOOL_NAME)
-        _kill(server)
-        tracker.log_metrics({"loss": 1.0}, step=0)
-        server = _start_server(tmp_path, port)
-        tracker.log_metrics({"loss": 0.5}, step=1)  # flushes the buffered step first
-        assert tracker.pending == [] and not (tmp_path / SPOOL_NAME).exists()
-        assert finish_run(uri, run_id, "FINISHED", tmp_path / SPOOL_NAME, wait_s=5).ok
-        assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == [(0, 1.0), (1, 0.5)]
-        assert client.get_run(run_id).info.status == "FINISHED"
-    finally:
-        _kill(server)
+    server.kill()  # after epoch 0 of 3
+    for step, loss in ((1, 2.0), (2, 1.0)):
+        tracker.log_metrics({"loss": loss}, step=step)  # training goes on; nothing raises
+    (run_dir / "encoder.pt").write_bytes(b"weights")
+    tracker.log_artifact(run_dir / "encoder.pt", "weights")
+    assert len(json.loads(spool.read_text())["records"]) == 3
+
+    # The end of the run while the server is still down: everything, the status included, stays spooled.
+    result = finish_run(uri, run_id, "FINISHED", spool, wait_s=0.5)
+    assert not result.ok and result.pending == 4
+    assert str(spool) in result.line(run_id, uri) and "sspctl sync" in result.line(run_id, uri)
+
+    server.restart()
+    synced = CliRunner().invoke(app, ["sync", "--output", str(tmp_path)])
+    assert synced.exit_code == 0, synced.output
+    assert not spool.exists()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert [a.path for a in client.list_artifacts(run_id, "weights")] == ["weights/encoder.pt"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_buffer_is_flushed_in_order_when_the_server_comes_back_during_training(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    uri, client, run_id = server.uri, server.client, server.run_id
+    tracker = MlflowTracker(uri, run_id, retry_after_s=0.0, spool=tmp_path / SPOOL_NAME)
+    server.kill()
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    server.restart()
+    tracker.log_metrics({"loss": 0.5}, step=1)  # flushes the buffered step first
+    assert tracker.pending == [] and not (tmp_path / SPOOL_NAME).exists()
+    assert finish_run(uri, run_id, "FINISHED", tmp_path / SPOOL_NAME, wait_s=5).ok
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == [(0, 1.0), (1, 0.5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_artifact_write_on_a_full_disk_is_kept_and_synced_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
