@@ -420,19 +420,27 @@ def normalise_dice_table(rows: Any) -> Any:
 
 
 def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
-    """Tune function trainable of one cell: fit its ``TorchTrainer``, then record the results.
+    """Tune function trainable of one cell: under the cell's run lock, fit it and record the results.
 
-    ``config["cell"]`` is a plain dict (see ``_trial_config``). Runs in a Ray actor.
+    ``config["cell"]`` is a plain dict (see ``_trial_config``). Runs in a Ray actor. A cell another
+    grid is running fails with the holder's pid and host, and its MLflow run is left alone.
     """
+    from orchestrator.run_lock import RUN_LOCK_NAME
+
+    cell = config["cell"]
+    with run_lock(Path(cell["loop_config"]["output"]) / RUN_LOCK_NAME, f"grid cell {cell['name']}"):
+        _run_cell(cell, worker_fn)
+
+
+def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
+    """Fit one cell's ``TorchTrainer``, then record the results."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.run_lock import RUN_LOCK_NAME
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
 
-    cell = config["cell"]
     output = Path(cell["loop_config"]["output"])
     tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"], spool=output / SPOOL_NAME)
     use_gpu = cell["gpus_per_trial"] > 0
@@ -454,19 +462,18 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) ->
             callbacks=[TuneReportCallback()],
         ),
     )
-    with run_lock(output / RUN_LOCK_NAME, f"grid cell {cell['name']}"):
-        try:
-            result = trainer.fit()
-            returned = result.return_value
-            # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
-            rows = returned.get("dice") if isinstance(returned, dict) else returned
-            if isinstance(returned, dict) and returned.get("init_sha256"):
-                # the exact weights file the worker loaded (last or best checkpoint of the run)
-                tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
-            metrics = _record_cell(cell, rows, tracker)
-        except BaseException:
-            _set_status_quietly(cell, "FAILED")
-            raise
+    try:
+        result = trainer.fit()
+        returned = result.return_value
+        # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
+        rows = returned.get("dice") if isinstance(returned, dict) else returned
+        if isinstance(returned, dict) and returned.get("init_sha256"):
+            # the exact weights file the worker loaded (last or best checkpoint of the run)
+            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
+        metrics = _record_cell(cell, rows, tracker)
+    except BaseException:
+        _set_status_quietly(cell, "FAILED")
+        raise
     tune.report({**metrics, "cell_done": 1})
 
 

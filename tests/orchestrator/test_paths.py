@@ -138,3 +138,19 @@ def test_library_paths_cannot_leave_the_workspace_either(tmp_path: Path) -> None
     with pytest.raises(PathCheckError):
         open_study(ws.tracking_uri, "../../esc", ws.artifact_root)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
+
+
+def test_study_file_name_is_checked_and_its_paths_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.commands.study import absolute_paths
+    from orchestrator.study import StudyConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ft.yaml").write_text("epochs: 1\n")
+    (tmp_path / "bad.yaml").write_text("name: ../../esc\nstore: s.zarr\n")
+    code, out = _invoke("study", "--config", "bad.yaml", "--output", "ws")
+    assert code == 2 and out.strip().startswith("error: study config: name '../../esc': use letters"), out
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml", "ft.yaml"]
+    settings = absolute_paths(StudyConfig(name="s", store="s.zarr", split={"file": "split.yaml"},
+                                          finetune={"config": "ft.yaml"}))
+    assert settings.store == str(tmp_path / "s.zarr") and settings.split.file == tmp_path / "split.yaml"
+    assert settings.finetune.config == tmp_path / "ft.yaml"
