@@ -277,12 +277,13 @@ def run_study(
             # A named split has no budgets: budget 'all' is the same subjects for every subset seed.
             echo(f"fine-tuning grid on split {name}: {', '.join(arms)} x budget all")
             named_grids[name] = run_grid(config.store, path, ("all",), section.seeds[:1], **grid_args)
-    reports = workspace.root / "reports" / config.name
+    reports = workspace.folder("reports", config.name)
     report = build_report(config.name, workspace.tracking_uri, reports, grid=grid.parent_run_id)
     outcome = StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)
     for name, named_grid in named_grids.items():
         outcome.named[name] = (
             named_grid,
-            build_report(config.name, workspace.tracking_uri, reports / name, grid=named_grid.parent_run_id),
+            build_report(config.name, workspace.tracking_uri, workspace.folder("reports", config.name, name),
+                         grid=named_grid.parent_run_id),
         )
     return outcome
