@@ -47,9 +47,9 @@ def ingest(
     from orchestrator.configio import ConfigError, load_config
 
     store = path_arg(store, "--store", must_exist=False)
-    mnms = _dir_option(mnms, "--mnms")
-    mnms2 = _dir_option(mnms2, "--mnms2")
-    config = _dir_option(config, "--config", kind="file")
+    mnms = _path_option(mnms, "--mnms")
+    mnms2 = _path_option(mnms2, "--mnms2")
+    config = _path_option(config, "--config", kind="file")
     try:
         settings = load_config(IngestConfig, config, {"spacing": spacing, "size": size})
     except ConfigError as exc:
@@ -93,7 +93,7 @@ def ingest(
         raise typer.Exit(1)
 
 
-def _dir_option(value: Optional[Path], flag: str, kind: str = "dir") -> Optional[Path]:
+def _path_option(value: Optional[Path], flag: str, kind: str = "dir") -> Optional[Path]:
     """An optional existing path option made absolute (exit 2 when missing)."""
     checked = path_arg(value, flag, kind=kind)
     return Path(checked) if checked else None

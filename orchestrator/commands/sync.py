@@ -15,9 +15,9 @@ def sync(
 ) -> None:
     """Replay every run's pending tracking records (metrics, artifacts, final status) into MLflow.
 
-    A run whose tracking server was down when it ended keeps what it could not log in
-    <run folder>/tracking-pending.json; this command (or rerunning the run's command) logs it and
-    closes the MLflow run. Exit 1 when some records could not be logged yet.
+    A run whose tracking server was down when it ended keeps what it could not log in <run folder>/tracking-pending.json; this command (or rerunning the run's command) logs it and closes the MLflow run.
+
+    Exit 1 when some records could not be logged yet (docs/failures.md).
     """
     from orchestrator.tracking import find_spools, replay_spool
     from orchestrator.workspace import Workspace
