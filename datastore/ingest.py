@@ -129,6 +129,15 @@ def _skip_cross_source_duplicates(found: list[Discovery]) -> None:
             ))
 
 
+def _one_per_subject(skipped: Sequence[SkippedSubject]) -> list[SkippedSubject]:
+    """A source's skips with one entry per subject (the first reason): a bad id is reported by its CSV
+    row and its folder. Across sources every entry stays (a subject given twice names each source)."""
+    by_subject: dict[tuple[str, str], SkippedSubject] = {}
+    for skip in skipped:
+        by_subject.setdefault((skip.dataset, skip.subject_id), skip)
+    return list(by_subject.values())
+
+
 def plan_ingest(
     sources: Mapping[str, Path | str | Sequence[Path | str] | None],
     store: str | os.PathLike[str],
@@ -171,10 +180,7 @@ def plan_ingest(
         raise
     done = writer.done
     todo = [s for s in subjects if (s.dataset, s.subject_id) not in done]
-    by_subject: dict[tuple[str, str], SkippedSubject] = {}  # one entry per subject, the first reason:
-    for skip in (s for d in found for s in d.skipped):  # a bad id is reported by its CSV row and its folder
-        by_subject.setdefault((skip.dataset, skip.subject_id), skip)
-    skipped = [s for key, s in by_subject.items() if key not in done]
+    skipped = [s for d in found for s in _one_per_subject(d.skipped) if (s.dataset, s.subject_id) not in done]
     warnings = [*writer.warnings, *(w for d in found for w in d.warnings)]
     complete = bool(dict(writer.group.attrs).get("complete", False))
     plan = IngestPlan(
