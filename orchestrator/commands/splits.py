@@ -68,7 +68,7 @@ def make(
     from datastore.splits import SplitError, make_splits
     from datastore.store import SliceStore, StoreError
 
-    store = path_arg(store, "--store", kind="dir")
+    store = path_arg(store, "--store", must_exist=False)  # the store module names a missing store
     out = Path(path_arg(out, "--out", must_exist=False)) if out else None
     budget_list = _int_list(budgets, "--budgets")
     seed_list = _int_list(budget_seeds, "--budget-seeds")
@@ -118,7 +118,7 @@ def import_(
     from datastore.store import SliceStore, StoreError
 
     files = [Path(path_arg(f, "FILES")) for f in files]
-    store = path_arg(store, "--store", kind="dir")
+    store = path_arg(store, "--store", must_exist=False)  # the store module names a missing store
     out = Path(path_arg(out, "--out", must_exist=False))
     try:
         meta = {"created_by": "sspctl splits import"}
