@@ -26,19 +26,31 @@ DIGEST_LENGTH = 32
 SPLIT_ARTIFACT_DIR = "inputs"
 
 
-def store_profile(store: Any) -> dict[str, Any]:
-    """Profile of an opened ``SliceStore``: ``{"subjects", "slices", "labelled_slices", "datasets", "vendors"}``.
+def store_profile(store: Any, subjects: list[str] | None = None) -> dict[str, Any]:
+    """Profile of an opened ``SliceStore``, or of the part of it holding ``subjects`` (ids).
 
-    ``datasets`` and ``vendors`` map each name to its number of subjects.
+    Keys: ``subjects``, ``slices``, ``labelled_slices``, ``image_size``, ``store_subjects`` (the whole
+    store's), and ``datasets`` / ``vendors`` mapping each name to its number of subjects.
     """
-    subjects = store.subjects
+    import numpy as np
+
+    table = store.subjects
+    if subjects is not None:
+        table = table[table["subject_id"].astype(str).isin({str(s) for s in subjects})]
+    if subjects is None:
+        n_slices, n_labelled = store.n_slices, store.n_labels
+    else:
+        rows = np.zeros(store.n_slices, dtype=bool)
+        for first, count in zip(table["first_row"], table["n_rows"]):
+            rows[int(first): int(first) + int(count)] = True
+        n_slices, n_labelled = int(rows.sum()), int(rows[store.label_slice].sum())
     profile: dict[str, Any] = {
-        "subjects": len(subjects), "slices": store.n_slices, "labelled_slices": store.n_labels,
-        "image_size": store.image_size,
+        "subjects": len(table), "slices": int(n_slices), "labelled_slices": int(n_labelled),
+        "image_size": store.image_size, "store_subjects": len(store.subjects),
     }
     for column, key in (("dataset", "datasets"), ("vendor", "vendors")):
-        if column in subjects.columns:
-            counts = subjects[column].fillna("unknown").astype(str).value_counts().sort_index()
+        if column in table.columns:
+            counts = table[column].fillna("unknown").astype(str).value_counts().sort_index()
             profile[key] = {str(name): int(n) for name, n in counts.items()}
         else:
             profile[key] = {}
@@ -60,8 +72,8 @@ def _source(uri: str) -> Any:
         return HTTPDatasetSource(uri)
 
 
-def store_dataset(store_uri: str, name: str) -> Any:
-    """An ``mlflow.data`` dataset describing the store at ``store_uri`` (opened here to read its profile).
+def store_dataset(store_uri: str, name: str, subjects: list[str] | None = None) -> Any:
+    """An ``mlflow.data`` dataset describing the store at ``store_uri`` (or its ``subjects``; opened here).
 
     Raises:
         datastore.store.StoreError: the store cannot be opened.
@@ -70,7 +82,7 @@ def store_dataset(store_uri: str, name: str) -> Any:
     from mlflow.data.dataset import Dataset
 
     store = SliceStore.open(store_uri)
-    profile = {**store_profile(store), "content_hash": store.hash or ""}
+    profile = {**store_profile(store, subjects), "content_hash": store.hash or ""}
     digest = (store.hash or "")[:DIGEST_LENGTH]
 
     class StoreDataset(Dataset):
@@ -97,10 +109,17 @@ def store_dataset(store_uri: str, name: str) -> Any:
 
 
 def log_store_inputs(
-    tracking_uri: str, run_id: str, store_uri: str, name: str, contexts: tuple[str, ...], split: str | Path | None = None
+    tracking_uri: str,
+    run_id: str,
+    store_uri: str,
+    inputs: list[tuple[str, str, list[str] | None]],
+    split: str | Path | None = None,
 ) -> bool:
-    """Log the store as an input of ``run_id`` once per context, and the split file as an artifact.
+    """Log the store as inputs of ``run_id``, and the split file as the artifact ``inputs/<name>``.
 
+    ``inputs``: ``(dataset name, context, subject ids or None for the whole store)`` per input. MLflow
+    keeps one input per dataset name and digest in a run, so two contexts need two names (a cell
+    logs ``{study}/train-b{budget}-s{seed}`` and ``{study}/test``; all carry the store's digest).
     Returns False (after a warning) when MLflow or the store could not be reached.
     """
     try:
@@ -109,10 +128,13 @@ def log_store_inputs(
 
         from orchestrator.study_tracking import client_for
 
-        entity = store_dataset(store_uri, name)._to_mlflow_entity()
-        inputs = [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]) for context in contexts]
+        items = [
+            DatasetInput(store_dataset(store_uri, name, subjects)._to_mlflow_entity(),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for name, context, subjects in inputs
+        ]
         client = client_for(tracking_uri)
-        client.log_inputs(run_id, datasets=inputs)
+        client.log_inputs(run_id, datasets=items)
         if split is not None:
             client.log_artifact(run_id, str(split), SPLIT_ARTIFACT_DIR)
         return True
@@ -120,3 +142,16 @@ def log_store_inputs(
         log.warning("could not log the store %s as an input of MLflow run %s (%s)", store_uri, run_id,
                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return False
+
+
+def cell_inputs(study: str, split: str | Path, budget: Any, seed: int) -> list[tuple[str, str, list[str] | None]]:
+    """The ``log_store_inputs`` inputs of a fine-tuning cell: its labelled training subset and the test set.
+
+    Raises:
+        datastore.splits.SplitError: unreadable split, or no such budget/seed.
+    """
+    from datastore.splits import load_split
+
+    parsed = load_split(split)
+    return [(f"{study}/train-b{budget}-s{seed}", CONTEXT_TRAINING, list(parsed.budget(budget, seed))),
+            (f"{study}/test", CONTEXT_TEST, list(parsed.subjects("test")))]

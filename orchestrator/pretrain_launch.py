@@ -372,7 +372,7 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     if run_id is not None:
         from orchestrator.mlflow_data import CONTEXT_PRETRAINING, log_store_inputs
 
-        log_store_inputs(uri, run_id, str(request.store), study, (CONTEXT_PRETRAINING,), split=request.split)
+        log_store_inputs(uri, run_id, str(request.store), [(study if subjects is None else f"{study}/train", CONTEXT_PRETRAINING, subjects)], split=request.split)
         tracker = MlflowTracker(uri, run_id)
     loop_config = {
         "store": str(request.store), "subjects": subjects, "valid_subjects": valid, "config": resolved,
@@ -386,15 +386,15 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     try:
         with ray_session(num_cpus=local_cluster_cpus(request)):
             result = _fit(request, run_name, loop_config, run_dir, progress)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
         if run_id is not None:  # the weights as registered MLflow models, before the run ends
             from orchestrator.mlflow_models import register_pretrained
 
             for part, model_uri in register_pretrained(uri, run_id, run_dir).items():
                 echo(f"registered {part}: {model_uri}")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         finish_mlflow_run(uri, run_id, status)
     returned = result.return_value or {}

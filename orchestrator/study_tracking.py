@@ -41,6 +41,8 @@ PARENT_TAG = "mlflow.parentRunId"
 #: Experiment tag the MLflow 3 UI reads to choose between its model-training and GenAI views.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: Query of the MLflow UI that opens an experiment in the model-training view (see ``experiment_page``).
+UI_VIEW_QUERY = "workflowType=machine_learning"
 #: Tags of runs written before the ``sspctl.`` namespace, and their new names.
 LEGACY_TAGS = {
     "sspctl_kind": KIND_TAG, "sspctl_key": KEY_TAG, "method": "sspctl.method", "budget": "sspctl.budget",
@@ -285,11 +287,12 @@ def start_cell_run(cell: dict[str, Any]) -> str:
     """Create (or re-attach to) the cell's run now that its training starts; returns its id ("" if MLflow is down).
 
     Sets the run RUNNING, logs ``queue_time_s`` (seconds from grid planning to this start) and the
-    store as a dataset input (contexts ``training`` and ``test``) with the split file.
+    store as dataset inputs (the cell's training subset, context ``training``; the test set, context
+    ``test``) with the split file.
     """
     import time
 
-    from orchestrator.mlflow_data import CONTEXT_TEST, CONTEXT_TRAINING, log_store_inputs
+    from orchestrator.mlflow_data import cell_inputs, log_store_inputs
 
     started = time.time()
     try:
@@ -303,14 +306,27 @@ def start_cell_run(cell: dict[str, Any]) -> str:
                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return ""
     loop = cell["loop_config"]
-    log_store_inputs(cell["tracking_uri"], run_id, loop["store"], cell["study"], (CONTEXT_TRAINING, CONTEXT_TEST),
-                     split=loop.get("split"))
+    try:
+        inputs = cell_inputs(cell["study"], loop["split"], loop["config"]["budget"], loop["config"]["seed"])
+    except Exception as exc:  # noqa: BLE001 - the worker reports a bad split itself
+        log.warning("cell %s: no dataset inputs (%s)", cell["name"], str(exc).splitlines()[0][:200])
+    else:
+        log_store_inputs(cell["tracking_uri"], run_id, loop["store"], inputs, split=loop["split"])
     return run_id
 
 
+def experiment_page(base_url: str, experiment_id: str) -> str:
+    """URL of an experiment's runs page in the MLflow UI's model-training view.
+
+    The MLflow 3.17 UI starts in its GenAI view whatever the experiment's kind tag says (it remembers
+    the last view per browser); ``workflowType=machine_learning`` is what its own view switch sets.
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?{UI_VIEW_QUERY}"
+
+
 def study_pages(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
-    """``(study, URL of its experiment page)`` for every active experiment but MLflow's ``Default``."""
+    """``(study, experiment_page)`` for every active experiment but MLflow's ``Default``."""
     client = client_for(tracking_uri)
     experiments = client.search_experiments(view_type=1, max_results=1000)  # 1 = ACTIVE_ONLY
-    return [(e.name, f"{base_url.rstrip('/')}/#/experiments/{e.experiment_id}")
+    return [(e.name, experiment_page(base_url, e.experiment_id))
             for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"]

@@ -24,8 +24,9 @@ def finetune(
     ),
     pretrained: str = typer.Option(
         "", "--pretrained",
-        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json) "
-        "or a run name under <output>/pretrain/.",
+        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json), "
+        "a run name under <output>/pretrain/, or a registered model: models:/sspctl-simclr-encoder/latest, "
+        ".../3 or ...@champion (downloaded once, sha256-checked).",
     ),
     budgets: str = typer.Option("10,15,25,50,all", "--budgets", help="Label budgets: labelled training subjects per cell, or 'all'."),
     seeds: str = typer.Option(

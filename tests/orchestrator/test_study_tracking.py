@@ -41,7 +41,8 @@ def test_new_study_is_a_model_training_experiment_with_sspctl_tags_only(tmp_path
     assert run.data.tags["mlflow.parentRunId"] == parent and run_tag(run, "method") == "scratch"
     assert existing_cell_run(study, "ft-scratch-b2-s0-00000000") == run_id
     assert existing_cell_run(study, "ft-scratch-b2-s0-ffffffff") is None
-    assert study_pages(uri, "http://127.0.0.1:5000/") == [("s1", f"http://127.0.0.1:5000/#/experiments/{study.experiment_id}")]
+    assert study_pages(uri, "http://127.0.0.1:5000/") == [
+        ("s1", f"http://127.0.0.1:5000/#/experiments/{study.experiment_id}?workflowType=machine_learning")]
 
 
 def test_a_study_written_before_the_namespace_is_migrated_and_still_resumes(tmp_path: Path) -> None:
