@@ -19,12 +19,12 @@ Only state-dict files travel: nothing is unpickled but plain tensors. Logging ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,49 +57,55 @@ def _python_model_base() -> type:
     return mlflow.pyfunc.PythonModel
 
 
-class SegmenterModel(_python_model_base()):  # type: ignore[misc]
-    """pyfunc of a fine-tuned cell: segments NIfTI files named in the input frame."""
+# MLflow warns, when a PythonModel subclass is defined, that ``predict`` has no type hints; its hint
+# schemas cannot express "a frame of NIfTI paths" and the signatures are given when logging. It
+# resets the warning filters around that check, so the one warning is muted at its output hook.
+with warnings.catch_warnings():
+    warnings.showwarning = lambda *args, **kwargs: None
 
-    def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads type hints as a schema
-        from trainers.inference import load_segmenter
+    class SegmenterModel(_python_model_base()):  # type: ignore[misc]
+        """pyfunc of a fine-tuned cell: segments NIfTI files named in the input frame."""
 
-        self.segmenter = load_segmenter(Path(context.artifacts["model.json"]).parent)
+        def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads type hints as a schema
+            from trainers.inference import load_segmenter
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """``model_input``: DataFrame ``image`` (NIfTI path), optional ``output``; returns ``output`` paths."""
-        import pandas as pd
+            self.segmenter = load_segmenter(Path(context.artifacts["model.json"]).parent)
 
-        from trainers.inference import predict_nifti
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            """``model_input``: DataFrame ``image`` (NIfTI path), optional ``output``; returns ``output`` paths."""
+            import pandas as pd
 
-        frame = pd.DataFrame(model_input)
-        outputs = []
-        for row in frame.to_dict(orient="records"):
-            image = Path(str(row["image"]))
-            target = row.get("output") or str(image.with_name(image.name.split(".nii")[0] + "_labels.nii.gz"))
-            outputs.append(str(predict_nifti(self.segmenter, image, target, progress=False)))
-        return pd.DataFrame({"output": outputs})
+            from trainers.inference import predict_nifti
+
+            frame = pd.DataFrame(model_input)
+            outputs = []
+            for row in frame.to_dict(orient="records"):
+                image = Path(str(row["image"]))
+                target = row.get("output") or str(image.with_name(image.name.split(".nii")[0] + "_labels.nii.gz"))
+                outputs.append(str(predict_nifti(self.segmenter, image, target, progress=False)))
+            return pd.DataFrame({"output": outputs})
 
 
-class EncoderModel(_python_model_base()):  # type: ignore[misc]
-    """pyfunc of a pretrained part: mean-pooled bottleneck features of ``(N, H, W)`` slices."""
+    class EncoderModel(_python_model_base()):  # type: ignore[misc]
+        """pyfunc of a pretrained part: mean-pooled bottleneck features of ``(N, H, W)`` slices."""
 
-    def load_context(self, context):  # noqa: ANN001, ANN201
-        from trainers.models.unet import UNet2d
-        from trainers.weights import load_pretrained, read_manifest
+        def load_context(self, context):  # noqa: ANN001, ANN201
+            from trainers.models.unet import UNet2d
+            from trainers.weights import load_pretrained, read_manifest
 
-        folder = Path(context.artifacts["manifest"]).parent
-        manifest = read_manifest(folder)
-        self.model = UNet2d(manifest.image_size, 4, width=manifest.model_width).eval()
-        load_pretrained(self.model, context.artifacts["weights"], "encoder")
+            folder = Path(context.artifacts["manifest"]).parent
+            manifest = read_manifest(folder)
+            self.model = UNet2d(manifest.image_size, 4, width=manifest.model_width).eval()
+            load_pretrained(self.model, context.artifacts["weights"], "encoder")
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """``model_input``: float32 ``(N, H, W)`` z-scored slices; returns ``(N, C)`` features."""
-        import numpy as np
-        import torch
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            """``model_input``: float32 ``(N, H, W)`` z-scored slices; returns ``(N, C)`` features."""
+            import numpy as np
+            import torch
 
-        slices = torch.as_tensor(np.asarray(model_input, dtype=np.float32))[:, None]
-        with torch.no_grad():
-            return self.model.encoder(slices)[-1].mean(dim=(2, 3)).numpy()
+            slices = torch.as_tensor(np.asarray(model_input, dtype=np.float32))[:, None]
+            with torch.no_grad():
+                return self.model.encoder(slices)[-1].mean(dim=(2, 3)).numpy()
 
 
 def _log_pyfunc(tracking_uri: str, run_id: str, name: str, python_model: Any, artifacts: dict[str, str],
@@ -244,14 +250,6 @@ def resolve_version(uri: str, tracking_uri: str) -> tuple[str, str]:
         raise ModelUriError(f"{uri}: {str(exc).splitlines()[0][:300]} (registry {tracking_uri})") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_folder(folder: Path, source: str) -> Path:
     """Check the weights in ``folder`` against their recorded sha256; return the folder.
 
@@ -276,6 +274,8 @@ def verify_folder(folder: Path, source: str) -> Path:
         path = folder / file
         if not path.is_file():
             raise ModelUriError(f"{source}: weights file {file} is missing")
+        from trainers.weights import _sha256  # the digest the weights files were written with
+
         if _sha256(path) != digest:
             raise ModelUriError(f"{source}: {file} does not match the sha256 in its manifest (corrupt or altered)")
     return folder
