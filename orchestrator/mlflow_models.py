@@ -1,6 +1,6 @@
 """sspctl's models as MLflow models: logged on their runs, registered by name, loaded back by ``models:/`` URI.
 
-- A fine-tuned cell logs ``model`` (``mlflow.pyfunc``, ``SegmenterModel``): its artifacts are the
+- A fine-tuned cell logs ``segmenter`` (``mlflow.pyfunc``, ``SegmenterModel``): its artifacts are the
   cell's ``model.pt`` and ``model.json``; ``predict`` takes a DataFrame with the column ``image``
   (path of a short-axis NIfTI) and optional ``output`` (where to write the labels) and returns the
   written label paths.
@@ -31,7 +31,8 @@ from typing import Any
 log = logging.getLogger("sspctl.mlflow_models")
 
 MODELS_SCHEME = "models:/"
-CELL_MODEL_NAME = "model"
+#: Name of a cell's logged model (not "model": the worker already logs the artifact folder model/).
+CELL_MODEL_NAME = "segmenter"
 #: Version tags of a registered pretrained part.
 VERSION_DATASET_TAG, VERSION_RUN_TAG = "sspctl.dataset_hash", "sspctl.run_id"
 _PIP = ["torch", "numpy", "pandas", "nibabel", "monai", "sspctl"]

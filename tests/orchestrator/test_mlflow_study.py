@@ -188,7 +188,7 @@ def test_the_study_through_the_rest_api_of_a_real_server(study: dict) -> None:
         assert digests == {study["hash"][:32]}
         assert len(run["outputs"]["model_outputs"]) == 1
     logged = _rest(study, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
-    assert sorted(m["info"]["name"] for m in logged) == ["encoder", "model", "model"]
+    assert sorted(m["info"]["name"] for m in logged) == ["encoder", "segmenter", "segmenter"]
     versions = _rest(study, "model-versions/search", filter=f"name='{ENCODER}'")["model_versions"]
     assert [v["version"] for v in versions] == ["1"]
 
@@ -272,3 +272,30 @@ def test_the_experiment_page_in_a_real_browser(study: dict) -> None:
     assert "matching runs" in dom and "Model registry" in dom
     for genai in ("Detect Issues", "Training runs", "Sessions", "Judges"):  # the GenAI view's side bar
         assert genai not in dom, f"GenAI view: {genai!r} on the page"
+
+
+def test_sspctl_ui_prints_the_study_page(study: dict) -> None:
+    """``sspctl ui`` names each study's runs page (model-training view), not only the server root."""
+    import os
+    import signal
+    import sys
+
+    from orchestrator.ui import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("sspctl")), "ui", "--output", str(study["ws"].root),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    experiment_id = _client(study).experiment_id
+    expected = f"study {STUDY}: http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not any(expected in line for line in lines):
+            lines.append(proc.stdout.readline())
+        assert any(expected in line for line in lines), "".join(lines)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
