@@ -45,10 +45,11 @@ EXPERIMENT_KIND = "custom_model_development"
 UI_VIEW_QUERY = "workflowType=machine_learning"
 #: Tags of runs written before the ``sspctl.`` namespace, and their new names.
 LEGACY_TAGS = {
-    "sspctl_kind": KIND_TAG, "sspctl_key": KEY_TAG, "method": "sspctl.method", "budget": "sspctl.budget",
-    "seed": "sspctl.seed", "train_seed": "sspctl.train_seed", "pretrain_run_id": "sspctl.pretrain_run_id", "dataset_hash": "sspctl.dataset_hash",
-    "split": "sspctl.split", "store": "sspctl.store", "ray_run_name": "sspctl.ray_run_name",
-    "ray_storage_path": "sspctl.ray_storage_path", "run_dir": "sspctl.run_dir",
+    "sspctl_kind": KIND_TAG, "sspctl_key": KEY_TAG,
+    **{name: f"{TAG_PREFIX}{name}" for name in (
+        "method", "budget", "seed", "subset_seed", "train_seed", "arm_role", "init_part", "init_weights_sha256",
+        "pretrain_run_id", "dataset_hash", "split", "store", "ray_run_name", "ray_storage_path", "run_dir",
+    )},
 }
 #: The metric whose presence (with status FINISHED) marks a cell run complete.
 COMPLETION_METRIC = "test_dice_mean"

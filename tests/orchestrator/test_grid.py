@@ -293,8 +293,11 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
     assert scratch.name.startswith("ft-scratch-b2-s0-t0-") and control.name.startswith("ft-scratch-b-b2-s0-t1000-")
     assert len({c.name for c in plan.cells}) == len(plan.cells)
     client = plan.tracking.client
-    tags = client.get_run(plan.pending[7]["run_id"]).data.tags
-    assert (tags["method"], tags["subset_seed"], tags["train_seed"], tags["arm_role"]) == (
+    # a cell's run is created when it starts, with the tags its trial carries
+    from orchestrator.study_tracking import namespaced
+
+    tags = namespaced(plan.pending[7]["tags"])
+    assert (tags["sspctl.method"], tags["sspctl.subset_seed"], tags["sspctl.train_seed"], tags["sspctl.arm_role"]) == (
         "scratch-b", "0", "1001", "negative control")
     params = client.get_run(plan.parent_run_id).data.params
     assert params["train_seeds"] == "0,1" and params["replicated_budgets"] == "2"
@@ -325,5 +328,5 @@ def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: di
     sha = hashlib.sha256((runs[0] / "encoder.pt").read_bytes()).hexdigest()
     study = open_study(dataset["ws"].tracking_uri, "grid-controls", create=False)
     tags = study.client.get_run(outcome.cells[1].run_id).data.tags
-    assert tags["method"] == "supervised" and tags["arm_role"] == "positive control"
-    assert tags["init_weights_sha256"] == sha and tags["init_part"] == "encoder"
+    assert tags["sspctl.method"] == "supervised" and tags["sspctl.arm_role"] == "positive control"
+    assert tags["sspctl.init_weights_sha256"] == sha and tags["sspctl.init_part"] == "encoder"
