@@ -467,7 +467,7 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) ->
         rows = returned.get("dice") if isinstance(returned, dict) else returned
         if isinstance(returned, dict) and returned.get("init_sha256"):
             # the exact weights file the worker loaded (last or best checkpoint of the run)
-            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
+            tracker.set_tags({"sspctl.init_weights_sha256": str(returned["init_sha256"])})
         metrics = _record_cell(cell, rows, tracker)
     except BaseException:
         _set_status_quietly(cell, "FAILED")

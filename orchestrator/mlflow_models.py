@@ -6,7 +6,7 @@
   written label paths.
 - A pretraining run logs each exported part (``encoder``; MIM also ``encoder_decoder``) as a pyfunc
   (``EncoderModel``: ``(N, H, W)`` float32 slices -> ``(N, C)`` pooled bottleneck features) whose
-  artifacts are the part's ``.pt`` file and the run's ``manifest.json``, and registers it as
+  artifacts are the part's ``.pt`` file (and its best-epoch file, if any) and the run's ``manifest.json``, and registers it as
   ``sspctl-<method>-<part>`` (``encoder_decoder`` is spelled ``encoder-decoder``): one version per
   run, tagged ``sspctl.dataset_hash`` and ``sspctl.run_id``.
 - ``fetch_model("models:/NAME/VERSION" | "models:/NAME/latest" | "models:/NAME@ALIAS", ...)``
@@ -194,11 +194,11 @@ def register_pretrained(tracking_uri: str, run_id: str, run_dir: str | Path) -> 
                 continue
             example = np.zeros((1, manifest.image_size, manifest.image_size), dtype=np.float32)
             signature = infer_signature(example, np.zeros((1, 8), dtype=np.float32))
-            info = _log_pyfunc(
-                tracking_uri, run_id, part, EncoderModel(),
-                {"weights": str(run_dir / file), "manifest": str(run_dir / "manifest.json")}, signature, example,
-                registered=name,
-            )
+            artifacts = {"weights": str(run_dir / file), "manifest": str(run_dir / "manifest.json")}
+            if manifest.best is not None and part in manifest.best.files:  # fine-tuning may start from it
+                artifacts["weights_best"] = str(run_dir / manifest.best.files[part])
+            info = _log_pyfunc(tracking_uri, run_id, part, EncoderModel(), artifacts, signature, example,
+                               registered=name)
             version = str(info.registered_model_version)
             client.set_model_version_tag(name, version, VERSION_DATASET_TAG, manifest.dataset_hash)
             client.set_model_version_tag(name, version, VERSION_RUN_TAG, run_id)
@@ -263,7 +263,8 @@ def verify_folder(folder: Path, source: str) -> Path:
     if (folder / "manifest.json").is_file():
         meta = json.loads((folder / "manifest.json").read_text())
         expected = dict(meta.get("sha256") or {})
-        expected = {f: d for f, d in expected.items() if f in set(meta.get("files", {}).values()) and (folder / f).exists()}
+        listed = set(meta.get("files", {}).values()) | set((meta.get("best") or {}).get("files", {}).values())
+        expected = {f: d for f, d in expected.items() if f in listed and (folder / f).exists()}
     elif (folder / "model.json").is_file():
         meta = json.loads((folder / "model.json").read_text())
         expected = {meta.get("file", "model.pt"): meta.get("sha256")}
