@@ -655,7 +655,7 @@ def build_report(
                     comparisons=comparison_table(table), runs=runs_table(table), notes=notes,
                     parent_run_id=chosen.run_id, grid=chosen, grids=list(grids))
     for row in report.test_rows():
-        if row["note"]:
+        if row["note"] and not row["note"].startswith("withheld"):  # the comparisons table says why
             report.notes.append(f"{row['method']} vs scratch, budget {row['budget']}, {row['class']}: {row['note']}")
     plots = plot_dice_vs_budget(report.summary, output)
     overlays = collect_overlays(tracking, runs, output / "overlays")

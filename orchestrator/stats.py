@@ -95,12 +95,15 @@ def _two_way(matrix: np.ndarray) -> tuple[float, float, float]:
     return ms_run, ms_unit, ms_resid
 
 
-def arm_estimate(matrix: np.ndarray, alpha: float = ALPHA) -> ArmEstimate:
+def arm_estimate(
+    matrix: np.ndarray, alpha: float = ALPHA, bounds: tuple[float, float] | None = (0.0, 1.0)
+) -> ArmEstimate:
     """Two-level estimate of one arm's mean Dice.
 
     Args:
         matrix: ``(R, J)`` Dice of R runs on the same J test subject-phases.
         alpha: 1 - confidence level of the interval.
+        bounds: the range the mean cannot leave (Dice: 0 to 1); the interval is clipped to it.
     """
     from scipy.stats import t as student_t
 
@@ -119,7 +122,10 @@ def arm_estimate(matrix: np.ndarray, alpha: float = ALPHA) -> ArmEstimate:
         variance = max(variance, (ms_run + ms_unit - ms_resid) / (runs * units))
     df = runs - 1
     half = float(student_t.ppf(1 - alpha / 2, df)) * math.sqrt(variance)
-    return ArmEstimate(mean, math.sqrt(run_var), mean - half, mean + half, runs, units, float(df))
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return ArmEstimate(mean, math.sqrt(run_var), low, high, runs, units, float(df))
 
 
 def _residual_variance(groups: Sequence[np.ndarray]) -> float | None:

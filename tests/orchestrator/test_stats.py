@@ -199,3 +199,11 @@ def test_arm_interval_covers_the_true_mean() -> None:
         est = arm_estimate(values)
         covered += est.ci_low <= 0.75 <= est.ci_high
     assert covered / trials >= 0.9
+
+
+def test_arm_interval_stays_within_dice_range() -> None:
+    """Three runs, one of which lost a class: the t interval is clipped to [0, 1], where a mean Dice lies."""
+    values = np.array([[0.83, 0.85], [0.82, 0.80], [0.47, 0.45]])
+    est = arm_estimate(values)
+    raw = arm_estimate(values, bounds=None)
+    assert raw.ci_high > 1.0 and est.ci_high == 1.0 and est.ci_low == pytest.approx(raw.ci_low)
