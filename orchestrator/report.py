@@ -344,7 +344,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
         estimates[key] = arm_estimate(matrix.to_numpy()) if matrix.shape[1] else None
     for column in ("n_runs", "run_sd", "ci_low", "ci_high"):
         summary[column] = [
-            getattr(estimates.get((m, b, c)), column, math.nan) if estimates.get((m, b, c)) else math.nan
+            getattr(estimates.get((m, b, c)), column, math.nan)  # getattr(None, ...) gives the NaN default
             for m, b, c in zip(summary["method"], summary["budget"], summary["class"])
         ]
     summary["dice_mean"] = [
@@ -354,7 +354,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     return _sorted_frame(summary)
 
 
-def comparison_table(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+def comparison_table(table: pd.DataFrame, alpha: float = ALPHA, tests: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every arm against scratch per budget and class, runs as the unit (``stats.compare_arms``).
 
     Columns: ``method, budget, class, role, n_runs, n_runs_scratch, effect, ci_low, ci_high, df,
@@ -395,7 +395,8 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     for family, part in frame.groupby("family"):
         frame.loc[part.index, "p_holm"] = holm(part["p_value"].tolist())
     frame["conclusion"] = [conclusion(r, p, SCRATCH, alpha) for r, p in zip(frame["_result"], frame["p_holm"])]
-    wilcoxon = wilcoxon_table(table).set_index(["method", "budget", "class"])["p_value"]
+    tests = wilcoxon_table(table) if tests is None else tests  # the report passes the one it already has
+    wilcoxon = tests.set_index(["method", "budget", "class"])["p_value"]
     frame["wilcoxon_p"] = [wilcoxon.get((m, b, c), math.nan) for m, b, c in zip(frame["method"], frame["budget"], frame["class"])]
     return _sorted_frame(frame[columns])
 
@@ -652,8 +653,9 @@ def build_report(
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     table, runs, notes = load_grid_table(tracking, chosen, output / ".cache")
-    report = Report(study=study, summary=summary_table(table), tests=wilcoxon_table(table),
-                    comparisons=comparison_table(table), runs=runs_table(table), notes=notes,
+    tests = wilcoxon_table(table)
+    report = Report(study=study, summary=summary_table(table), tests=tests,
+                    comparisons=comparison_table(table, tests=tests), runs=runs_table(table), notes=notes,
                     parent_run_id=chosen.run_id, grid=chosen, grids=list(grids))
     for row in report.test_rows():
         if row["note"] and not row["note"].startswith("withheld"):  # the comparisons table says why
