@@ -12,7 +12,7 @@ import os
 
 import typer
 
-from orchestrator.commands import data, deploy, evaluate, finetune, pretrain, splits, study, sync, synth
+from orchestrator.commands import agreement, data, deploy, evaluate, finetune, pretrain, splits, study, sync, synth
 
 app = typer.Typer(
     name="sspctl",
@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (synth, data, splits, pretrain, finetune, evaluate, study, sync, deploy):
+for module in (synth, data, splits, pretrain, finetune, evaluate, study, agreement, sync, deploy):
     module.register(app)
 
 
