@@ -47,7 +47,7 @@ def test_demo_and_phantom_study_can_conclude_and_paper_keeps_the_published_desig
 
     demo = load_config(StudyConfig, CONFIGS / "demo.yaml").finetune
     small = min(b for b in demo.budgets if b != "all")
-    assert demo.replicated_budgets is not None and small in demo.replicated_budgets
+    assert demo.replicated_budgets is None or small in demo.replicated_budgets  # None: every budget
     assert len(demo.seeds) * len(demo.train_seeds) >= MIN_RUNS
     assert {"scratch-b", "supervised"} <= set(demo.extra_arms)
     phantom = load_config(StudyConfig, CONFIGS / "phantom-study.yaml")
