@@ -247,9 +247,13 @@ def named_split_files(config: StudyConfig, split: Path) -> dict[str, Path]:
 
 
 def run_study(
-    config: StudyConfig, workspace: Workspace, echo: Callable[[str], None] = print, progress: bool = True
+    config: StudyConfig, workspace: Workspace, echo: Callable[[str], None] = print, progress: bool = True,
+    report_dir: Path | None = None,
 ) -> StudyOutcome:
-    """Run or resume the whole study; see the module docstring."""
+    """Run or resume the whole study; see the module docstring.
+
+    ``report_dir`` is where the grid's report goes (default ``<workspace>/reports/<name>/``).
+    """
     from orchestrator.grid import run_grid
     from orchestrator.ray_session import ray_session
     from orchestrator.report import build_report
@@ -277,7 +281,7 @@ def run_study(
             # A named split has no budgets: budget 'all' is the same subjects for every subset seed.
             echo(f"fine-tuning grid on split {name}: {', '.join(arms)} x budget all")
             named_grids[name] = run_grid(config.store, path, ("all",), section.seeds[:1], **grid_args)
-    reports = workspace.folder("reports", config.name)
+    reports = report_dir or workspace.folder("reports", config.name)
     report = build_report(config.name, workspace.tracking_uri, reports, grid=grid.parent_run_id)
     outcome = StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)
     for name, named_grid in named_grids.items():

@@ -18,7 +18,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 STUDY_FILE_KEY = "study config: "
 
 
-def _run_study(settings: object, workspace: object, progress: bool) -> object:
+def _run_study(settings: object, workspace: object, progress: bool, report_dir: Path | None = None) -> object:
     """``run_study`` with every expected failure turned into a one-line error and an exit code."""
     from orchestrator.configio import ConfigError
     from orchestrator.grid import GridError
@@ -29,7 +29,7 @@ def _run_study(settings: object, workspace: object, progress: bool) -> object:
     from orchestrator.study import run_study
 
     try:
-        return run_study(settings, workspace, echo=typer.echo, progress=progress)  # type: ignore[arg-type]
+        return run_study(settings, workspace, echo=typer.echo, progress=progress, report_dir=report_dir)  # type: ignore[arg-type]
     except RunLockedError as exc:
         fail(str(exc), code=2)
     except (ConfigError, GridError, LaunchError, ReportError, LookupError, SplitError) as exc:
@@ -71,12 +71,19 @@ def study(
     config: Path = typer.Option(..., "--config", help="Study YAML (see configs/paper.yaml and configs/demo.yaml)."),
     output: Path | None = typer.Option(None, "--output", help="Workspace root (MLflow db, Ray storage, weights, report). Default: $SSPCTL_HOME or ./runs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    train_seeds: str | None = typer.Option(
+        None, "--train-seeds",
+        help="Override finetune.train_seeds (e.g. 3,4,5) to rerun the study's grid with other training seeds: "
+        "ingest, split and pretraining are reused, the grid is a new one, and its report goes to "
+        "<output>/reports/<name>/train-seeds-3-4-5/ so the first report stays. Compare the two with `sspctl agreement`.",
+    ),
 ) -> None:
     """Ingest (if configured), split, pretrain every method, run the fine-tuning grid, write the report.
 
     Rerun the same command after an interruption: finished stages and cells are skipped and
     interrupted runs resume from their checkpoints.
     """
+    from orchestrator.grid import GridError, parse_seeds
     from orchestrator.commands.finetune import print_report
     from orchestrator.configio import ConfigError, load_config
     from orchestrator.study import StudyConfig
@@ -89,7 +96,15 @@ def study(
         fail(str(exc), code=2)
     settings = absolute_paths(settings)
     workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False))
-    outcome = _run_study(settings, workspace, progress)
+    report_dir = None
+    if train_seeds is not None:
+        try:
+            seeds = parse_seeds(train_seeds, "--train-seeds")
+        except GridError as exc:
+            fail(str(exc), code=2)
+        settings = settings.model_copy(update={"finetune": settings.finetune.model_copy(update={"train_seeds": seeds})})
+        report_dir = workspace.folder("reports", settings.name, "train-seeds-" + "-".join(map(str, seeds)))
+    outcome = _run_study(settings, workspace, progress, report_dir)
     print_report(outcome.report, settings.name)  # type: ignore[attr-defined]
     for name, (_, named_report) in outcome.named.items():  # type: ignore[attr-defined]
         print_report(named_report, f"{settings.name} (split {name})")  # type: ignore[attr-defined]

@@ -42,3 +42,16 @@ def test_study_with_a_missing_named_split_stops_before_pretraining(tmp_path: Pat
     result = CliRunner().invoke(app, ["study", "--config", str(path), "--output", str(tmp_path / "ws"), "--no-progress"])
     assert result.exit_code == 1 and "no split named 'vendor-C_D' next to split.yaml" in result.output
     assert not (tmp_path / "ws" / "pretrain").exists()
+
+
+def test_study_train_seeds_override_is_checked_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    config = _config(tmp_path, []).model_dump(mode="json")
+    config.update({"ingest": None, "ray_cpus": 1})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    for bad, why in (("3,x", "is not a comma-separated list of integers"), ("3,3", "has duplicates")):
+        result = runner.invoke(app, ["study", "--config", str(path), "--output", str(tmp_path / "ws"), "--train-seeds", bad])
+        assert result.exit_code == 2 and f"--train-seeds: '{bad}' {why}" in result.output
+    assert not (tmp_path / "ws" / "reports").exists()
