@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.arms import ARMS, SCRATCH, arm_order
-from orchestrator.stats import ALPHA, MIN_RUNS, arm_estimate, compare_arms, conclusion, holm
+from orchestrator.stats import ALPHA, MIN_RUNS, arm_estimate, compare_arms, conclusion, control_verdict, holm
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     KEY_TAG,
@@ -140,11 +140,13 @@ class Report:
         return [_json_row(r) for r in self.comparisons.to_dict(orient="records")]
 
     def conclusions(self) -> list[str]:
-        """One sentence per arm and budget (class ``mean``): what the grid lets one conclude."""
+        """One sentence per arm and budget (class ``mean``): what the grid lets one conclude; then,
+        per control arm and budget, what the control says about the comparison itself."""
         if self.comparisons.empty:
             return []
         primary = self.comparisons[self.comparisons["class"] == MEAN]
-        return [f"{r.method}, budget {r.budget}: {r.conclusion}" for r in primary.itertuples(index=False)]
+        lines = [f"{r.method}, budget {r.budget}: {r.conclusion}" for r in primary.itertuples(index=False)]
+        return lines + [f"budget {r.budget}: {r.control}" for r in primary.itertuples(index=False) if r.control]
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -358,7 +360,9 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA, tests: pd.DataFr
     """Every arm against scratch per budget and class, runs as the unit (``stats.compare_arms``).
 
     Columns: ``method, budget, class, role, n_runs, n_runs_scratch, effect, ci_low, ci_high, df,
-    p_value, p_holm, family, conclusion, wilcoxon_p`` (the published per-subject test, secondary).
+    p_value, p_holm, family, conclusion, control, wilcoxon_p``: ``control`` says what a control
+    arm's result means for the comparison itself (empty for methods), ``wilcoxon_p`` is the
+    published per-subject test (secondary).
     ``family`` is ``primary`` for class ``mean`` (Holm over every arm and budget of the table) and
     ``per-class`` for LV/MYO/RV (Holm over those). Arms without a scratch cell at the budget are
     left out; subject-phases missing from any run of either arm are dropped from that comparison.
@@ -386,7 +390,7 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA, tests: pd.DataFr
             "note": result.note, "_result": result,
         })
     columns = ["method", "budget", "class", "role", "n_runs", "n_runs_scratch", "effect", "ci_low", "ci_high",
-               "df", "p_value", "p_holm", "family", "conclusion", "wilcoxon_p"]
+               "df", "p_value", "p_holm", "family", "conclusion", "control", "wilcoxon_p"]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
@@ -395,6 +399,8 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA, tests: pd.DataFr
     for family, part in frame.groupby("family"):
         frame.loc[part.index, "p_holm"] = holm(part["p_value"].tolist())
     frame["conclusion"] = [conclusion(r, p, SCRATCH, alpha) for r, p in zip(frame["_result"], frame["p_holm"])]
+    frame["control"] = [control_verdict(role, r, p, alpha) or ""
+                        for role, r, p in zip(frame["role"], frame["_result"], frame["p_holm"])]
     tests = wilcoxon_table(table) if tests is None else tests  # the report passes the one it already has
     wilcoxon = tests.set_index(["method", "budget", "class"])["p_value"]
     frame["wilcoxon_p"] = [wilcoxon.get((m, b, c), math.nan) for m, b, c in zip(frame["method"], frame["budget"], frame["class"])]
@@ -582,7 +588,7 @@ def write_report(
              "training run as the unit, pair runs by subset seed and test subjects, need 3 or more runs per arm, "
              "and are Holm-corrected over the whole table. The per-subject Wilcoxon p (the published analysis) "
              "ignores training-run variance and is shown for comparison only.")
-    comparison_view = report.comparisons[[c for c in report.comparisons.columns if c != "conclusion"]]
+    comparison_view = report.comparisons[[c for c in report.comparisons.columns if c not in ("conclusion", "control")]]
     grid_line = f"Reported {report.grid_line()}." if report.grid is not None else ""
     md = [f"# {title}", "", intro, "", grid_line, "", "## Conclusions", ""]
     md += [f"- {line}" for line in conclusions] or ["- no arm besides scratch"]

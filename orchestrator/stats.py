@@ -242,3 +242,33 @@ def conclusion(comparison: Comparison, p_adjusted: float, reference: str = "scra
         word = "better than" if comparison.effect > 0 else "worse than"
         return f"{word} {reference}: {interval}, Holm-adjusted p = {p_adjusted:.2g}"
     return f"no detectable difference from {reference}: {interval}, Holm-adjusted p = {p_adjusted:.2g}"
+
+
+def control_verdict(role: str, comparison: Comparison, p_adjusted: float, alpha: float = ALPHA) -> str | None:
+    """What a control arm's comparison with scratch says about the comparison itself, or ``None``
+    for an arm that is not a control.
+
+    - ``negative control`` (A/A: scratch again with other training seeds): it *holds* when it is not
+      called different; when it is, the grid calls identical recipes different and its other
+      conclusions are not to be trusted.
+    - ``positive control`` (an initialisation trained with the labels): it is *detected* when it is
+      significantly better; when it is not, the grid could not show a benefit that is known to
+      exist (or that the task leaves no room for, e.g. scratch already at the ceiling), so a "no
+      detectable difference" for a method at that budget is no evidence of no effect.
+    """
+    if role not in ("negative control", "positive control"):
+        return None
+    if not comparison.tested:
+        return f"{role} not checked: {comparison.note}"
+    significant = not math.isnan(p_adjusted) and p_adjusted < alpha
+    interval = f"{comparison.effect:+.3f} Dice, 95% CI {comparison.ci_low:+.3f} to {comparison.ci_high:+.3f}"
+    if role == "negative control":
+        if significant:
+            return (f"A/A control FAILED: two sets of scratch runs were called different ({interval}, Holm-adjusted "
+                    f"p = {p_adjusted:.2g}); the other conclusions at this budget are not to be trusted")
+        return f"A/A control held: two sets of scratch runs were not called different ({interval})"
+    if significant and comparison.effect > 0:
+        return f"positive control detected: better than scratch ({interval})"
+    return (f"positive control NOT detected ({interval}): this grid did not show the benefit of a supervised "
+            f"initialisation, so \"no detectable difference\" for a method at this budget is no evidence of no effect")
+

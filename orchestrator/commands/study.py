@@ -123,10 +123,10 @@ def demo(
     Synthesises small M&Ms and M&Ms-2 style datasets, ingests them, pretrains SimCLR, PCL, DINO
     and MIM, trains the positive control (a model trained on the training pool's labels), and runs
     the grid: scratch, the four methods and the two controls (scratch-b: scratch again with other
-    training seeds; supervised) with 3 training runs each at the small budget and one with all
-    labels, then prints the report. The small budget is tested against scratch (Holm-corrected);
-    the all-labels cells have one run and are descriptive only. This shows that the pipeline runs
-    end to end and that its statistics hold on controls; the numbers are not the paper's result.
+    training seeds; supervised) with 3 training runs each at 4 labelled subjects, then prints the
+    report. Every arm is tested against scratch with training runs as the unit (Holm-corrected).
+    This shows that the pipeline runs end to end and how its statistics behave on the controls; the
+    numbers are not the paper's result.
     """
     from orchestrator.commands.finetune import print_report
     from orchestrator.configio import load_config, read_yaml

@@ -377,3 +377,10 @@ def test_controls_and_conclusions(replicated) -> None:
     assert any(line.startswith("scratch-b, budget 4: no detectable difference from scratch") for line in lines)
     assert any(line.startswith("simclr, budget 4: not enough runs") for line in lines)
     assert math.isnan(comp.loc[("simclr", "4", "mean")].p_value)
+    # what the controls say about the comparison itself, after the per-arm lines
+    assert lines[-2:] == [
+        f"budget 4: A/A control held: two sets of scratch runs were not called different "
+        f"({aa.effect:+.3f} Dice, 95% CI {aa.ci_low:+.3f} to {aa.ci_high:+.3f})",
+        f"budget 4: positive control detected: better than scratch "
+        f"({positive.effect:+.3f} Dice, 95% CI {positive.ci_low:+.3f} to {positive.ci_high:+.3f})",
+    ]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from orchestrator.stats import MIN_RUNS, arm_estimate, compare_arms, conclusion, holm
+from orchestrator.stats import MIN_RUNS, arm_estimate, compare_arms, conclusion, control_verdict, holm
 
 statsmodels = pytest.importorskip("statsmodels", reason="statsmodels (dev extra) is the independent oracle")
 
@@ -153,6 +153,26 @@ def test_conclusion_sentences() -> None:
     assert conclusion(better, better.p_value).startswith("better than scratch: +0.")
     assert conclusion(worse, worse.p_value).startswith("worse than scratch: -0.")
     assert conclusion(better, 0.2).startswith("no detectable difference from scratch")
+
+
+def test_control_verdicts() -> None:
+    rng = np.random.default_rng(6)
+    units = rng.normal(0, 0.05, 10)
+    ref = 0.7 + rng.normal(0, 0.01, (3, 1)) + units
+    same = compare_arms({0: ref + rng.normal(0, 0.01, (3, 1))}, {0: ref})
+    better = compare_arms({0: ref + 0.2 + rng.normal(0, 0.01, (3, 1))}, {0: ref})
+    worse = compare_arms({0: ref - 0.2 + rng.normal(0, 0.01, (3, 1))}, {0: ref})
+    assert control_verdict("method", better, better.p_value) is None
+    assert control_verdict("reference", same, same.p_value) is None
+    assert control_verdict("negative control", same, 0.5).startswith("A/A control held")
+    assert control_verdict("negative control", better, better.p_value).startswith("A/A control FAILED")
+    assert control_verdict("negative control", worse, worse.p_value).startswith("A/A control FAILED")
+    assert control_verdict("positive control", better, better.p_value).startswith("positive control detected")
+    # not significant after adjustment, or significantly worse: the grid did not show the known benefit
+    assert control_verdict("positive control", better, 0.2).startswith("positive control NOT detected")
+    assert control_verdict("positive control", worse, worse.p_value).startswith("positive control NOT detected")
+    few = compare_arms({0: ref[:2]}, {0: ref})
+    assert control_verdict("positive control", few, math.nan).startswith("positive control not checked: descriptive only: 2 vs 3")
 
 
 # -- calibration on simulated grids -----------------------------------------------------------
