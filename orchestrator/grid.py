@@ -36,13 +36,15 @@ from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     PER_SUBJECT_ARTIFACT,
     StudyTracking,
-    cell_run,
+    cell_run_id,
     default_study_name,
+    existing_cell_run,
     grid_parent_run,
     open_study,
     run_is_complete,
     set_status,
     short_hash,
+    start_cell_run,
 )
 from orchestrator.preflight import check_split_subjects
 from orchestrator.run_lock import grid_lock_path, run_lock
@@ -239,11 +241,19 @@ def _split_list(text: str) -> list[str]:
 
 
 def resolve_pretrained(method: str, run: str | Path, workspace: Workspace) -> PretrainedRun:
-    """Find a pretraining run: a directory with ``manifest.json``, or a name under ``<workspace>/pretrain/``.
+    """Find a pretraining run: a directory with ``manifest.json``, a name under ``<workspace>/pretrain/``,
+    or a registered model URI (``models:/sspctl-simclr-encoder/latest``, ``.../3``, ``...@champion``).
 
     Raises:
         GridError: the run or its manifest is missing, unreadable, or of another method.
     """
+    if str(run).startswith("models:/"):  # a registered version, downloaded once and sha256-checked
+        from orchestrator.mlflow_models import ModelUriError, fetch_model
+
+        try:
+            run = fetch_model(str(run), workspace.tracking_uri, workspace.root / "models")
+        except ModelUriError as exc:
+            raise GridError(f"--pretrained {method}={exc}") from None
     candidates = [Path(run).expanduser(), workspace.root / "pretrain" / str(run)]
     path = next((c.resolve() for c in candidates if (c / "manifest.json").is_file()), None)
     if path is None:
@@ -442,6 +452,8 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
 
     output = Path(cell["loop_config"]["output"])
+    cell = dict(cell)
+    cell["run_id"] = start_cell_run(cell)  # the cell's run starts when its training does
     tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"], spool=output / SPOOL_NAME)
     use_gpu = cell["gpus_per_trial"] > 0
     per_worker: dict[str, float] = {"CPU": cell["cpus_per_worker"]}
@@ -469,7 +481,7 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
         rows = returned.get("dice") if isinstance(returned, dict) else returned
         if isinstance(returned, dict) and returned.get("init_sha256"):
             # the exact weights file the worker loaded (last or best checkpoint of the run)
-            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
+            tracker.set_tags({"sspctl.init_weights_sha256": str(returned["init_sha256"])})
         metrics = _record_cell(cell, rows, tracker)
     except BaseException:
         _set_status_quietly(cell, "FAILED")
@@ -494,6 +506,10 @@ def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, flo
     for name in ("model.pt", "model.json"):
         if (output / name).is_file():
             tracker.log_artifact(output / name, "model")
+    if cell["run_id"] and (output / "model.json").is_file():
+        from orchestrator.mlflow_models import log_cell_model
+
+        log_cell_model(cell["tracking_uri"], cell["run_id"], output)
     tracker.set_status("FINISHED")  # queued behind anything an outage holds back (docs/failures.md)
     marker = {"cell": cell["name"], "run_id": cell["run_id"], "metrics": metrics, "finished_at": time.time()}
     (output / MARKER_NAME).write_text(json.dumps(marker, indent=2))
@@ -504,10 +520,13 @@ def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool
     from orchestrator.study_tracking import client_for
 
     try:
+        run_id = cell_run_id(cell)
+        if not run_id:
+            return  # the cell never started: it has no run
         client = client_for(cell["tracking_uri"])
-        if only_if_running and client.get_run(cell["run_id"]).info.status != "RUNNING":
+        if only_if_running and client.get_run(run_id).info.status != "RUNNING":
             return  # the cell finished (or failed) on its own before the grid stopped
-        client.set_terminated(cell["run_id"], status=status)
+        client.set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the cell
         log.warning("could not set MLflow run %s to %s (%s)", cell["run_id"], status, exc)
 
@@ -515,6 +534,9 @@ def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool
 def _trial_config(
     cell: Cell,
     run_id: str,
+    tracking: StudyTracking,
+    parent_run_id: str,
+    tags: dict[str, str],
     spec: GridSpec,
     store: str,
     split: str,
@@ -537,6 +559,11 @@ def _trial_config(
         "train_seed": cell.train_seed,
         "run_id": run_id,
         "tracking_uri": tracking_uri,
+        "study": tracking.study,
+        "experiment_id": tracking.experiment_id,
+        "parent_run_id": parent_run_id,
+        "tags": tags,
+        "planned_at": time.time(),
         "storage_path": storage_path,
         "workers": spec.workers_per_trial,
         "gpus_per_trial": spec.gpus_per_trial,
@@ -675,16 +702,15 @@ def plan_grid(
     skipped: dict[str, CellOutcome] = {}
     pending: list[dict[str, Any]] = []
     for cell in cells:
-        run_id = cell_run(
-            tracking, cell.name, parent, tags={**cell.tags, "dataset_hash": dataset_hash}, params=cell.config
-        )
+        run_id = existing_cell_run(tracking, cell.name) or ""  # a new cell's run is created when it starts
         output = cell_output_dir(workspace, study_name, cell)
         replay_left_over(output)  # what a tracking outage kept back, the final status included
-        if is_complete(output, tracking, run_id):
+        if run_id and is_complete(output, tracking, run_id):
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
-        pending.append(_trial_config(cell, run_id, spec, store_path, split_path, output,
+        pending.append(_trial_config(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash},
+                                     spec, store_path, split_path, output,
                                      workspace.tracking_uri, workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)
 
@@ -770,8 +796,6 @@ def execute_plan(
     outcomes: dict[str, CellOutcome] = dict(plan.skipped)
     if plan.pending:
         tracking.client.update_run(plan.parent_run_id, status="RUNNING")
-        for trial in plan.pending:
-            tracking.client.update_run(trial["run_id"], status="RUNNING")
         by_name = {c.name: c for c in plan.cells}
         try:
             with ray_session(num_cpus=num_cpus):
@@ -786,7 +810,8 @@ def execute_plan(
         for trial in plan.pending:
             metrics, error = results.get(trial["name"], ({}, "trial did not report"))
             status = "done" if error is None else "failed"
-            outcomes[trial["name"]] = CellOutcome(by_name[trial["name"]], status, trial["run_id"], metrics, error)
+            run_id = cell_run_id(trial) or ""
+            outcomes[trial["name"]] = CellOutcome(by_name[trial["name"]], status, run_id, metrics, error)
             if error is not None:  # errored, or stopped by Ctrl-C before it finished
                 _set_status_quietly(trial, "FAILED" if "did not report" not in error else "KILLED")
     ordered = [outcomes[c.name] for c in plan.cells]
