@@ -399,7 +399,7 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
     if run_id is not None:
         from orchestrator.mlflow_data import CONTEXT_PRETRAINING, log_store_inputs
 
-        log_store_inputs(uri, run_id, str(request.store), [(study if subjects is None else f"{study}/train", CONTEXT_PRETRAINING, subjects)], split=request.split)
+        log_store_inputs(uri, run_id, str(request.store), [(study if plan.subjects is None else f"{study}/train", CONTEXT_PRETRAINING, plan.subjects)], split=request.split)
         tracker = MlflowTracker(uri, run_id, spool=run_dir / SPOOL_NAME)
     loop_config = {
         "store": str(request.store), "subjects": plan.subjects, "valid_subjects": plan.valid, "config": plan.resolved,
