@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,36 @@ class ModelUriError(ValueError):
 def registered_name(method: str, part: str) -> str:
     """Registry name of a pretrained part: ``sspctl-simclr-encoder``, ``sspctl-mim-encoder-decoder``."""
     return f"sspctl-{method}-{part.replace('_', '-')}"
+
+
+@contextmanager
+def mlflow_uris(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``tracking_uri`` for the block only.
+
+    ``mlflow.set_tracking_uri`` (needed by ``mlflow.start_run`` and ``log_model``) also exports
+    ``MLFLOW_TRACKING_URI``, which ``Workspace.tracking_uri`` reads: left behind, it would send every
+    later command of this process (another workspace's pretraining, a test) to this backend. The
+    globals and both variables are put back as they were, unset ones unset.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])  # type: ignore[arg-type] - None unsets it
+        mlflow.set_registry_uri(saved[1])  # type: ignore[arg-type]
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # -- pyfunc wrappers (loaded by MLflow's tooling: mlflow.pyfunc.load_model, mlflow models serve) --------
@@ -114,7 +147,6 @@ def _log_pyfunc(tracking_uri: str, run_id: str, name: str, python_model: Any, ar
     """``mlflow.pyfunc.log_model`` onto the existing run ``run_id`` (its status is left as it was)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = _client(tracking_uri)
     status = client.get_run(run_id).info.status
     # MLflow warns that a pyfunc object is cloudpickled (sspctl's own loaders never unpickle it) and,
@@ -124,7 +156,7 @@ def _log_pyfunc(tracking_uri: str, run_id: str, name: str, python_model: Any, ar
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow_uris(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=python_model, artifacts=artifacts, signature=signature,
                 input_example=input_example, pip_requirements=_PIP, registered_model_name=registered,
@@ -306,12 +338,12 @@ def fetch_model(uri: str, tracking_uri: str, cache_root: str | Path) -> Path:
     if not target.is_dir():
         import mlflow
 
-        mlflow.set_registry_uri(tracking_uri)
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root))
         try:
-            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging / "raw"),
-                                                                  tracking_uri=tracking_uri))
+            with mlflow_uris(tracking_uri):  # models:/ resolves through the registry URI
+                downloaded = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(staging / "raw"), tracking_uri=tracking_uri))
             _flatten_download(downloaded, staging / "model")
             verify_folder(staging / "model", source)
             target.parent.mkdir(parents=True, exist_ok=True)
