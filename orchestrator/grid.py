@@ -48,6 +48,7 @@ from orchestrator.study_tracking import (
 )
 from orchestrator.preflight import check_split_subjects
 from orchestrator.run_lock import grid_lock_path, run_lock
+from orchestrator.system_metrics import monitored, sampling_interval, settings_for
 from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
 
@@ -84,6 +85,7 @@ class GridSpec(BaseModel):
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
     max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
+    system_metrics: bool = Field(False, description="log MLflow system/* metrics from rank 0 of each cell")
 
     @field_validator("methods")
     @classmethod
@@ -461,7 +463,7 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
         per_worker["GPU"] = cell["gpus_per_trial"] / cell["workers"]
     loop_config = {**cell["loop_config"], "tracker": tracker}
     trainer = TorchTrainer(
-        worker_fn,
+        monitored(worker_fn, settings_for(cell.get("system_metrics_interval_s"), cell["tracking_uri"], cell["run_id"])),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cell["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
@@ -569,6 +571,7 @@ def _trial_config(
         "gpus_per_trial": spec.gpus_per_trial,
         "cpus_per_worker": spec.cpus_per_worker,
         "max_failures": spec.max_failures,
+        "system_metrics_interval_s": sampling_interval() if spec.system_metrics else None,
         "loop_config": loop_config,
     }
 
@@ -648,6 +651,7 @@ def plan_grid(
     max_failures: int = 1,
     train_seeds: Sequence[int] = (0,),
     replicated_budgets: Sequence[Budget] | None = None,
+    system_metrics: bool = False,
 ) -> GridPlan:
     """Validate the inputs, build the cells, find-or-create their MLflow runs, find what is complete.
 
@@ -670,7 +674,7 @@ def plan_grid(
             train_seeds=tuple(train_seeds),
             replicated_budgets=None if replicated_budgets is None else tuple(replicated_budgets),
             workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
-            cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+            cpus_per_worker=cpus_per_worker, max_failures=max_failures, system_metrics=system_metrics,
         )
     except ValidationError as exc:
         raise GridError(format_validation_error(exc, "grid")) from None
@@ -734,6 +738,7 @@ def run_grid(
     progress: bool = True,
     train_seeds: Sequence[int] = (0,),
     replicated_budgets: Sequence[Budget] | None = None,
+    system_metrics: bool = False,
 ) -> GridOutcome:
     """Run (or resume) the fine-tuning grid and return every cell's outcome.
 
@@ -758,6 +763,7 @@ def run_grid(
             or when Ray is already initialised).
         max_failures: worker-group restarts per cell before it is marked failed.
         progress: show a progress bar over cells.
+        system_metrics: log MLflow ``system/*`` metrics from rank 0 of each cell (``orchestrator/system_metrics.py``).
 
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
@@ -775,7 +781,7 @@ def run_grid(
         store, split, budgets, seeds, pretrained=pretrained, methods=methods,
         workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
         config=config, study=study, workspace=workspace, max_failures=max_failures, train_seeds=train_seeds,
-        replicated_budgets=replicated_budgets,
+        replicated_budgets=replicated_budgets, system_metrics=system_metrics,
     )
     with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):
         return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)

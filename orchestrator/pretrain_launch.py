@@ -53,6 +53,7 @@ class PretrainRequest:
     runtime: dict[str, Any] = field(default_factory=dict)
     fault_inject: str | None = None
     study: str | None = None
+    system_metrics: bool = False  # MLflow system/* metrics from rank 0 (orchestrator/system_metrics.py)
 
 
 @dataclass(frozen=True)
@@ -450,8 +451,12 @@ def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], r
 
     from trainers.pretrain import pretrain_worker
 
+    from orchestrator.system_metrics import monitored, sampling_interval, settings_for
+
+    interval = sampling_interval() if request.system_metrics else None
+    settings = settings_for(interval, request.workspace.tracking_uri, loop_config.get("mlflow_run_id"))
     trainer = TorchTrainer(
-        pretrain_worker,
+        monitored(pretrain_worker, settings),
         train_loop_config=loop_config,
         scaling_config=_scaling(request),
         run_config=RunConfig(

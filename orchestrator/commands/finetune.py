@@ -57,6 +57,11 @@ def finetune(
         None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
     ),
     max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
+    system_metrics: bool = typer.Option(
+        False, "--system-metrics",
+        help="Log MLflow system metrics (system/*: CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) from "
+        "rank 0 of each cell every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10).",
+    ),
 ) -> None:
     """Run the arms x budgets x subset seeds x training seeds fine-tuning grid on Ray Tune (rerun to resume).
 
@@ -95,7 +100,7 @@ def finetune(
                 pretrained=runs, methods=method_list,
                 workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
                 config=base, study=study, workspace=workspace, num_cpus=num_cpus,
-                max_failures=max_failures,
+                max_failures=max_failures, system_metrics=system_metrics,
             )
         except RunLockedError as exc:
             fail(str(exc), code=2)

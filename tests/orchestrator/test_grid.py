@@ -236,13 +236,17 @@ def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dat
     assert [t["name"] for t in plan.pending] == [victim.cell.name]
     study = open_study(dataset["ws"].tracking_uri, "grid-test", create=False)
     curve_before = len(study.client.get_metric_history(victim.run_id, "train_loss"))
+    first_info = study.client.get_run(victim.run_id).info
     rerun = execute_plan(plan, num_cpus=4, progress=False)
     assert [c.status for c in rerun.cells] == ["skipped", "skipped", "done", "skipped"]
     assert marker.is_file()
     # resumed from the cell's final checkpoint (same Train run name and storage): no epoch retrained
     assert len(study.client.get_metric_history(victim.run_id, "train_loss")) == curve_before
     assert rerun.cells[2].metrics["test_dice_mean"] == pytest.approx(first_run.cells[2].metrics["test_dice_mean"])
-    assert study.client.get_run(victim.run_id).info.status == "FINISHED"
+    resumed = study.client.get_run(victim.run_id).info
+    assert resumed.status == "FINISHED"
+    # the resumed run keeps its first start time; its end time is the rerun's
+    assert resumed.start_time == first_info.start_time and resumed.end_time > first_info.end_time
     assert len(study.client.search_runs([study.experiment_id])) == 5  # 4 cells + 1 parent, no duplicates
 
 

@@ -3,6 +3,7 @@
 One module fixture runs the study once on a private local Ray (2 CPUs, so the two cells run one
 after the other): a real SimCLR pretraining (1 epoch) registers ``sspctl-simclr-encoder``, then a
 scratch + SimCLR grid (budget 2, seed 0, 1 epoch) fine-tunes from ``models:/sspctl-simclr-encoder/latest``.
+Both log MLflow system metrics (``--system-metrics``), sampled every 0.5 s.
 A real ``mlflow server`` (``orchestrator.ui``) serves the workspace for the REST and browser checks.
 """
 
@@ -43,6 +44,15 @@ def _browser() -> str | None:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as env:
+        # the study's workspace is its own sqlite file, whatever the caller's environment says
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # --system-metrics: several samples per run
+        yield from _run_study(tmp_path_factory)
+
+
+def _run_study(tmp_path_factory: pytest.TempPathFactory):
     import ray
 
     from datastore.config import IngestConfig
@@ -71,11 +81,11 @@ def study(tmp_path_factory: pytest.TempPathFactory):
         lines: list[str] = []
         pretrained = launch_pretrain(PretrainRequest(
             method="simclr", store=str(store), workspace=ws, config_file=root / "simclr.yaml", split=root / "split.yaml",
-            study=STUDY), echo=lines.append, progress=False)
+            study=STUDY, system_metrics=True), echo=lines.append, progress=False)
         started = time.time()
         grid = run_grid(store, root / "split.yaml", budgets=[2], seeds=[0],
                         pretrained={"simclr": f"models:/{ENCODER}/latest"}, config=FINETUNE, study=STUDY,
-                        workspace=ws, progress=False)
+                        workspace=ws, progress=False, system_metrics=True)
         grid_wall_s = time.time() - started
     finally:
         ray.shutdown()
@@ -141,6 +151,13 @@ def test_the_study_through_the_mlflow_client(study: dict) -> None:
     for run in cells.values():
         assert client.get_metric_history(run.info.run_id, "train_loss")
         assert {"test_dice_LV", "test_dice_MYO", "test_dice_RV", "test_dice_mean"} <= set(run.data.metrics)
+
+    # --system-metrics: rank 0 sampled its node while the pretraining and each cell trained
+    for run in [runs[study["pretrain"].run_name], *cells.values()]:
+        system = {k for k in run.data.metrics if k.startswith("system/")}
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, run.info.run_name
+        assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100
+        assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")[0].step == 0
 
     # dataset inputs: the store, digest = its content hash, per context
     def inputs(run_id: str) -> dict[str, object]:
@@ -226,8 +243,9 @@ def test_a_tampered_or_unknown_model_is_refused_in_one_line(study: dict) -> None
     finally:
         cached.write_bytes(original)
     assert resolve_pretrained("simclr", f"models:/{ENCODER}/1", study["ws"]).manifest["method"] == "simclr"
-    result = CliRunner().invoke(app, ["predict", "--model", "models:/no-such-model/latest", "--input", "x.nii.gz",
-                                      "--out", "y.nii.gz", "--output", str(study["ws"].root)])
+    scan = next(study["raw"].glob("*/*_sa.nii.gz"))  # a real scan: predict checks --input before the model
+    result = CliRunner().invoke(app, ["predict", "--model", "models:/no-such-model/latest", "--input", str(scan),
+                                      "--out", str(study["root"] / "never.nii.gz"), "--output", str(study["ws"].root)])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: models:/no-such-model/latest: no registered model 'no-such-model' in {study['ws'].tracking_uri}"
 
@@ -236,12 +254,13 @@ def test_predict_by_a_registered_cell_model(study: dict, tmp_path: Path) -> None
     import mlflow
     import nibabel as nib
 
+    from orchestrator.mlflow_models import mlflow_uris
+
     client = _client(study).client
     scratch = next(c for c in study["grid"].cells if c.cell.method == "scratch")
     model_id = client.get_run(scratch.run_id).outputs.model_outputs[0].model_id
-    mlflow.set_tracking_uri(study["ws"].tracking_uri)
-    mlflow.set_registry_uri(study["ws"].tracking_uri)
-    version = mlflow.register_model(f"models:/{model_id}", "sspctl-segmenter").version
+    with mlflow_uris(study["ws"].tracking_uri):  # not process-wide: later tests have their own backends
+        version = mlflow.register_model(f"models:/{model_id}", "sspctl-segmenter").version
     scan = next(study["raw"].glob("*/*_sa.nii.gz"))
     for uri in (f"models:/sspctl-segmenter/{version}", f"models:/{model_id}"):
         out = tmp_path / f"{uri.replace('/', '_').replace(':', '')}.nii.gz"
@@ -252,13 +271,14 @@ def test_predict_by_a_registered_cell_model(study: dict, tmp_path: Path) -> None
     # MLflow's own loader runs the same segmentation through the pyfunc
     import pandas as pd
 
-    pyfunc = mlflow.pyfunc.load_model(f"models:/sspctl-segmenter/{version}")
+    with mlflow_uris(study["ws"].tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/sspctl-segmenter/{version}")
     written = pyfunc.predict(pd.DataFrame({"image": [str(scan)], "output": [str(tmp_path / "pyfunc.nii.gz")]}))
     assert list(written["output"]) == [str(tmp_path / "pyfunc.nii.gz")]
     assert (nib.load(written["output"][0]).get_fdata() == nib.load(out).get_fdata()).all()
 
 
-@pytest.mark.skipif(_browser() is None, reason="no Chromium (apt-get install -y chromium; see README 'MLflow UI')")
+@pytest.mark.skipif(_browser() is None, reason="no Chromium on PATH (Debian/Ubuntu: apt-get install -y chromium)")
 def test_the_experiment_page_in_a_real_browser(study: dict) -> None:
     from orchestrator.study_tracking import study_pages
 
@@ -277,27 +297,40 @@ def test_the_experiment_page_in_a_real_browser(study: dict) -> None:
 
 
 def test_sspctl_ui_prints_the_study_page(study: dict) -> None:
-    """``sspctl ui`` names each study's runs page (model-training view), not only the server root."""
+    """``sspctl ui`` names each study's runs page (model-training view), not only the server root.
+
+    Its output is read by a thread and waited for with a deadline: a blocking ``readline`` hung the suite
+    when the line never came (the server, up and idle, prints nothing more).
+    """
     import os
     import signal
     import sys
+    import threading
 
     from orchestrator.ui import free_port
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("sspctl")), "ui", "--output", str(study["ws"].root),
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     experiment_id = _client(study).experiment_id
     expected = f"study {STUDY}: http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
-    lines: list[str] = []
     try:
-        assert proc.stdout is not None
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not any(expected in line for line in lines):
-            lines.append(proc.stdout.readline())
-        assert any(expected in line for line in lines), "".join(lines)
+        while expected not in "".join(lines) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert expected in "".join(lines), "".join(lines)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        # SIGTERM, not SIGINT: a suite started in the background without job control ignores SIGINT, and
+        # so would this child. sspctl stops its server's process group on the way out either way.
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)
