@@ -36,16 +36,19 @@ from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     PER_SUBJECT_ARTIFACT,
     StudyTracking,
-    cell_run,
+    cell_run_id,
     default_study_name,
+    existing_cell_run,
     grid_parent_run,
     open_study,
     run_is_complete,
     set_status,
     short_hash,
+    start_cell_run,
 )
 from orchestrator.preflight import check_split_subjects
 from orchestrator.run_lock import grid_lock_path, run_lock
+from orchestrator.system_metrics import monitored, sampling_interval, settings_for
 from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
 
@@ -82,6 +85,7 @@ class GridSpec(BaseModel):
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
     max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
+    system_metrics: bool = Field(False, description="log MLflow system/* metrics from rank 0 of each cell")
 
     @field_validator("methods")
     @classmethod
@@ -239,11 +243,19 @@ def _split_list(text: str) -> list[str]:
 
 
 def resolve_pretrained(method: str, run: str | Path, workspace: Workspace) -> PretrainedRun:
-    """Find a pretraining run: a directory with ``manifest.json``, or a name under ``<workspace>/pretrain/``.
+    """Find a pretraining run: a directory with ``manifest.json``, a name under ``<workspace>/pretrain/``,
+    or a registered model URI (``models:/sspctl-simclr-encoder/latest``, ``.../3``, ``...@champion``).
 
     Raises:
         GridError: the run or its manifest is missing, unreadable, or of another method.
     """
+    if str(run).startswith("models:/"):  # a registered version, downloaded once and sha256-checked
+        from orchestrator.mlflow_models import ModelUriError, fetch_model
+
+        try:
+            run = fetch_model(str(run), workspace.tracking_uri, workspace.root / "models")
+        except ModelUriError as exc:
+            raise GridError(f"--pretrained {method}={exc}") from None
     candidates = [Path(run).expanduser(), workspace.root / "pretrain" / str(run)]
     path = next((c.resolve() for c in candidates if (c / "manifest.json").is_file()), None)
     if path is None:
@@ -442,6 +454,8 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
 
     output = Path(cell["loop_config"]["output"])
+    cell = dict(cell)
+    cell["run_id"] = start_cell_run(cell)  # the cell's run starts when its training does
     tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"], spool=output / SPOOL_NAME)
     use_gpu = cell["gpus_per_trial"] > 0
     per_worker: dict[str, float] = {"CPU": cell["cpus_per_worker"]}
@@ -449,7 +463,7 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
         per_worker["GPU"] = cell["gpus_per_trial"] / cell["workers"]
     loop_config = {**cell["loop_config"], "tracker": tracker}
     trainer = TorchTrainer(
-        worker_fn,
+        monitored(worker_fn, settings_for(cell.get("system_metrics_interval_s"), cell["tracking_uri"], cell["run_id"])),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cell["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
@@ -469,7 +483,7 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
         rows = returned.get("dice") if isinstance(returned, dict) else returned
         if isinstance(returned, dict) and returned.get("init_sha256"):
             # the exact weights file the worker loaded (last or best checkpoint of the run)
-            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
+            tracker.set_tags({"sspctl.init_weights_sha256": str(returned["init_sha256"])})
         metrics = _record_cell(cell, rows, tracker)
     except BaseException:
         _set_status_quietly(cell, "FAILED")
@@ -494,6 +508,10 @@ def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, flo
     for name in ("model.pt", "model.json"):
         if (output / name).is_file():
             tracker.log_artifact(output / name, "model")
+    if cell["run_id"] and (output / "model.json").is_file():
+        from orchestrator.mlflow_models import log_cell_model
+
+        log_cell_model(cell["tracking_uri"], cell["run_id"], output)
     tracker.set_status("FINISHED")  # queued behind anything an outage holds back (docs/failures.md)
     marker = {"cell": cell["name"], "run_id": cell["run_id"], "metrics": metrics, "finished_at": time.time()}
     (output / MARKER_NAME).write_text(json.dumps(marker, indent=2))
@@ -504,10 +522,13 @@ def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool
     from orchestrator.study_tracking import client_for
 
     try:
+        run_id = cell_run_id(cell)
+        if not run_id:
+            return  # the cell never started: it has no run
         client = client_for(cell["tracking_uri"])
-        if only_if_running and client.get_run(cell["run_id"]).info.status != "RUNNING":
+        if only_if_running and client.get_run(run_id).info.status != "RUNNING":
             return  # the cell finished (or failed) on its own before the grid stopped
-        client.set_terminated(cell["run_id"], status=status)
+        client.set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the cell
         log.warning("could not set MLflow run %s to %s (%s)", cell["run_id"], status, exc)
 
@@ -515,6 +536,9 @@ def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool
 def _trial_config(
     cell: Cell,
     run_id: str,
+    tracking: StudyTracking,
+    parent_run_id: str,
+    tags: dict[str, str],
     spec: GridSpec,
     store: str,
     split: str,
@@ -537,11 +561,17 @@ def _trial_config(
         "train_seed": cell.train_seed,
         "run_id": run_id,
         "tracking_uri": tracking_uri,
+        "study": tracking.study,
+        "experiment_id": tracking.experiment_id,
+        "parent_run_id": parent_run_id,
+        "tags": tags,
+        "planned_at": time.time(),
         "storage_path": storage_path,
         "workers": spec.workers_per_trial,
         "gpus_per_trial": spec.gpus_per_trial,
         "cpus_per_worker": spec.cpus_per_worker,
         "max_failures": spec.max_failures,
+        "system_metrics_interval_s": sampling_interval() if spec.system_metrics else None,
         "loop_config": loop_config,
     }
 
@@ -621,6 +651,7 @@ def plan_grid(
     max_failures: int = 1,
     train_seeds: Sequence[int] = (0,),
     replicated_budgets: Sequence[Budget] | None = None,
+    system_metrics: bool = False,
 ) -> GridPlan:
     """Validate the inputs, build the cells, find-or-create their MLflow runs, find what is complete.
 
@@ -643,7 +674,7 @@ def plan_grid(
             train_seeds=tuple(train_seeds),
             replicated_budgets=None if replicated_budgets is None else tuple(replicated_budgets),
             workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
-            cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+            cpus_per_worker=cpus_per_worker, max_failures=max_failures, system_metrics=system_metrics,
         )
     except ValidationError as exc:
         raise GridError(format_validation_error(exc, "grid")) from None
@@ -675,16 +706,15 @@ def plan_grid(
     skipped: dict[str, CellOutcome] = {}
     pending: list[dict[str, Any]] = []
     for cell in cells:
-        run_id = cell_run(
-            tracking, cell.name, parent, tags={**cell.tags, "dataset_hash": dataset_hash}, params=cell.config
-        )
+        run_id = existing_cell_run(tracking, cell.name) or ""  # a new cell's run is created when it starts
         output = cell_output_dir(workspace, study_name, cell)
         replay_left_over(output)  # what a tracking outage kept back, the final status included
-        if is_complete(output, tracking, run_id):
+        if run_id and is_complete(output, tracking, run_id):
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
-        pending.append(_trial_config(cell, run_id, spec, store_path, split_path, output,
+        pending.append(_trial_config(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash},
+                                     spec, store_path, split_path, output,
                                      workspace.tracking_uri, workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)
 
@@ -708,6 +738,7 @@ def run_grid(
     progress: bool = True,
     train_seeds: Sequence[int] = (0,),
     replicated_budgets: Sequence[Budget] | None = None,
+    system_metrics: bool = False,
 ) -> GridOutcome:
     """Run (or resume) the fine-tuning grid and return every cell's outcome.
 
@@ -732,6 +763,7 @@ def run_grid(
             or when Ray is already initialised).
         max_failures: worker-group restarts per cell before it is marked failed.
         progress: show a progress bar over cells.
+        system_metrics: log MLflow ``system/*`` metrics from rank 0 of each cell (``orchestrator/system_metrics.py``).
 
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
@@ -749,7 +781,7 @@ def run_grid(
         store, split, budgets, seeds, pretrained=pretrained, methods=methods,
         workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
         config=config, study=study, workspace=workspace, max_failures=max_failures, train_seeds=train_seeds,
-        replicated_budgets=replicated_budgets,
+        replicated_budgets=replicated_budgets, system_metrics=system_metrics,
     )
     with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):
         return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)
@@ -770,8 +802,6 @@ def execute_plan(
     outcomes: dict[str, CellOutcome] = dict(plan.skipped)
     if plan.pending:
         tracking.client.update_run(plan.parent_run_id, status="RUNNING")
-        for trial in plan.pending:
-            tracking.client.update_run(trial["run_id"], status="RUNNING")
         by_name = {c.name: c for c in plan.cells}
         try:
             with ray_session(num_cpus=num_cpus):
@@ -786,7 +816,8 @@ def execute_plan(
         for trial in plan.pending:
             metrics, error = results.get(trial["name"], ({}, "trial did not report"))
             status = "done" if error is None else "failed"
-            outcomes[trial["name"]] = CellOutcome(by_name[trial["name"]], status, trial["run_id"], metrics, error)
+            run_id = cell_run_id(trial) or ""
+            outcomes[trial["name"]] = CellOutcome(by_name[trial["name"]], status, run_id, metrics, error)
             if error is not None:  # errored, or stopped by Ctrl-C before it finished
                 _set_status_quietly(trial, "FAILED" if "did not report" not in error else "KILLED")
     ordered = [outcomes[c.name] for c in plan.cells]

@@ -23,8 +23,9 @@ def finetune(
     ),
     pretrained: str = typer.Option(
         "", "--pretrained",
-        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json) "
-        "or a run name under <output>/pretrain/.",
+        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json), "
+        "a run name under <output>/pretrain/, or a registered model: models:/sspctl-simclr-encoder/latest, "
+        ".../3 or ...@champion (downloaded once, sha256-checked).",
     ),
     budgets: str = typer.Option("10,15,25,50,all", "--budgets", help="Label budgets: labelled training subjects per cell, or 'all'."),
     seeds: str = typer.Option(
@@ -56,6 +57,11 @@ def finetune(
         None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
     ),
     max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
+    system_metrics: bool = typer.Option(
+        False, "--system-metrics",
+        help="Log MLflow system metrics (system/*: CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) from "
+        "rank 0 of each cell every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10).",
+    ),
 ) -> None:
     """Run the arms x budgets x subset seeds x training seeds fine-tuning grid on Ray Tune (rerun to resume).
 
@@ -94,7 +100,7 @@ def finetune(
                 pretrained=runs, methods=method_list,
                 workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
                 config=base, study=study, workspace=workspace, num_cpus=num_cpus,
-                max_failures=max_failures,
+                max_failures=max_failures, system_metrics=system_metrics,
             )
         except RunLockedError as exc:
             fail(str(exc), code=2)
@@ -207,12 +213,32 @@ def ui(
     output: Path | None = typer.Option(None, "--output", help="Workspace root whose MLflow backend to browse. Default: $SSPCTL_HOME or ./runs."),
     port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C, SIGTERM or SIGHUP stops it and its server processes)."""
-    from orchestrator.ui import UiError, serve
+    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C, SIGTERM or SIGHUP stops it and its server processes).
+
+    Once the server answers, it prints the root URL and the experiment page of each study (the runs
+    table of its pretraining runs, grids and cells).
+    """
+    from orchestrator.ui import HOST, UiError, serve
     from orchestrator.workspace import Workspace
 
+    workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False))
+    listed: list[bool] = []
+
+    def announce(line: str) -> None:
+        typer.echo(line)
+        if listed:  # the study pages follow the server's first line only
+            return
+        listed.append(True)
+        from orchestrator.study_tracking import study_pages
+
+        try:
+            for name, url in study_pages(workspace.tracking_uri, f"http://{HOST}:{port}"):
+                typer.echo(f"  study {name}: {url}")
+        except Exception as exc:  # noqa: BLE001 - the UI is up; the list is a convenience
+            typer.echo(f"  (could not list the studies: {str(exc).splitlines()[0][:200]})", err=True)
+
     try:
-        code = serve(Workspace.resolve(path_arg(output, "--output", must_exist=False)), port=port, echo=typer.echo)
+        code = serve(workspace, port=port, echo=announce)
     except UiError as exc:
         fail(str(exc))
     if code:

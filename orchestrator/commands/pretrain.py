@@ -33,6 +33,11 @@ def pretrain(
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
+    system_metrics: bool = typer.Option(
+        False, "--system-metrics",
+        help="Log MLflow system metrics (system/*: CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) from "
+        "rank 0 every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10).",
+    ),
 ) -> None:
     """Pretrain an encoder with one SSP method; rerunning the same command resumes or reports it done.
 
@@ -59,7 +64,7 @@ def pretrain(
         overrides={k: v for k, v in overrides.items() if v is not None},
         split=Path(split_file) if split_file else None, workers=workers,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        runtime={"sync_batchnorm": not no_sync_bn}, study=study,
+        runtime={"sync_batchnorm": not no_sync_bn}, study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):
         try:

@@ -197,9 +197,11 @@ def test_every_cell_lands_in_mlflow(first_run, dataset: dict) -> None:
         tags, metrics = run.data.tags, run.data.metrics
         assert run.info.status == "FINISHED" and run.info.run_name == outcome.cell.name
         assert tags["mlflow.parentRunId"] == first_run.parent_run_id
-        assert (tags["method"], tags["budget"], tags["seed"]) == (outcome.cell.method, str(outcome.cell.budget), "0")
-        assert tags["dataset_hash"] == dataset["hash"]
-        assert tags["pretrain_run_id"] == ("pre123" if outcome.cell.method == "simclr" else "")
+        assert (tags["sspctl.method"], tags["sspctl.budget"], tags["sspctl.seed"]) == (
+            outcome.cell.method, str(outcome.cell.budget), "0")
+        assert tags["sspctl.dataset_hash"] == dataset["hash"]
+        assert tags["sspctl.pretrain_run_id"] == ("pre123" if outcome.cell.method == "simclr" else "")
+        assert not {"method", "budget", "seed", "dataset_hash", "init_weights_sha256", "sspctl_kind"} & set(tags)
         assert run.data.params["method"] == outcome.cell.method and run.data.params["epochs"] == "1"
         assert client.get_metric_history(outcome.run_id, "train_loss")  # training curve from the worker
         # the logged test Dice equals the mean of the logged per-subject table (recomputed here)
@@ -212,7 +214,8 @@ def test_every_cell_lands_in_mlflow(first_run, dataset: dict) -> None:
         assert metrics["test_dice_LV_ED"] == pytest.approx(lv_ed)
         artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
         artifacts |= {a.path for a in client.list_artifacts(outcome.run_id, "evaluation")}
-        assert {"model/model.pt", "evaluation/test_overlay.png"} <= artifacts
+        assert {"model/model.json", "evaluation/test_overlay.png"} <= artifacts
+        assert [o.model_id for o in run.outputs.model_outputs], "the fine-tuned model is a logged MLflow model"
     assert np.isfinite([c.metrics["test_dice_mean"] for c in first_run.cells]).all()
 
 
@@ -233,13 +236,17 @@ def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dat
     assert [t["name"] for t in plan.pending] == [victim.cell.name]
     study = open_study(dataset["ws"].tracking_uri, "grid-test", create=False)
     curve_before = len(study.client.get_metric_history(victim.run_id, "train_loss"))
+    first_info = study.client.get_run(victim.run_id).info
     rerun = execute_plan(plan, num_cpus=4, progress=False)
     assert [c.status for c in rerun.cells] == ["skipped", "skipped", "done", "skipped"]
     assert marker.is_file()
     # resumed from the cell's final checkpoint (same Train run name and storage): no epoch retrained
     assert len(study.client.get_metric_history(victim.run_id, "train_loss")) == curve_before
     assert rerun.cells[2].metrics["test_dice_mean"] == pytest.approx(first_run.cells[2].metrics["test_dice_mean"])
-    assert study.client.get_run(victim.run_id).info.status == "FINISHED"
+    resumed = study.client.get_run(victim.run_id).info
+    assert resumed.status == "FINISHED"
+    # the resumed run keeps its first start time; its end time is the rerun's
+    assert resumed.start_time == first_info.start_time and resumed.end_time > first_info.end_time
     assert len(study.client.search_runs([study.experiment_id])) == 5  # 4 cells + 1 parent, no duplicates
 
 
@@ -256,12 +263,16 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
     monkeypatch.setattr(grid, "_fit_tuner", broken_tuner)
     monkeypatch.setattr(orchestrator.ray_session, "ray_session", lambda **kw: contextlib.nullcontext())
     plan = grid.plan_grid(**{**_grid_kwargs(dataset), "study": "grid-broken"})
-    assert plan.pending
+    assert plan.pending and not any(t["run_id"] for t in plan.pending)  # no cell has started: no cell run yet
+    # one cell whose run an earlier, killed attempt left RUNNING
+    from orchestrator.study_tracking import cell_run, cell_runs
+
+    stale = cell_run(plan.tracking, plan.pending[0]["name"], plan.parent_run_id, {"method": "scratch"})
     with pytest.raises(RuntimeError, match="tune could not start"):
         grid.execute_plan(plan, progress=False)
     client = client_for(dataset["ws"].tracking_uri)
-    statuses = {client.get_run(t["run_id"]).info.status for t in plan.pending}
-    assert statuses == {"FAILED"}
+    assert [r.info.run_id for r in cell_runs(plan.tracking)] == [stale]
+    assert client.get_run(stale).info.status == "FAILED"
     assert client.get_run(plan.parent_run_id).info.status == "FAILED"
 
 
@@ -286,8 +297,11 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
     assert scratch.name.startswith("ft-scratch-b2-s0-t0-") and control.name.startswith("ft-scratch-b-b2-s0-t1000-")
     assert len({c.name for c in plan.cells}) == len(plan.cells)
     client = plan.tracking.client
-    tags = client.get_run(plan.pending[7]["run_id"]).data.tags
-    assert (tags["method"], tags["subset_seed"], tags["train_seed"], tags["arm_role"]) == (
+    # a cell's run is created when it starts, with the tags its trial carries
+    from orchestrator.study_tracking import namespaced
+
+    tags = namespaced(plan.pending[7]["tags"])
+    assert (tags["sspctl.method"], tags["sspctl.subset_seed"], tags["sspctl.train_seed"], tags["sspctl.arm_role"]) == (
         "scratch-b", "0", "1001", "negative control")
     params = client.get_run(plan.parent_run_id).data.params
     assert params["train_seeds"] == "0,1" and params["replicated_budgets"] == "2"
@@ -318,5 +332,5 @@ def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: di
     sha = hashlib.sha256((runs[0] / "encoder.pt").read_bytes()).hexdigest()
     study = open_study(dataset["ws"].tracking_uri, "grid-controls", create=False)
     tags = study.client.get_run(outcome.cells[1].run_id).data.tags
-    assert tags["method"] == "supervised" and tags["arm_role"] == "positive control"
-    assert tags["init_weights_sha256"] == sha and tags["init_part"] == "encoder"
+    assert tags["sspctl.method"] == "supervised" and tags["sspctl.arm_role"] == "positive control"
+    assert tags["sspctl.init_weights_sha256"] == sha and tags["sspctl.init_part"] == "encoder"
