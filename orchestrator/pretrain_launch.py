@@ -200,7 +200,7 @@ class ProgressMonitor:
     """Polls rank 0's ``progress.json`` and shows a tqdm bar: epoch, loss, slices/s, ETA."""
 
     def __init__(self, run_dir: Path, interval_s: float = 0.5, enabled: bool = True) -> None:
-        from trainers.pretrain import PROGRESS_FILE
+        from trainers.pretrain_outputs import PROGRESS_FILE
 
         self.path = run_dir / PROGRESS_FILE
         self.interval_s = interval_s
@@ -301,7 +301,7 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
         ray.train.WorkerGroupError / ray.train.ControllerError: training failed after ``max_failures``.
     """
     from datastore.store import SliceStore, StoreError
-    from trainers.pretrain import RuntimeOptions, per_rank_batch
+    from trainers.runtime import RuntimeOptions, per_rank_batch
 
     if request.workers < 1:
         raise LaunchError(f"--workers must be >= 1, got {request.workers}")

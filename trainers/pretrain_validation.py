@@ -51,7 +51,7 @@ def build_valid_loader(
     The global ``config.valid_batch_size`` is split over the ranks like the training batch.
     """
     from datastore.loader import LoaderError, SliceLoader
-    from trainers.pretrain import per_rank_batch
+    from trainers.runtime import per_rank_batch
 
     batch = per_rank_batch(config.valid_batch_size, world_size, key="valid_batch_size")
     try:
@@ -72,7 +72,7 @@ def validation_loss(
     gradient hooks); cross-rank gathers inside the method still run, every rank having as many
     batches. The training mode of ``modules`` is restored afterwards.
     """
-    from trainers.pretrain import autocast, device_batches, mean_over_ranks
+    from trainers.runtime import WorkerContext, autocast, device_batches
 
     limit = len(loader) if steps is None else min(steps, len(loader))
     loader.set_epoch(0)
@@ -90,7 +90,7 @@ def validation_loss(
                 count += 1
     finally:
         modules.train(was_training)
-    return mean_over_ranks(total, count, world_size)
+    return WorkerContext(rank, world_size, False, device).mean(total, count)
 
 
 @dataclass

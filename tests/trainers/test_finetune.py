@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from trainers.augment import AugmentConfig, augment_pair
-from trainers.finetune import build_model, poly_factor, train_step
+from trainers.finetune import build_model, train_step
 from trainers.finetune_config import FinetuneConfig
 from trainers.models.unet import UNet2d
+from trainers.schedules import poly_factor
 from trainers.weights import PartMismatchError, save_weights
 
 IMAGE_SIZE = 16  # 3 levels, 2 heads: the smallest U-Net, fast on 2 shared cores
@@ -94,20 +95,18 @@ def test_build_model_loads_the_whole_encoder_and_refuses_partial(tmp_path: Path)
 
 
 def test_frozen_encoder_step_updates_only_decoder_and_heads() -> None:
-    from trainers.losses.segmentation import SegmentationLoss
-
     torch.manual_seed(0)
     model = UNet2d(IMAGE_SIZE, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     image, label = torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, 4, (2, IMAGE_SIZE, IMAGE_SIZE))
-    loss = train_step(model, opt, SegmentationLoss(), image, label, frozen=list(model.encoder.parameters()))
+    loss = train_step(model, opt, image, label, frozen=list(model.encoder.parameters()))
     assert np.isfinite(loss)
     params = dict(model.named_parameters())
     for name, param in params.items():
         moved = not torch.equal(param, before[name])
         assert moved == (not name.startswith("encoder.")), name
-    train_step(model, opt, SegmentationLoss(), image, label)  # unfrozen: the encoder moves too
+    train_step(model, opt, image, label)  # unfrozen: the encoder moves too
     assert not torch.equal(params["encoder.blocks.0.conv1.conv.weight"], before["encoder.blocks.0.conv1.conv.weight"])
 
 

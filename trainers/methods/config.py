@@ -5,32 +5,19 @@
 (``PAPER_DEFAULTS``, method-spec §4 and §10), so ``{"method": "dino"}`` alone is the published DINO
 run. ``batch_size`` counts GLOBAL images per optimizer step (views/crops are extra rows).
 
-Schedules the pretrain loop queries every iteration (``step`` = optimizer steps since the start of
-the run, ``steps_per_epoch`` = steps of one epoch):
-
-- ``lr_at(step, steps_per_epoch)``: ``cosine_epoch`` = ``CosineAnnealingLR(T_max=epochs)`` stepped
-  per epoch (SimCLR, PCL, MIM; constant inside an epoch); ``warmup_cosine_step`` = DINO's per-iteration
-  linear warm-up from 0 over ``warmup_epochs`` then cosine to ``min_lr`` (warm-up clipped to the run).
-- ``weight_decay_at(step, steps_per_epoch)``: constant, or DINO's per-iteration cosine to
-  ``weight_decay_end``; applies to groups with ``apply_weight_decay`` only.
-- ``apply_schedule(optimizer, step, steps_per_epoch)`` sets both on an optimizer built by
-  ``build_optimizer`` (DINO: biases and 1-D parameters get no weight decay; frozen parameters such
-  as the weight-norm magnitude are left out).
-- DINO's teacher temperature (per epoch) and EMA momentum (per iteration) live on ``DINOConfig``.
+The configs hold data only: the schedules that read them are pure functions in
+``trainers/schedules.py`` (learning rate, weight decay, DINO's teacher temperature and EMA momentum)
+and the optimizer is built by ``trainers/optimizers.py`` (DINO: biases and 1-D parameters get no
+weight decay; frozen parameters such as the weight-norm magnitude are left out).
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.augment import AugmentConfig
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,24 +82,6 @@ class DINOConfig(BaseModel):
     local: AugmentConfig = AugmentConfig(
         **_DINO_BASE | {"crop_fraction": 0.5, "scale_range": (0.313, 0.524), "translate_fraction": 160 / 128}
     )
-
-    def teacher_temp_at(self, epoch: int, epochs: int) -> float:
-        """``linspace(start, end, W)[epoch]`` for ``epoch < W``, then ``end``; ``W = min(warm-up, epochs)``."""
-        warm = min(self.teacher_temp_warmup_epochs, epochs)
-        if epoch >= warm:
-            return self.teacher_temp_end
-        if warm == 1:
-            return self.teacher_temp_start
-        return self.teacher_temp_start + (self.teacher_temp_end - self.teacher_temp_start) * epoch / (warm - 1)
-
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        """Teacher EMA momentum: cosine from start to end over the run's iterations."""
-        if total_steps <= 0:
-            return self.momentum_teacher_end
-        frac = min(max(step, 0), total_steps) / total_steps
-        return self.momentum_teacher_end + 0.5 * (self.momentum_teacher_start - self.momentum_teacher_end) * (
-            1 + math.cos(math.pi * frac)
-        )
 
 
 class MIMConfig(BaseModel):
@@ -265,75 +234,3 @@ class PretrainConfig(BaseModel):
     def best_metric(self) -> Literal["valid_loss", "train_loss"]:
         """What selects the best checkpoint: the validation loss, or (DINO, as published) the epoch training loss."""
         return "train_loss" if isinstance(self.method, DINOConfig) else "valid_loss"
-
-    # -- schedules --------------------------------------------------------------------------
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the whole run."""
-        return self.epochs * steps_per_epoch
-
-    def lr_at(self, step: int, steps_per_epoch: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based, counted over the run)."""
-        base, low = self.optimizer.lr, self.schedule.min_lr
-        if self.schedule.kind == "cosine_epoch":
-            epoch = min(step // max(steps_per_epoch, 1), self.epochs)
-            return low + (base - low) * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        total = self.total_steps(steps_per_epoch)
-        warm = min(self.schedule.warmup_epochs, self.epochs) * steps_per_epoch
-        if step < warm:  # numpy.linspace(0, base, warm)[step], as DINO's cosine_scheduler
-            return base * step / (warm - 1) if warm > 1 else 0.0
-        rest = total - warm
-        if rest <= 0:
-            return base
-        frac = min(step - warm, rest) / rest
-        return low + 0.5 * (base - low) * (1 + math.cos(math.pi * frac))
-
-    def weight_decay_at(self, step: int, steps_per_epoch: int) -> float:
-        """Weight decay for step ``step``: constant, or cosine to ``weight_decay_end`` per iteration."""
-        start, end = self.optimizer.weight_decay, self.optimizer.weight_decay_end
-        if end is None:
-            return start
-        total = self.total_steps(steps_per_epoch)
-        frac = min(max(step, 0), total) / total
-        return end + 0.5 * (start - end) * (1 + math.cos(math.pi * frac))
-
-    # -- optimizer --------------------------------------------------------------------------
-
-    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        """Trainable parameters in groups; each carries ``apply_weight_decay``.
-
-        With ``exclude_bias_and_norm_from_wd`` biases and 1-D parameters (norms) form a second
-        group without weight decay (DINO). Frozen parameters are left out.
-        """
-        decay, no_decay = [], []
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.optimizer.exclude_bias_and_norm_from_wd and (name.endswith(".bias") or p.ndim <= 1):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [{"params": decay, "apply_weight_decay": True, "weight_decay": self.optimizer.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0})
-        return groups
-
-    def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        """SGD over ``param_groups(module)`` at the step-0 learning rate."""
-        import torch
-
-        return torch.optim.SGD(
-            self.param_groups(module),
-            lr=self.optimizer.lr,
-            momentum=self.optimizer.momentum,
-            nesterov=self.optimizer.nesterov,
-        )
-
-    def apply_schedule(self, optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int) -> float:
-        """Set every group's ``lr`` and the decayed groups' ``weight_decay`` for ``step``; return the lr."""
-        lr = self.lr_at(step, steps_per_epoch)
-        wd = self.weight_decay_at(step, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd if group.get("apply_weight_decay", True) else 0.0
-        return lr
