@@ -271,10 +271,12 @@ def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    from trainers.methods.names import METHOD_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: plain loop vs sspctl path; cuda: step recipes")
     parser.add_argument("--quick", action="store_true", help="cuda: batch 32 only, 10 steps (< 2 minutes)")
-    parser.add_argument("--method", default="mim", choices=("simclr", "pcl", "dino", "mim"), help="cpu: SSP method")
+    parser.add_argument("--method", default="mim", choices=METHOD_NAMES, help="cpu: SSP method")
     parser.add_argument("--image-size", type=int, default=64, help="cpu: slice edge in pixels")
     parser.add_argument("--batch", type=int, default=16, help="cpu: global batch (images)")
     parser.add_argument("--steps", type=int, default=8, help="cpu: steps per epoch")

@@ -12,17 +12,20 @@ three are not:
   training pool (never the test subjects), loaded like a pretrained encoder. At small budgets it
   must come out better than scratch, or the grid cannot detect a real effect.
 
-Torch-free: the CLI and the report import it.
+The method arms derive from the method vocabulary (``trainers/methods/names.py``): one arm per
+method, and a method registered at run time is an arm too. Torch-free: the CLI and the report import it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-SCRATCH = "scratch"
+from trainers.methods.names import METHOD_NAMES, SCRATCH, method_names
+
 SUPERVISED = "supervised"
-SSP_METHODS = ("simclr", "pcl", "dino", "mim")
+SSP_METHODS = METHOD_NAMES
 #: Added to a ``scratch-b`` cell's training seed: far from any seed a grid uses for ``scratch``.
 NEGATIVE_CONTROL_SEED_OFFSET = 1000
 
@@ -50,22 +53,40 @@ class Arm:
         return self.init != SCRATCH
 
 
-#: Every arm, in report order: the reference, the four methods, MIM's second option, the controls.
-ARMS: dict[str, Arm] = {
-    arm.name: arm
-    for arm in (
-        Arm(SCRATCH, SCRATCH, "reference"),
-        Arm("simclr", "simclr", "method"),
-        Arm("pcl", "pcl", "method"),
-        Arm("dino", "dino", "method"),
-        Arm("mim", "mim", "method", part=None),
-        Arm("mim-encdec", "mim", "method", part="encoder_decoder"),
-        Arm("scratch-b", SCRATCH, "negative control", train_seed_offset=NEGATIVE_CONTROL_SEED_OFFSET),
-        Arm(SUPERVISED, SUPERVISED, "positive control"),
-    )
-}
-#: Pretraining run kinds an arm can load (``--pretrained KIND=RUN``).
-INIT_KINDS = (*SSP_METHODS, SUPERVISED)
+class _Arms(Mapping[str, Arm]):
+    """Every arm, in report order: the reference, one arm per method (``method_names()``, so a method
+    registered at run time included), MIM's second option, the controls."""
+
+    def _all(self) -> dict[str, Arm]:
+        arms = [Arm(SCRATCH, SCRATCH, "reference")]
+        # MIM's arm loads the fine-tuning config's part (MIM exports two); the others their encoder.
+        arms += [Arm(name, name, "method", part=None if name == "mim" else "encoder") for name in method_names()]
+        arms += [
+            Arm("mim-encdec", "mim", "method", part="encoder_decoder"),
+            Arm("scratch-b", SCRATCH, "negative control", train_seed_offset=NEGATIVE_CONTROL_SEED_OFFSET),
+            Arm(SUPERVISED, SUPERVISED, "positive control"),
+        ]
+        return {arm.name: arm for arm in arms}
+
+    def __getitem__(self, name: str) -> Arm:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+ARMS: Mapping[str, Arm] = _Arms()
+
+
+def init_kinds() -> tuple[str, ...]:
+    """Pretraining run kinds an arm can load (``--pretrained KIND=RUN``): the methods and ``supervised``."""
+    return (*method_names(), SUPERVISED)
+
+
+INIT_KINDS = init_kinds()
 
 
 def arm_order(name: str) -> int:

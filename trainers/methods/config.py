@@ -99,6 +99,10 @@ class MIMConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig()
 
 
+#: The config block of every method, by name (``register`` adds one).
+METHOD_CONFIGS: dict[str, type[BaseModel]] = {
+    block.model_fields["name"].default: block for block in (SimCLRConfig, PCLConfig, DINOConfig, MIMConfig)
+}
 MethodConfig = Annotated[SimCLRConfig | PCLConfig | DINOConfig | MIMConfig, Field(discriminator="name")]
 
 
@@ -234,3 +238,33 @@ class PretrainConfig(BaseModel):
     def best_metric(self) -> Literal["valid_loss", "train_loss"]:
         """What selects the best checkpoint: the validation loss, or (DINO, as published) the epoch training loss."""
         return "train_loss" if isinstance(self.method, DINOConfig) else "valid_loss"
+
+
+def add_method_config(name: str, block: type[BaseModel], paper_defaults: dict[str, Any]) -> None:
+    """Accept ``block`` as ``PretrainConfig.method`` when its ``name`` is ``name`` (rebuilds the union and
+    the models that embed ``PretrainConfig``).
+
+    Raises:
+        ValueError: ``name`` is taken or ``block.name`` does not default to it.
+    """
+    if name in METHOD_CONFIGS:
+        raise ValueError(f"method {name!r}: a config block of that name exists")
+    field = block.model_fields.get("name")
+    if field is None or field.default != name:
+        raise ValueError(f"method {name!r}: {block.__name__}.name must default to {name!r}")
+    METHOD_CONFIGS[name] = block
+    PAPER_DEFAULTS[name] = paper_defaults
+    rebuild_method_union()
+
+
+def rebuild_method_union() -> None:
+    """Make ``PretrainConfig.method`` (and the models embedding ``PretrainConfig``) accept exactly the
+    blocks of ``METHOD_CONFIGS``."""
+    from functools import reduce
+    from operator import or_
+
+    from trainers.jobs import PretrainJob
+
+    PretrainConfig.model_fields["method"].annotation = reduce(or_, METHOD_CONFIGS.values())
+    PretrainConfig.model_rebuild(force=True)
+    PretrainJob.model_rebuild(force=True)
