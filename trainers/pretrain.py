@@ -39,7 +39,6 @@ reductions, resume and report, and ``trainers.pretrain_outputs`` the files rank 
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -54,11 +53,9 @@ from trainers.optimizers import build_optimizer
 from trainers.pretrain_outputs import (
     ProgressWriter, append_event, export_weights, log_epoch_figures, maybe_inject_fault, parse_fault,
 )
-from trainers.pretrain_validation import BestSoFar, best_file_name, build_valid_loader, skip_reason, validation_loss
+from trainers.pretrain_validation import BestSoFar, best_file_name, open_validation, validation_loss
 from trainers.runtime import WorkerContext, autocast, device_batches, per_rank_batch, resolve_precision, wrap_model
 from trainers.schedules import apply_schedule, lr_at, total_steps
-
-log = logging.getLogger("sspctl.pretrain")
 
 
 def build_method(config: PretrainConfig) -> Any:
@@ -88,12 +85,7 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     loader = SliceLoader(job.store, job.subjects, labelled_only=False, batch_size=batch, rank=ctx.rank,
                          world_size=ctx.world_size, seed=config.seed, cache=options.cache, progress=False)
     steps_per_epoch = min(len(loader), config.steps_per_epoch or len(loader))
-    valid_loader, skipped = None, skip_reason(config, job.valid_subjects)
-    if skipped is None:
-        valid_loader, skipped = build_valid_loader(job.store, job.valid_subjects or [], config, ctx.rank,
-                                                   ctx.world_size, options.cache)
-    if skipped is not None and chief:
-        (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
+    valid_loader, skipped = open_validation(job, ctx.rank, ctx.world_size)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     method = build_method(config)
@@ -119,14 +111,8 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
 
     resolved = config.model_dump(mode="json")
     if chief:
-        append_event(output, event="resume" if state is not None else "start", epoch=start_epoch,
-                     world_size=ctx.world_size, device=str(device), torch_threads=torch.get_num_threads(),
-                     validation_skipped=skipped)
-        if start_epoch == 0:
-            tracker.log_params({**resolved, "runtime": options.model_dump(mode="json"), "world_size": ctx.world_size,
-                                "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
-        tracker.set_tags({"sspctl.stage": "pretrain", "sspctl.method": config.method.name,
-                          "sspctl.device": device.type, "sspctl.world_size": str(ctx.world_size)})
+        _log_start(job, ctx, tracker, resumed=state is not None, start_epoch=start_epoch, batch=batch,
+                   steps_per_epoch=steps_per_epoch, skipped=skipped)
     progress = ProgressWriter(output, config.epochs, steps_per_epoch, options.progress_interval_s, config.batch_size)
 
     for epoch in range(start_epoch, config.epochs):
@@ -169,12 +155,23 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
                 log_epoch_figures(method, modules, loader, device, epoch, output, tracker, config.seed)
         ctx.report(metrics, checkpoint)
 
+    return _finish(job, chief, method, tracker, progress, best, last_loss, skipped,
+                   resumed_from=None if state is None else state.epoch)
+
+
+def _finish(
+    job: PretrainJob, chief: bool, method: Any, tracker: Any, progress: ProgressWriter, best: BestSoFar,
+    last_loss: float, skipped: str | None, *, resumed_from: int | None,
+) -> dict[str, Any]:
+    """Rank 0 exports the weights and the manifest and marks the run done; every rank returns the summary."""
+    config, output = job.config, job.output
     files: dict[str, str] = {}
     if chief:
         files = export_weights(
-            method, output, run_name=job.run_name, config=resolved, dataset_hash=job.dataset_hash or "",
-            epochs=config.epochs, final_loss=last_loss, image_size=config.image_size, model_width=config.model_width,
-            mlflow_run_id=job.mlflow_run_id, tracker=tracker, best=best if best.found else None,
+            method, output, run_name=job.run_name, config=config.model_dump(mode="json"),
+            dataset_hash=job.dataset_hash or "", epochs=config.epochs, final_loss=last_loss,
+            image_size=config.image_size, model_width=config.model_width, mlflow_run_id=job.mlflow_run_id,
+            tracker=tracker, best=best if best.found else None,
         )
         progress.update(epoch=config.epochs, step=0, loss=last_loss, slices_per_s=0.0, force=True, state="done")
         append_event(output, event="done", epoch=config.epochs - 1, loss=last_loss)
@@ -183,8 +180,23 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
         best_summary = {"epoch": best.epoch, "loss": best.loss, "metric": best.metric,
                         "files": {part: best_file_name(part) for part in files}}
     return {"final_loss": last_loss, "epochs": config.epochs, "run_dir": str(output), "files": files,
-            "resumed_from": None if state is None else state.epoch, "best": best_summary,
-            "validation_skipped": skipped}
+            "resumed_from": resumed_from, "best": best_summary, "validation_skipped": skipped}
+
+
+def _log_start(
+    job: PretrainJob, ctx: WorkerContext, tracker: Any, *, resumed: bool, start_epoch: int, batch: int,
+    steps_per_epoch: int, skipped: str | None,
+) -> None:
+    """Rank 0: the start (or resume) event, the params on a fresh run, and the run's tags."""
+    config = job.config
+    append_event(job.output, event="resume" if resumed else "start", epoch=start_epoch,
+                 world_size=ctx.world_size, device=str(ctx.device), torch_threads=torch.get_num_threads(),
+                 validation_skipped=skipped)
+    if start_epoch == 0:
+        tracker.log_params({**config.model_dump(mode="json"), "runtime": job.runtime.model_dump(mode="json"),
+                            "world_size": ctx.world_size, "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
+    tracker.set_tags({"sspctl.stage": "pretrain", "sspctl.method": config.method.name,
+                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size)})
 
 
 def train_epoch(

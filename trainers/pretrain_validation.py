@@ -16,6 +16,7 @@ images never enter the exported weights. Each rank scores its own share; the mea
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Any, Literal
 import torch
 
 BEST_SUFFIX = "_best"
+
+log = logging.getLogger("sspctl.pretrain")
 
 
 def validation_seed(seed: int, rank: int) -> int:
@@ -41,6 +44,20 @@ def skip_reason(config: Any, valid_subjects: list[str] | None) -> str | None:
     if not valid_subjects:
         return "no validation subjects (pretrain with --split FILE to use its valid part): no best checkpoint"
     return None
+
+
+def open_validation(job: Any, rank: int, world_size: int) -> tuple[Any | None, str | None]:
+    """This rank's validation loader for a ``trainers.jobs.PretrainJob``, or ``(None, why there is none)``.
+
+    Rank 0 logs the reason (DINO's, which is by design, at info level; any other as a warning).
+    """
+    config = job.config
+    loader, skipped = None, skip_reason(config, job.valid_subjects)
+    if skipped is None:
+        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, job.runtime.cache)
+    if skipped is not None and rank == 0:
+        (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
+    return loader, skipped
 
 
 def build_valid_loader(
@@ -141,4 +158,4 @@ def best_file_name(part: str) -> str:
     return f"{part}{BEST_SUFFIX}.pt"
 
 
-__all__ = ["BestSoFar", "best_file_name", "build_valid_loader", "skip_reason", "validation_loss", "validation_seed"]
+__all__ = ["BestSoFar", "best_file_name", "build_valid_loader", "open_validation", "skip_reason", "validation_loss", "validation_seed"]
