@@ -9,16 +9,15 @@ from typing import Literal
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from trainers.methods.config import MethodBlock
 
 SIZE = 16
 
 
-class ToyConfig(BaseModel):
+class ToyConfig(MethodBlock):
     """The toy's config block: a denoising auto-encoder with one noise level."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["toy"] = "toy"
     noise: float = 0.1

@@ -13,7 +13,7 @@ weight decay; frozen parameters such as the weight-norm magnitude are left out).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,10 +26,24 @@ _FROZEN = ConfigDict(extra="forbid", frozen=True)
 # method blocks
 
 
-class SimCLRConfig(BaseModel):
-    """SimCLR: two views per image, NT-Xent over the global batch (spec §4.1)."""
+class MethodBlock(BaseModel):
+    """What every method block says about its run: how it selects the best epoch, and its checks.
+
+    ``best_metric`` is ``valid_loss`` (the published validation loss) or ``train_loss`` (DINO, which
+    has no validation loop); ``check(config)`` raises ``ValueError`` naming the key when the block
+    does not fit the run's recipe (``config``, a ``PretrainConfig``).
+    """
 
     model_config = _FROZEN
+
+    best_metric: ClassVar[Literal["valid_loss", "train_loss"]] = "valid_loss"
+
+    def check(self, config: PretrainConfig) -> None:
+        """Nothing to check by default."""
+
+
+class SimCLRConfig(MethodBlock):
+    """SimCLR: two views per image, NT-Xent over the global batch (spec §4.1)."""
 
     name: Literal["simclr"] = "simclr"
     temperature: float = Field(0.1, gt=0)
@@ -50,15 +64,16 @@ class PCLConfig(SimCLRConfig):
 _DINO_BASE: dict[str, Any] = {"noise_p": 0.15, "smooth_p": 0.1, "scale_intensity_p": 0.2, "shift_p": 0.15, "gamma_p": 0.15}
 
 
-class DINOConfig(BaseModel):
+class DINOConfig(MethodBlock):
     """DINO: 2 global + ``n_local_crops`` local crops, EMA teacher, centring (spec §4.3, §2.3).
 
     ``teacher_init_from_student``: ``False`` (default) reproduces the published code, whose
     teacher is initialised independently of the student; ``True`` is the usual ("fixed") DINO,
-    teacher = copy of the student at the start.
+    teacher = copy of the student at the start. Its best epoch is the one with the lowest training
+    loss (no validation loop, as published).
     """
 
-    model_config = _FROZEN
+    best_metric: ClassVar[Literal["valid_loss", "train_loss"]] = "train_loss"
 
     name: Literal["dino"] = "dino"
     out_dim: int = Field(8192, ge=2, description="prototypes (logit dimension)")
@@ -83,14 +98,20 @@ class DINOConfig(BaseModel):
         **_DINO_BASE | {"crop_fraction": 0.5, "scale_range": (0.313, 0.524), "translate_fraction": 160 / 128}
     )
 
+    def check(self, config: PretrainConfig) -> None:
+        """No validation batch: DINO has no validation loop."""
+        if config.valid_batch_size is not None:
+            raise ValueError(
+                "valid_batch_size: DINO has no validation loop (published; its loss updates the teacher's centre), "
+                "leave it null"
+            )
 
-class MIMConfig(BaseModel):
+
+class MIMConfig(MethodBlock):
     """MIM: mask ``mask_ratio`` of ``patches_per_side**2`` patches, reconstruct with the U-Net (spec §4.4).
 
     The patch edge is ``image_size / patches_per_side`` (32 px at 256 px, the paper's setting).
     """
-
-    model_config = _FROZEN
 
     name: Literal["mim"] = "mim"
     patches_per_side: int = Field(8, ge=1)
@@ -98,9 +119,16 @@ class MIMConfig(BaseModel):
     fill_value: float = 0.0
     augment: AugmentConfig = AugmentConfig()
 
+    def check(self, config: PretrainConfig) -> None:
+        """The patches tile the image."""
+        if config.image_size % self.patches_per_side:
+            raise ValueError(
+                f"method.patches_per_side: {self.patches_per_side} does not divide image_size {config.image_size}"
+            )
+
 
 #: The config block of every method, by name (``register`` adds one).
-METHOD_CONFIGS: dict[str, type[BaseModel]] = {
+METHOD_CONFIGS: dict[str, type[MethodBlock]] = {
     block.model_fields["name"].default: block for block in (SimCLRConfig, PCLConfig, DINOConfig, MIMConfig)
 }
 MethodConfig = Annotated[SimCLRConfig | PCLConfig | DINOConfig | MIMConfig, Field(discriminator="name")]
@@ -217,16 +245,8 @@ class PretrainConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _sizes(self) -> PretrainConfig:
-        if isinstance(self.method, MIMConfig) and self.image_size % self.method.patches_per_side:
-            raise ValueError(
-                f"method.patches_per_side: {self.method.patches_per_side} does not divide image_size {self.image_size}"
-            )
-        if isinstance(self.method, DINOConfig) and self.valid_batch_size is not None:
-            raise ValueError(
-                "valid_batch_size: DINO has no validation loop (published; its loss updates the teacher's centre), "
-                "leave it null"
-            )
+    def _method_fits(self) -> PretrainConfig:
+        self.method.check(self)
         return self
 
     @property
@@ -237,10 +257,10 @@ class PretrainConfig(BaseModel):
     @property
     def best_metric(self) -> Literal["valid_loss", "train_loss"]:
         """What selects the best checkpoint: the validation loss, or (DINO, as published) the epoch training loss."""
-        return "train_loss" if isinstance(self.method, DINOConfig) else "valid_loss"
+        return self.method.best_metric
 
 
-def add_method_config(name: str, block: type[BaseModel], paper_defaults: dict[str, Any]) -> None:
+def add_method_config(name: str, block: type[MethodBlock], paper_defaults: dict[str, Any]) -> None:
     """Accept ``block`` as ``PretrainConfig.method`` when its ``name`` is ``name`` (rebuilds the union and
     the models that embed ``PretrainConfig``).
 
@@ -249,6 +269,8 @@ def add_method_config(name: str, block: type[BaseModel], paper_defaults: dict[st
     """
     if name in METHOD_CONFIGS:
         raise ValueError(f"method {name!r}: a config block of that name exists")
+    if not issubclass(block, MethodBlock):
+        raise ValueError(f"method {name!r}: {block.__name__} must subclass MethodBlock")
     field = block.model_fields.get("name")
     if field is None or field.default != name:
         raise ValueError(f"method {name!r}: {block.__name__}.name must default to {name!r}")

@@ -1,7 +1,7 @@
 """The registry of SSP methods: ``METHODS`` (name -> class) and ``register`` for one more method.
 
 A method is one module in ``trainers/methods/``: its config block (a pydantic model with a
-``name: Literal["<name>"]`` field), its class (``base.SSPMethod``, usually a ``MethodBase``
+``name: Literal["<name>"]`` field, a ``MethodBlock``), its class (``base.SSPMethod``, usually a ``MethodBase``
 subclass) and its paper defaults. Shipped methods are listed here and their names in
 ``names.METHOD_NAMES``; ``register`` adds one at run time (tests, plug-ins) everywhere at once: the
 registry, the config union of ``PretrainConfig.method`` and the vocabulary of the CLI's grid.
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from trainers.methods.base import SSPMethod
-from trainers.methods.config import add_method_config
+from trainers.methods.config import MethodBlock, add_method_config
 from trainers.methods.dino import DINO
 from trainers.methods.mim import MIM
 from trainers.methods.names import METHOD_NAMES, add_method_name
@@ -26,7 +24,7 @@ if tuple(METHODS) != METHOD_NAMES:  # pragma: no cover - a method added to one l
     raise RuntimeError(f"trainers.methods: registry {tuple(METHODS)} differs from names.METHOD_NAMES {METHOD_NAMES}")
 
 
-def register(method: type[Any], config: type[BaseModel], paper_defaults: dict[str, Any]) -> None:
+def register(method: type[Any], config: type[MethodBlock], paper_defaults: dict[str, Any]) -> None:
     """Add a method: ``method.name`` is its name, ``config`` its block, ``paper_defaults`` the top-level
     ``PretrainConfig`` values it runs with unless the YAML says otherwise (``batch_size``, ``optimizer``...).
 
