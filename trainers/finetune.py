@@ -53,6 +53,7 @@ from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.finetune_config import FinetuneConfig
 from trainers.jobs import FinetuneJob
 from trainers.losses.segmentation import segmentation_loss
+from trainers.optimizers import sgd
 from trainers.runtime import WorkerContext, autocast, per_rank_batch, resolve_precision, wrap_model
 from trainers.schedules import poly_factor
 from trainers.tracking import Tracker
@@ -274,8 +275,7 @@ def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
     model, load_report = build_model(data.image_size, config)
     net, modules = wrap_model(model, device, ctx.world_size, job.runtime, channels_last=config.channels_last)
     amp_dtype, _ = resolve_precision(config.precision, device, job.runtime.cpu_fp32)
-    optimizer = torch.optim.SGD(modules.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    optimizer = sgd(config.optimizer, modules.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_factor(config.epochs, config.poly_power))
     resolved = config.model_dump(mode="json")
 

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.augment import AugmentConfig
+from trainers.methods.config import OptimizerConfig
 from trainers.methods.names import SCRATCH, Budget
 LR_SCRATCH = 0.01
 LR_PRETRAINED = 0.005
@@ -98,3 +99,9 @@ class FinetuneConfig(BaseModel):
         if self.lr is not None:
             return self.lr
         return LR_PRETRAINED if self.pretrained else LR_SCRATCH
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The SGD settings as the optimiser model pretraining uses (``trainers.optimizers.sgd``)."""
+        return OptimizerConfig(lr=self.learning_rate, momentum=self.momentum, nesterov=self.nesterov,
+                               weight_decay=self.weight_decay)

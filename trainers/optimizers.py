@@ -1,4 +1,5 @@
-"""The SGD optimizer of a pretraining run, built from its config (``trainers.methods.config.OptimizerConfig``)."""
+"""SGD built from an ``OptimizerConfig`` (``trainers.methods.config``): pretraining's, with its parameter
+groups, and fine-tuning's (``FinetuneConfig.optimizer``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from trainers.methods.config import PretrainConfig
+    from trainers.methods.config import OptimizerConfig, PretrainConfig
 
 
 def param_groups(config: PretrainConfig, module: nn.Module) -> list[dict[str, Any]]:
@@ -31,16 +32,20 @@ def param_groups(config: PretrainConfig, module: nn.Module) -> list[dict[str, An
     return groups
 
 
-def build_optimizer(config: PretrainConfig, module: nn.Module) -> torch.optim.Optimizer:
-    """SGD over ``param_groups(config, module)`` at the step-0 learning rate."""
+def sgd(optimizer: OptimizerConfig, params: Any) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` over ``params`` (parameters or groups) with ``optimizer``'s settings.
+
+    Groups that set their own ``weight_decay`` keep it.
+    """
     import torch
 
-    return torch.optim.SGD(
-        param_groups(config, module),
-        lr=config.optimizer.lr,
-        momentum=config.optimizer.momentum,
-        nesterov=config.optimizer.nesterov,
-    )
+    return torch.optim.SGD(params, lr=optimizer.lr, momentum=optimizer.momentum, nesterov=optimizer.nesterov,
+                           weight_decay=optimizer.weight_decay)
 
 
-__all__ = ["build_optimizer", "param_groups"]
+def build_optimizer(config: PretrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    """A pretraining run's SGD over ``param_groups(config, module)`` at the step-0 learning rate."""
+    return sgd(config.optimizer, param_groups(config, module))
+
+
+__all__ = ["build_optimizer", "param_groups", "sgd"]
