@@ -13,7 +13,7 @@ from torch import nn
 
 from trainers.methods.config import MethodBlock
 
-SIZE = 16
+SIZE = 16  # the ``cell_data`` store's (tests/conftest.py)
 
 
 class ToyConfig(MethodBlock):
@@ -67,27 +67,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type]:
     method_config.rebuild_method_union()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An 8-subject 16 px store and a split with a 2-subject budget."""
-    from datastore.config import IngestConfig
-    from datastore.ingest import execute_ingest, plan_ingest
-    from datastore.splits import make_splits
-    from datastore.store import SliceStore
-    from datastore.synth import write_dataset
-
-    root = tmp_path_factory.mktemp("toy")
-    write_dataset(root / "raw", "mnms", 8, 0, size=40, frames=(3, 3), slices=(4, 4), trivial=True)
-    plan = plan_ingest({"mnms": root / "raw"}, str(root / "store.zarr"),
-                       IngestConfig(size=SIZE, spacing=5.0, chunk_slices=8))
-    execute_ingest(plan, executor="serial", progress=False)
-    split = make_splits(SliceStore.open(root / "store.zarr").subjects, test_per_vendor=1, seed=0,
-                        valid_fraction=0.25, budgets=(2,), seeds=(0,))
-    split.save(root / "split.yaml")
-    return {"root": root, "store": root / "store.zarr", "split": root / "split.yaml"}
-
-
-def test_a_registered_toy_method_pretrains_and_runs_a_grid_cell(toy: type, data: dict[str, Path], tmp_path: Path) -> None:
+def test_a_registered_toy_method_pretrains_and_runs_a_grid_cell(toy: type, cell_data: dict[str, Path], tmp_path: Path) -> None:
     from orchestrator.arms import ARMS, arm_order
     from orchestrator.grid import plan_grid
     from orchestrator.workspace import Workspace
@@ -104,14 +84,14 @@ def test_a_registered_toy_method_pretrains_and_runs_a_grid_cell(toy: type, data:
 
     workspace = Workspace.resolve(tmp_path / "ws", create=True)
     run_dir = workspace.root / "pretrain" / "toy-run"
-    out = pretrain_worker({"store": str(data["store"]), "config": config.model_dump(mode="json"),
+    out = pretrain_worker({"store": str(cell_data["store"]), "config": config.model_dump(mode="json"),
                            "run_name": "toy-run", "output": str(run_dir)})
     manifest = read_manifest(run_dir)
     assert manifest.method == "toy" and manifest.files == {"encoder": "encoder.pt"} == out["files"]
     assert manifest.final_loss == out["final_loss"] > 0
 
     recipe = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 2, "valid_batch_size": 8, "model_width": 4}
-    plan = plan_grid(data["store"], data["split"], [2], [0], pretrained={"toy": run_dir}, methods=["toy"],
+    plan = plan_grid(cell_data["store"], cell_data["split"], [2], [0], pretrained={"toy": run_dir}, methods=["toy"],
                      config=recipe, study="toy-study", workspace=workspace)
     assert [c.method for c in plan.cells] == ["scratch", "toy"]
     trial = next(t for t in plan.pending if t["method"] == "toy")

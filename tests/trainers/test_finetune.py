@@ -22,27 +22,7 @@ from trainers.models.unet import UNet2d
 from trainers.schedules import poly_factor
 from trainers.weights import PartMismatchError, save_weights
 
-IMAGE_SIZE = 16  # 3 levels, 2 heads: the smallest U-Net, fast on 2 shared cores
-
-
-@pytest.fixture(scope="module")
-def cell_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A finished 8-subject store (16 px at 5 mm) and a split with a 2-subject budget."""
-    from datastore.config import IngestConfig
-    from datastore.ingest import execute_ingest, plan_ingest
-    from datastore.splits import make_splits
-    from datastore.store import SliceStore
-    from datastore.synth import write_dataset
-
-    root = tmp_path_factory.mktemp("ft")
-    write_dataset(root / "raw", "mnms", 8, 0, size=40, frames=(3, 3), slices=(4, 4), trivial=True)
-    plan = plan_ingest({"mnms": root / "raw"}, str(root / "store.zarr"),
-                       IngestConfig(size=IMAGE_SIZE, spacing=5.0, chunk_slices=8))
-    execute_ingest(plan, executor="serial", progress=False)
-    split = make_splits(SliceStore.open(root / "store.zarr").subjects, test_per_vendor=1, seed=0,
-                        valid_fraction=0.25, budgets=(2,), seeds=(0,))
-    split.save(root / "split.yaml")
-    return {"root": root, "store": root / "store.zarr", "split": root / "split.yaml"}
+IMAGE_SIZE = 16  # 3 levels, 2 heads: the smallest U-Net, fast on 2 shared cores (the ``cell_data`` store's size)
 
 
 def _encoder_file(path: Path, drop: str | None = None) -> Path:
