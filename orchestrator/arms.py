@@ -37,8 +37,9 @@ class Arm:
     """One grid arm.
 
     ``init`` is ``scratch`` or the name of the pretraining run kind it loads (an SSP method or
-    ``supervised``); ``part`` the weight part it loads (None: the fine-tuning config's ``part``,
-    MIM only); ``train_seed_offset`` is added to every training seed of its cells.
+    ``supervised``); ``part`` the weight part it loads (None: the fine-tuning config's ``part`` when
+    the run exports it, else the encoder); ``train_seed_offset`` is added to every training seed of
+    its cells.
     """
 
     name: str
@@ -59,8 +60,9 @@ class _Arms(Mapping[str, Arm]):
 
     def _all(self) -> dict[str, Arm]:
         arms = [Arm(SCRATCH, SCRATCH, "reference")]
-        # MIM's arm loads the fine-tuning config's part (MIM exports two); the others their encoder.
-        arms += [Arm(name, name, "method", part=None if name == "mim" else "encoder") for name in method_names()]
+        # A method arm loads the part its run exports that the fine-tuning config asks for, else the
+        # encoder (the grid reads the parts from the run's manifest: ``grid.arm_part``).
+        arms += [Arm(name, name, "method", part=None) for name in method_names()]
         arms += [
             Arm("mim-encdec", "mim", "method", part="encoder_decoder"),
             Arm("scratch-b", SCRATCH, "negative control", train_seed_offset=NEGATIVE_CONTROL_SEED_OFFSET),
@@ -84,9 +86,6 @@ ARMS: Mapping[str, Arm] = _Arms()
 def init_kinds() -> tuple[str, ...]:
     """Pretraining run kinds an arm can load (``--pretrained KIND=RUN``): the methods and ``supervised``."""
     return (*method_names(), SUPERVISED)
-
-
-INIT_KINDS = init_kinds()
 
 
 def arm_order(name: str) -> int:

@@ -19,19 +19,21 @@ workspace's storage path, resumes from its own last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.arms import ARMS, INIT_KINDS, SCRATCH, SUPERVISED, Arm, arm_order, unknown_arms
+from orchestrator.arms import ARMS, SUPERVISED, Arm
+from orchestrator.grid_spec import GridError, GridRequest, GridSpec
+from orchestrator.results import dice_metrics, normalise_dice_table
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     PER_SUBJECT_ARTIFACT,
@@ -50,64 +52,16 @@ from orchestrator.preflight import check_split_subjects
 from orchestrator.run_lock import grid_lock_path, run_lock
 from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
+from trainers.methods.names import Budget
+
+if TYPE_CHECKING:
+    from trainers.jobs import FinetuneJob
 
 log = logging.getLogger("sspctl.grid")
 
-#: Arms the grid knows (``orchestrator/arms.py``): scratch, the four SSP methods, mim-encdec, the controls.
-KNOWN_METHODS = tuple(ARMS)
 MARKER_NAME = "complete.json"
 #: Logical CPUs the Tune driver function of a trial holds (it only waits on its TorchTrainer).
 DRIVER_CPUS = 0.01
-
-Budget = int | Literal["all"]
-
-
-class GridError(ValueError):
-    """A grid argument or input file is wrong; the message is one line naming it."""
-
-
-class GridSpec(BaseModel):
-    """What to run: the axes of the grid and the resources of one trial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    methods: tuple[str, ...] = Field(description="arms (orchestrator/arms.py); 'scratch' is always included")
-    budgets: tuple[Budget, ...] = Field(description="labelled training subjects per cell, or 'all'")
-    seeds: tuple[int, ...] = Field(description="subset seeds: which subjects a budget labels (shared by all arms)")
-    train_seeds: tuple[int, ...] = Field(
-        (0,), description="training seeds: replicate runs per arm, budget and subset seed (init, order, augmentation)"
-    )
-    replicated_budgets: tuple[Budget, ...] | None = Field(
-        None, description="budgets that get every training seed; the others get the first only (None: all budgets)"
-    )
-    workers_per_trial: int = Field(1, ge=1, description="Ray Train (DDP) workers per cell")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
-    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
-
-    @field_validator("methods")
-    @classmethod
-    def _methods_known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = unknown_arms(value)
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(KNOWN_METHODS)})")
-        return tuple(sorted(dict.fromkeys([SCRATCH, *value]), key=arm_order))
-
-    @field_validator("budgets", "seeds", "train_seeds")
-    @classmethod
-    def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not value:
-            raise ValueError("must not be empty")
-        if len(set(value)) != len(value):
-            raise ValueError("has duplicates")
-        return value
-
-    def train_seeds_for(self, budget: Budget) -> tuple[int, ...]:
-        """The training seeds of ``budget``: all of them, or the first only outside ``replicated_budgets``."""
-        if self.replicated_budgets is None or budget in self.replicated_budgets:
-            return self.train_seeds
-        return self.train_seeds[:1]
-
 
 @dataclass(frozen=True)
 class PretrainedRun:
@@ -185,61 +139,6 @@ class GridOutcome:
         return all(c.status in ("done", "skipped") for c in self.cells)
 
 
-# -- parsing -------------------------------------------------------------------------------------
-
-
-def parse_budgets(text: str) -> tuple[Budget, ...]:
-    """``"10,15,all"`` -> ``(10, 15, "all")``; raises ``GridError`` naming ``--budgets``."""
-    budgets: list[Budget] = []
-    for item in _split_list(text):
-        if item.lower() == "all":
-            budgets.append("all")
-            continue
-        try:
-            value = int(item)
-        except ValueError:
-            raise GridError(f"--budgets: {item!r} is neither a number of subjects nor 'all'") from None
-        if value < 1:
-            raise GridError(f"--budgets: {value} must be a positive number of subjects")
-        budgets.append(value)
-    if not budgets:
-        raise GridError("--budgets: empty list")
-    return tuple(budgets)
-
-
-def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``; raises ``GridError`` naming ``flag``."""
-    try:
-        seeds = tuple(int(item) for item in _split_list(text))
-    except ValueError:
-        raise GridError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    if not seeds:
-        raise GridError(f"{flag}: empty list")
-    if len(set(seeds)) != len(seeds):
-        raise GridError(f"{flag}: {text!r} has duplicates")
-    return seeds
-
-
-def parse_pretrained(text: str | None) -> dict[str, str]:
-    """``"simclr=RUN,pcl=RUN"`` -> ``{"simclr": "RUN", "pcl": "RUN"}``; raises ``GridError``."""
-    mapping: dict[str, str] = {}
-    for item in _split_list(text or ""):
-        method, sep, run = item.partition("=")
-        method, run = method.strip(), run.strip()
-        if not sep or not method or not run:
-            raise GridError(f"--pretrained: {item!r} is not METHOD=RUN")
-        if method not in INIT_KINDS:
-            raise GridError(f"--pretrained: unknown SSP method {method!r} (known: {', '.join(INIT_KINDS)})")
-        if method in mapping:
-            raise GridError(f"--pretrained: method {method!r} given twice")
-        mapping[method] = run
-    return mapping
-
-
-def _split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def resolve_pretrained(method: str, run: str | Path, workspace: Workspace) -> PretrainedRun:
     """Find a pretraining run: a directory with ``manifest.json``, a name under ``<workspace>/pretrain/``,
     or a registered model URI (``models:/sspctl-simclr-encoder/latest``, ``.../3``, ``...@champion``).
@@ -280,6 +179,25 @@ def cell_name(method: str, budget: Budget, seed: int, digest: str, train_seed: i
     return f"ft-{method}-b{budget}-s{seed}-t{train_seed}-{digest}"
 
 
+def arm_part(arm: Arm, run: PretrainedRun | None, wanted: str) -> str:
+    """The weight part the cells of ``arm`` load, read from what ``run``'s manifest exports (``files``).
+
+    An arm with its own part (``mim-encdec``: ``encoder_decoder``; the controls: ``encoder``) loads it;
+    a method arm loads the fine-tuning config's ``wanted`` part when its run exports it (MIM exports
+    two), else the encoder.
+
+    Raises:
+        GridError: the run does not export the arm's own part.
+    """
+    exported = set(run.manifest.get("files") or {}) if run is not None else set()
+    if arm.part is None:
+        return wanted if wanted in exported else "encoder"
+    if run is not None and arm.part not in exported:
+        raise GridError(f"{run.path / 'manifest.json'}: the run exports {sorted(exported)}, not the {arm.part!r} "
+                        f"part arm {arm.name!r} loads")
+    return arm.part
+
+
 def build_cells(
     spec: GridSpec,
     base_config: Mapping[str, Any],
@@ -308,7 +226,7 @@ def build_cells(
         run = pretrained.get(arm.init) if arm.pretrained else None
         if arm.pretrained and run is None:
             raise GridError(f"--methods: {method!r} needs --pretrained {arm.init}=RUN")
-        part = arm.part or base_config.get("part", "encoder")
+        part = arm_part(arm, run, base_config.get("part", "encoder"))
         for budget in spec.budgets:
             for seed in spec.seeds:
                 for train_seed in spec.train_seeds_for(budget):
@@ -382,54 +300,7 @@ def is_complete(output_dir: Path, study: StudyTracking, run_id: str) -> bool:
         return False
 
 
-# -- per-cell results ----------------------------------------------------------------------------
-
-
-def dice_metrics(rows: Any) -> dict[str, float]:
-    """Test Dice metrics of one cell from its per-subject table.
-
-    ``rows``: a DataFrame or list of dicts with ``subject_id, phase, class, dice`` (phase ``ED``/``ES``,
-    class ``LV``/``MYO``/``RV``; integer codes are mapped with ``datastore.conventions``).
-    Returns ``test_dice_{class}_{phase}``, ``test_dice_{class}``, ``test_dice_{phase}`` and
-    ``test_dice_mean`` (means over subject-phase rows; the overall mean is over all rows).
-    """
-    frame = normalise_dice_table(rows)
-    metrics: dict[str, float] = {}
-    for (cls, phase), group in frame.groupby(["class", "phase"]):
-        metrics[f"test_dice_{cls}_{phase}"] = float(group["dice"].mean())
-    for cls, group in frame.groupby("class"):
-        metrics[f"test_dice_{cls}"] = float(group["dice"].mean())
-    for phase, group in frame.groupby("phase"):
-        metrics[f"test_dice_{phase}"] = float(group["dice"].mean())
-    metrics[COMPLETION_METRIC] = float(frame["dice"].mean())
-    return metrics
-
-
-def normalise_dice_table(rows: Any) -> Any:
-    """The per-subject table as a DataFrame with string ``phase``/``class`` and float ``dice``.
-
-    Raises:
-        GridError: columns are missing or the table is empty.
-    """
-    import pandas as pd
-
-    from datastore.conventions import LABEL_NAMES, PHASE_NAMES
-
-    frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows or []))
-    missing = {"subject_id", "phase", "class", "dice"} - set(frame.columns)
-    if frame.empty or missing:
-        raise GridError(f"per-subject Dice table is empty or lacks columns {sorted(missing)}")
-    frame["subject_id"] = frame["subject_id"].astype(str)
-    frame["phase"] = frame["phase"].map(lambda p: PHASE_NAMES.get(p, p) if not isinstance(p, str) else p)
-    frame["class"] = frame["class"].map(lambda c: LABEL_NAMES.get(c, c) if not isinstance(c, str) else c)
-    frame["dice"] = frame["dice"].astype(float)
-    return frame
-
-
-# -- the Tune trial ------------------------------------------------------------------------------
-
-
-def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
+def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Tune function trainable of one cell: under the cell's run lock, fit it and record the results.
 
     ``config["cell"]`` is a plain dict (see ``_trial_config``). Runs in a Ray actor. A cell another
@@ -442,7 +313,7 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) ->
         _run_cell(cell, worker_fn)
 
 
-def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
+def _run_cell(cell: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Fit one cell's ``TorchTrainer``, then record the results."""
     import ray.train
     from ray import tune
@@ -450,6 +321,7 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
+    from trainers.jobs import FinetuneJob
 
     output = Path(cell["loop_config"]["output"])
     cell = dict(cell)
@@ -459,10 +331,9 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
     per_worker: dict[str, float] = {"CPU": cell["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = cell["gpus_per_trial"] / cell["workers"]
-    loop_config = {**cell["loop_config"], "tracker": tracker}
+    job = FinetuneJob.model_validate({**cell["loop_config"], "tracker": tracker})
     trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config=loop_config,
+        functools.partial(worker_fn, job),  # the typed job crosses into the workers as is
         scaling_config=ray.train.ScalingConfig(
             num_workers=cell["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -576,7 +447,7 @@ def _trial_config(
 # -- the grid ------------------------------------------------------------------------------------
 
 
-def _default_worker() -> Callable[[dict], Any]:
+def _default_worker() -> Callable[[FinetuneJob], Any]:
     from trainers.finetune import finetune_worker
 
     return finetune_worker
@@ -632,49 +503,16 @@ class GridPlan:
     pending: list[dict[str, Any]]
 
 
-def plan_grid(
-    store: str | Path,
-    split: str | Path,
-    budgets: Sequence[Budget],
-    seeds: Sequence[int],
-    pretrained: Mapping[str, str | Path] | None = None,
-    methods: Sequence[str] | None = None,
-    workers_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    cpus_per_worker: float = 1.0,
-    config: Mapping[str, Any] | None = None,
-    study: str | None = None,
-    workspace: Workspace | None = None,
-    max_failures: int = 1,
-    train_seeds: Sequence[int] = (0,),
-    replicated_budgets: Sequence[Budget] | None = None,
-) -> GridPlan:
+def plan_grid(request: GridRequest) -> GridPlan:
     """Validate the inputs, build the cells, find-or-create their MLflow runs, find what is complete.
 
-    Arguments as for ``run_grid``. Creates the study's experiment, the grid's parent run and one
-    child run per cell (idempotent), but starts no training.
+    Creates the study's experiment and the grid's parent run (idempotent), but starts no training.
 
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
     """
-    from pydantic import ValidationError
-
-    from orchestrator.configio import format_validation_error
-
-    workspace = workspace or Workspace.resolve()
-    pretrained = dict(pretrained or {})
-    chosen = list(methods) if methods else [SCRATCH, *pretrained]
-    try:
-        spec = GridSpec(
-            methods=tuple(dict.fromkeys([SCRATCH, *chosen])), budgets=tuple(budgets), seeds=tuple(seeds),
-            train_seeds=tuple(train_seeds),
-            replicated_budgets=None if replicated_budgets is None else tuple(replicated_budgets),
-            workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
-            cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        )
-    except ValidationError as exc:
-        raise GridError(format_validation_error(exc, "grid")) from None
-    store_path, split_path, dataset_hash, image_size, split_digest = _inputs(store, split)
+    spec, workspace, pretrained, study = request.spec, request.workspace, request.pretrained, request.study
+    store_path, split_path, dataset_hash, image_size, split_digest = _inputs(request.store, request.split)
     _check_split(split_path, spec)
     check_split_subjects(split_path, store_path)  # every id, before any cell starts
     needed = {ARMS[m].init for m in spec.methods}
@@ -685,7 +523,7 @@ def plan_grid(
             raise GridError(f"{run.path / 'manifest.json'}: image_size {size} differs from the store's {image_size}")
         if run.manifest.get("dataset_hash") not in (None, dataset_hash):
             log.warning("%s was pretrained on another dataset (%s)", run.path, run.manifest.get("dataset_hash"))
-    base = {"image_size": image_size, **dict(config or {})}
+    base = {"image_size": image_size, **request.config}
     cells = build_cells(spec, base, runs, dataset_hash, split_digest)
 
     study_name = study or default_study_name(dataset_hash)
@@ -716,74 +554,38 @@ def plan_grid(
 
 
 def run_grid(
-    store: str | Path,
-    split: str | Path,
-    budgets: Sequence[Budget],
-    seeds: Sequence[int],
-    pretrained: Mapping[str, str | Path] | None = None,
-    methods: Sequence[str] | None = None,
-    workers_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    cpus_per_worker: float = 1.0,
-    config: Mapping[str, Any] | None = None,
-    study: str | None = None,
-    workspace: Workspace | None = None,
-    worker_fn: Callable[[dict], Any] | None = None,
+    request: GridRequest,
+    worker_fn: Callable[[FinetuneJob], Any] | None = None,
     num_cpus: int | None = None,
-    max_failures: int = 1,
     progress: bool = True,
-    train_seeds: Sequence[int] = (0,),
-    replicated_budgets: Sequence[Budget] | None = None,
 ) -> GridOutcome:
-    """Run (or resume) the fine-tuning grid and return every cell's outcome.
+    """Run (or resume) the fine-tuning grid of ``request`` and return every cell's outcome.
 
-    Args:
-        store: the Zarr slice store.
-        split: the split YAML (``datastore/splits.py``).
-        budgets: labelled subjects per cell (or ``"all"``); seeds: subset seeds (which subjects a
-            budget labels); train_seeds: training seeds, the replicate runs of every arm x budget x
-            subset seed (``scratch-b`` adds its offset to each); replicated_budgets: the budgets
-            that get every training seed (default all; the others get the first only).
-        pretrained: run kind (SSP method or ``supervised``) -> pretraining run directory or run
-            name under ``<workspace>/pretrain/``. When the ``supervised`` arm is asked for without a
-            run, the positive-control model is trained first (``orchestrator/controls.py``).
-        methods: arms to run (default: scratch + every pretrained method); scratch is always included.
-        workers_per_trial / gpus_per_trial / cpus_per_worker: resources of one cell.
-        config: base ``FinetuneConfig`` keys (from ``--config`` and flags such as ``epochs``);
-            ``image_size`` defaults to the store's. ``part`` applies to MIM only.
-        study: MLflow experiment name (default ``sspctl-{dataset hash8}``).
-        workspace: where MLflow, Ray storage and outputs live (default ``Workspace.resolve()``).
-        worker_fn: the per-worker Train function (default ``trainers.finetune.finetune_worker``).
-        num_cpus: logical CPUs of a local Ray started here (ignored when joining ``RAY_ADDRESS``
-            or when Ray is already initialised).
-        max_failures: worker-group restarts per cell before it is marked failed.
-        progress: show a progress bar over cells.
+    When the ``supervised`` arm is asked for without a run, the positive-control model is trained
+    first (``orchestrator/controls.py``). ``worker_fn`` is the per-worker Train function (default
+    ``trainers.finetune.finetune_worker``); ``num_cpus`` the logical CPUs of a local Ray started here
+    (ignored when joining ``RAY_ADDRESS`` or when Ray is already initialised); ``progress`` shows a
+    progress bar over cells.
 
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
     """
-    pretrained = dict(pretrained or {})
-    if methods and SUPERVISED in methods and SUPERVISED not in pretrained:
+    if SUPERVISED in request.spec.methods and SUPERVISED not in request.pretrained:
         from orchestrator.controls import ensure_supervised_init
 
-        workspace = workspace or Workspace.resolve()
-        store_path, split_path, _, image_size, _ = _inputs(store, split)
-        pretrained[SUPERVISED] = ensure_supervised_init(
-            store_path, split_path, {"image_size": image_size, **dict(config or {})}, workspace, progress=progress
+        store_path, split_path, _, image_size, _ = _inputs(request.store, request.split)
+        run = ensure_supervised_init(
+            store_path, split_path, {"image_size": image_size, **request.config}, request.workspace, progress=progress
         )
-    plan = plan_grid(
-        store, split, budgets, seeds, pretrained=pretrained, methods=methods,
-        workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
-        config=config, study=study, workspace=workspace, max_failures=max_failures, train_seeds=train_seeds,
-        replicated_budgets=replicated_budgets,
-    )
+        request = request.model_copy(update={"pretrained": {**request.pretrained, SUPERVISED: str(run)}})
+    plan = plan_grid(request)
     with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):
         return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)
 
 
 def execute_plan(
     plan: GridPlan,
-    worker_fn: Callable[[dict], Any] | None = None,
+    worker_fn: Callable[[FinetuneJob], Any] | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
 ) -> GridOutcome:
@@ -825,7 +627,7 @@ def _fit_tuner(
     spec: GridSpec,
     grid_id: str,
     workspace: Workspace,
-    worker_fn: Callable[[dict], Any],
+    worker_fn: Callable[[FinetuneJob], Any],
     progress: bool,
 ) -> dict[str, tuple[dict[str, float], str | None]]:
     """Run the pending cells as one FIFO Tune experiment; return ``name -> (metrics, error)``."""

@@ -70,6 +70,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type]:
 def test_a_registered_toy_method_pretrains_and_runs_a_grid_cell(toy: type, cell_data: dict[str, Path], tmp_path: Path) -> None:
     from orchestrator.arms import ARMS, arm_order
     from orchestrator.grid import plan_grid
+    from orchestrator.grid_spec import grid_request
     from orchestrator.workspace import Workspace
     from trainers.finetune import finetune_worker
     from trainers.methods import METHODS, PretrainConfig
@@ -91,8 +92,9 @@ def test_a_registered_toy_method_pretrains_and_runs_a_grid_cell(toy: type, cell_
     assert manifest.final_loss == out["final_loss"] > 0
 
     recipe = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 2, "valid_batch_size": 8, "model_width": 4}
-    plan = plan_grid(cell_data["store"], cell_data["split"], [2], [0], pretrained={"toy": run_dir}, methods=["toy"],
-                     config=recipe, study="toy-study", workspace=workspace)
+    plan = plan_grid(grid_request(cell_data["store"], cell_data["split"], budgets=[2], seeds=[0],
+                                  pretrained={"toy": run_dir}, methods=["toy"], config=recipe, study="toy-study",
+                                  workspace=workspace))
     assert [c.method for c in plan.cells] == ["scratch", "toy"]
     trial = next(t for t in plan.pending if t["method"] == "toy")
     assert trial["loop_config"]["config"]["part"] == "encoder"

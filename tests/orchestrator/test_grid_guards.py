@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.grid import plan_grid
+from orchestrator.grid_spec import grid_request
 from orchestrator.run_lock import RunLock, grid_lock_path
 from orchestrator.workspace import Workspace
 
@@ -68,7 +69,8 @@ def test_overlapping_split_error_names_the_file_once(data: dict, tmp_path: Path)
 
 def test_the_same_grid_twice_exits_2_naming_the_holder(data: dict, tmp_path: Path) -> None:
     ws = Workspace.resolve(tmp_path / "ws")
-    plan = plan_grid(data["store"], data["split"], [2, "all"], [0], config={"epochs": 1}, study="guards", workspace=ws)
+    plan = plan_grid(grid_request(data["store"], data["split"], budgets=[2, "all"], seeds=[0], config={"epochs": 1},
+                                  study="guards", workspace=ws))
     holder = RunLock(grid_lock_path(ws.root, plan.study, plan.grid_id), "held by the test")
     holder.acquire()  # a second lock object is refused like another process
     try:
