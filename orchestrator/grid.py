@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from orchestrator.arms import ARMS, SUPERVISED, Arm
-from orchestrator.grid_spec import GridError, GridRequest, GridSpec
+from orchestrator.grid_spec import CellJob, CellTrial, GridError, GridRequest, GridSpec
 from orchestrator.results import dice_metrics, normalise_dice_table
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
@@ -303,17 +303,17 @@ def is_complete(output_dir: Path, study: StudyTracking, run_id: str) -> bool:
 def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Tune function trainable of one cell: under the cell's run lock, fit it and record the results.
 
-    ``config["cell"]`` is a plain dict (see ``_trial_config``). Runs in a Ray actor. A cell another
+    ``config["cell"]`` is a ``CellTrial`` as JSON (see ``_trial``). Runs in a Ray actor. A cell another
     grid is running fails with the holder's pid and host, and its MLflow run is left alone.
     """
     from orchestrator.run_lock import RUN_LOCK_NAME
 
-    cell = config["cell"]
-    with run_lock(Path(cell["loop_config"]["output"]) / RUN_LOCK_NAME, f"grid cell {cell['name']}"):
+    cell = CellTrial.model_validate(config["cell"])
+    with run_lock(Path(cell.job.output) / RUN_LOCK_NAME, f"grid cell {cell.name}"):
         _run_cell(cell, worker_fn)
 
 
-def _run_cell(cell: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> None:
+def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Fit one cell's ``TorchTrainer``, then record the results."""
     import ray.train
     from ray import tune
@@ -323,24 +323,23 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> 
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
     from trainers.jobs import FinetuneJob
 
-    output = Path(cell["loop_config"]["output"])
-    cell = dict(cell)
-    cell["run_id"] = start_cell_run(cell)  # the cell's run starts when its training does
-    tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"], spool=output / SPOOL_NAME)
-    use_gpu = cell["gpus_per_trial"] > 0
-    per_worker: dict[str, float] = {"CPU": cell["cpus_per_worker"]}
+    output = Path(cell.job.output)
+    cell = cell.model_copy(update={"run_id": start_cell_run(cell)})  # the cell's run starts when its training does
+    tracker = MlflowTracker(cell.tracking_uri, cell.run_id, spool=output / SPOOL_NAME)
+    use_gpu = cell.gpus_per_trial > 0
+    per_worker: dict[str, float] = {"CPU": cell.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = cell["gpus_per_trial"] / cell["workers"]
-    job = FinetuneJob.model_validate({**cell["loop_config"], "tracker": tracker})
+        per_worker["GPU"] = cell.gpus_per_trial / cell.workers
+    job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
     trainer = TorchTrainer(
         functools.partial(worker_fn, job),  # the typed job crosses into the workers as is
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cell["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=cell.workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(
-            name=cell["name"],
-            storage_path=cell["storage_path"],
-            failure_config=ray.train.FailureConfig(max_failures=cell["max_failures"]),
+            name=cell.name,
+            storage_path=cell.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cell.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
@@ -360,15 +359,15 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> 
     tune.report({**metrics, "cell_done": 1})
 
 
-def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, float]:
+def _record_cell(cell: CellTrial, rows: Any, tracker: Any) -> dict[str, float]:
     """Write the per-subject CSV and completion marker, log metrics and artifacts, finish the run."""
-    output = Path(cell["loop_config"]["output"])
+    output = Path(cell.job.output)
     output.mkdir(parents=True, exist_ok=True)
     frame = normalise_dice_table(rows)
     csv_path = output / PER_SUBJECT_ARTIFACT
     frame.to_csv(csv_path, index=False)
     metrics = dice_metrics(frame)
-    tracker.log_metrics(metrics, step=int(cell["loop_config"]["config"]["epochs"]))
+    tracker.log_metrics(metrics, step=int(cell.job.config["epochs"]))
     tracker.log_artifact(csv_path)
     # The fine-tuned weights and figures the worker left in its directory; the worker logs its
     # evaluation files under "evaluation/" itself, and logging the same path again only overwrites.
@@ -377,71 +376,43 @@ def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, flo
     for name in ("model.pt", "model.json"):
         if (output / name).is_file():
             tracker.log_artifact(output / name, "model")
-    if cell["run_id"] and (output / "model.json").is_file():
+    if cell.run_id and (output / "model.json").is_file():
         from orchestrator.mlflow_models import log_cell_model
 
-        log_cell_model(cell["tracking_uri"], cell["run_id"], output)
+        log_cell_model(cell.tracking_uri, cell.run_id, output)
     tracker.set_status("FINISHED")  # queued behind anything an outage holds back (docs/failures.md)
-    marker = {"cell": cell["name"], "run_id": cell["run_id"], "metrics": metrics, "finished_at": time.time()}
+    marker = {"cell": cell.name, "run_id": cell.run_id, "metrics": metrics, "finished_at": time.time()}
     (output / MARKER_NAME).write_text(json.dumps(marker, indent=2))
     return metrics
 
 
-def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool = False) -> None:
+def _set_status_quietly(cell: CellTrial, status: str, only_if_running: bool = False) -> None:
     from orchestrator.study_tracking import client_for
 
     try:
         run_id = cell_run_id(cell)
         if not run_id:
             return  # the cell never started: it has no run
-        client = client_for(cell["tracking_uri"])
+        client = client_for(cell.tracking_uri)
         if only_if_running and client.get_run(run_id).info.status != "RUNNING":
             return  # the cell finished (or failed) on its own before the grid stopped
         client.set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the cell
-        log.warning("could not set MLflow run %s to %s (%s)", cell["run_id"], status, exc)
+        log.warning("could not set MLflow run %s to %s (%s)", cell.run_id, status, exc)
 
 
-def _trial_config(
-    cell: Cell,
-    run_id: str,
-    tracking: StudyTracking,
-    parent_run_id: str,
-    tags: dict[str, str],
-    spec: GridSpec,
-    store: str,
-    split: str,
-    output: Path,
-    tracking_uri: str,
-    storage_path: str,
-) -> dict[str, Any]:
-    """The plain-dict description of a cell a Tune trial receives (its ``param_space`` entry)."""
-    loop_config = {
-        "store": store,
-        "split": split,
-        "config": cell.config,
-        "output": str(output),
-    }
-    return {
-        "name": cell.name,
-        "method": cell.method,
-        "budget": cell.budget,
-        "seed": cell.seed,
-        "train_seed": cell.train_seed,
-        "run_id": run_id,
-        "tracking_uri": tracking_uri,
-        "study": tracking.study,
-        "experiment_id": tracking.experiment_id,
-        "parent_run_id": parent_run_id,
-        "tags": tags,
-        "planned_at": time.time(),
-        "storage_path": storage_path,
-        "workers": spec.workers_per_trial,
-        "gpus_per_trial": spec.gpus_per_trial,
-        "cpus_per_worker": spec.cpus_per_worker,
-        "max_failures": spec.max_failures,
-        "loop_config": loop_config,
-    }
+def _trial(
+    cell: Cell, run_id: str, tracking: StudyTracking, parent_run_id: str, tags: dict[str, str], spec: GridSpec,
+    job: CellJob, storage_path: str,
+) -> CellTrial:
+    """The description of a cell its Tune trial receives (its ``param_space`` entry, dumped to JSON)."""
+    return CellTrial(
+        name=cell.name, method=cell.method, budget=cell.budget, seed=cell.seed, train_seed=cell.train_seed,
+        run_id=run_id, tracking_uri=tracking.tracking_uri, study=tracking.study,
+        experiment_id=tracking.experiment_id, parent_run_id=parent_run_id, tags=tags, planned_at=time.time(),
+        storage_path=storage_path, workers=spec.workers_per_trial, gpus_per_trial=spec.gpus_per_trial,
+        cpus_per_worker=spec.cpus_per_worker, max_failures=spec.max_failures, job=job,
+    )
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -500,7 +471,7 @@ class GridPlan:
     workspace: Workspace
     cells: list[Cell]
     skipped: dict[str, CellOutcome]
-    pending: list[dict[str, Any]]
+    pending: list[CellTrial]
 
 
 def plan_grid(request: GridRequest) -> GridPlan:
@@ -538,7 +509,7 @@ def plan_grid(request: GridRequest) -> GridPlan:
                 "base_config": dict(base)},
     )
     skipped: dict[str, CellOutcome] = {}
-    pending: list[dict[str, Any]] = []
+    pending: list[CellTrial] = []
     for cell in cells:
         run_id = existing_cell_run(tracking, cell.name) or ""  # a new cell's run is created when it starts
         output = cell_output_dir(workspace, study_name, cell)
@@ -547,9 +518,9 @@ def plan_grid(request: GridRequest) -> GridPlan:
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
-        pending.append(_trial_config(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash},
-                                     spec, store_path, split_path, output,
-                                     workspace.tracking_uri, workspace.storage_path))
+        job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output))
+        pending.append(_trial(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash}, spec, job,
+                              workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)
 
 
@@ -610,10 +581,10 @@ def execute_plan(
             set_status(tracking, plan.parent_run_id, status)
             raise
         for trial in plan.pending:
-            metrics, error = results.get(trial["name"], ({}, "trial did not report"))
+            metrics, error = results.get(trial.name, ({}, "trial did not report"))
             status = "done" if error is None else "failed"
             run_id = cell_run_id(trial) or ""
-            outcomes[trial["name"]] = CellOutcome(by_name[trial["name"]], status, run_id, metrics, error)
+            outcomes[trial.name] = CellOutcome(by_name[trial.name], status, run_id, metrics, error)
             if error is not None:  # errored, or stopped by Ctrl-C before it finished
                 _set_status_quietly(trial, "FAILED" if "did not report" not in error else "KILLED")
     ordered = [outcomes[c.name] for c in plan.cells]
@@ -623,7 +594,7 @@ def execute_plan(
 
 
 def _fit_tuner(
-    pending: list[dict[str, Any]],
+    pending: list[CellTrial],
     spec: GridSpec,
     grid_id: str,
     workspace: Workspace,
@@ -641,7 +612,7 @@ def _fit_tuner(
     callbacks = [_progress_callback(len(pending))] if progress else []
     tuner = tune.Tuner(
         trainable,
-        param_space={"cell": tune.grid_search(pending)},
+        param_space={"cell": tune.grid_search([trial.model_dump(mode="json") for trial in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrent,
             trial_name_creator=lambda trial: trial.config["cell"]["name"],

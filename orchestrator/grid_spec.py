@@ -7,6 +7,8 @@
 - ``GridRequest``: the spec plus the inputs (store, split, pretrained runs, base fine-tuning config,
   study, workspace). ``sspctl finetune`` and ``sspctl study`` build one with ``grid_request`` and
   hand it to ``orchestrator.grid.plan_grid`` / ``run_grid``.
+- ``CellTrial``: one pending cell as its Tune trial receives it (``CellJob``: what its workers' job
+  is made of, the tracker aside).
 
 Torch-free and light (pydantic only): the CLI and the study config import it.
 """
@@ -100,6 +102,46 @@ class GridRequest(BaseModel):
     workspace: InstanceOf[Workspace]
 
 
+class CellJob(BaseModel):
+    """The JSON-able part of a cell's ``trainers.jobs.FinetuneJob`` (the tracker is added in the trial)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str
+    split: str
+    config: dict[str, Any] = Field(description="the cell's resolved FinetuneConfig")
+    output: str = Field(description="the cell's directory")
+
+
+class CellTrial(BaseModel):
+    """One pending cell as its Tune trial receives it (``param_space`` holds its JSON dump).
+
+    ``run_id`` is empty until the cell's MLflow run is created (when its training starts);
+    ``planned_at`` is the wall time the grid planned it (for the queue time).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    method: str
+    budget: Budget
+    seed: int
+    train_seed: int
+    run_id: str = ""
+    tracking_uri: str
+    study: str
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str] = {}
+    planned_at: float = 0.0
+    storage_path: str
+    workers: int = Field(1, ge=1)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0)
+    job: CellJob
+
+
 def grid_request(
     store: str | Path, split: str | Path, *, pretrained: Mapping[str, str | Path] | None = None,
     config: Mapping[str, Any] | None = None, study: str | None = None, workspace: Workspace | None = None,
@@ -123,4 +165,4 @@ def grid_request(
                        study=study, workspace=workspace or Workspace.resolve())
 
 
-__all__ = ["GridAxes", "GridError", "GridRequest", "GridSpec", "grid_request"]
+__all__ = ["CellJob", "CellTrial", "GridAxes", "GridError", "GridRequest", "GridSpec", "grid_request"]

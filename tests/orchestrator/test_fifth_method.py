@@ -96,9 +96,9 @@ def test_a_registered_toy_method_pretrains_and_runs_a_grid_cell(toy: type, cell_
                                   pretrained={"toy": run_dir}, methods=["toy"], config=recipe, study="toy-study",
                                   workspace=workspace))
     assert [c.method for c in plan.cells] == ["scratch", "toy"]
-    trial = next(t for t in plan.pending if t["method"] == "toy")
-    assert trial["loop_config"]["config"]["part"] == "encoder"
-    result = finetune_worker(trial["loop_config"])
+    trial = next(t for t in plan.pending if t.method == "toy")
+    assert trial.job.config["part"] == "encoder"  # the part its run's manifest exports
+    result = finetune_worker(trial.job.model_dump())
     assert result["init_weights"] == str(run_dir / "encoder.pt")
     assert {row["class"] for row in result["dice"]} >= {"LV", "MYO", "RV"}
 

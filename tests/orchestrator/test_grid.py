@@ -31,7 +31,7 @@ from orchestrator.grid import (
     resolve_pretrained,
     run_grid,
 )
-from orchestrator.grid_spec import GridRequest, grid_request
+from orchestrator.grid_spec import CellJob, CellTrial, GridRequest, grid_request
 from orchestrator.results import DiceTableError, dice_metrics
 from orchestrator.study_tracking import PER_SUBJECT_ARTIFACT, open_study
 from orchestrator.tracking import MlflowTracker
@@ -118,8 +118,9 @@ def test_recording_survives_a_dead_tracking_server(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     rows = [{"subject_id": "a", "phase": "ED", "class": c, "dice": d} for c, d in (("LV", 0.9), ("MYO", 0.6), ("RV", 0.3))]
-    cell = {"name": "ft-x", "run_id": "0" * 32, "tracking_uri": uri,
-            "loop_config": {"output": str(tmp_path / "ft-x"), "config": {"epochs": 3}}}
+    cell = CellTrial(name="ft-x", method="scratch", budget=2, seed=0, train_seed=0, run_id="0" * 32,
+                     tracking_uri=uri, study="s", experiment_id="1", parent_run_id="p", storage_path=str(tmp_path),
+                     job=CellJob(store="s.zarr", split="s.yaml", output=str(tmp_path / "ft-x"), config={"epochs": 3}))
     metrics = _record_cell(cell, rows, MlflowTracker(uri, "0" * 32, retry_after_s=0))
     assert metrics["test_dice_mean"] == pytest.approx(0.6)
     marker = json.loads((tmp_path / "ft-x" / MARKER_NAME).read_text())
@@ -236,7 +237,7 @@ def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dat
     marker = dataset["ws"].root / "finetune" / "grid-test" / victim.cell.name / MARKER_NAME
     marker.unlink()
     plan = plan_grid(_request(dataset))
-    assert [t["name"] for t in plan.pending] == [victim.cell.name]
+    assert [t.name for t in plan.pending] == [victim.cell.name]
     study = open_study(dataset["ws"].tracking_uri, "grid-test", create=False)
     curve_before = len(study.client.get_metric_history(victim.run_id, "train_loss"))
     rerun = execute_plan(plan, num_cpus=4, progress=False)
@@ -262,11 +263,11 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
     monkeypatch.setattr(grid, "_fit_tuner", broken_tuner)
     monkeypatch.setattr(orchestrator.ray_session, "ray_session", lambda **kw: contextlib.nullcontext())
     plan = grid.plan_grid(_request(dataset, study="grid-broken"))
-    assert plan.pending and not any(t["run_id"] for t in plan.pending)  # no cell has started: no cell run yet
+    assert plan.pending and not any(t.run_id for t in plan.pending)  # no cell has started: no cell run yet
     # one cell whose run an earlier, killed attempt left RUNNING
     from orchestrator.study_tracking import cell_run, cell_runs
 
-    stale = cell_run(plan.tracking, plan.pending[0]["name"], plan.parent_run_id, {"method": "scratch"})
+    stale = cell_run(plan.tracking, plan.pending[0].name, plan.parent_run_id, {"method": "scratch"})
     with pytest.raises(RuntimeError, match="tune could not start"):
         grid.execute_plan(plan, progress=False)
     client = client_for(dataset["ws"].tracking_uri)
@@ -299,7 +300,7 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
     # a cell's run is created when it starts, with the tags its trial carries
     from orchestrator.study_tracking import namespaced
 
-    tags = namespaced(plan.pending[7]["tags"])
+    tags = namespaced(plan.pending[7].tags)
     assert (tags["sspctl.method"], tags["sspctl.subset_seed"], tags["sspctl.train_seed"], tags["sspctl.arm_role"]) == (
         "scratch-b", "0", "1001", "negative control")
     params = client.get_run(plan.parent_run_id).data.params
