@@ -16,6 +16,7 @@ checkpoints under ``<workspace>/ray/<run_name>/``, the MLflow run in the workspa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,9 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.workspace import Workspace
+
+if TYPE_CHECKING:
+    from trainers.jobs import PretrainJob
 
 log = logging.getLogger("sspctl.pretrain")
 
@@ -201,7 +205,7 @@ class ProgressMonitor:
     """Polls rank 0's ``progress.json`` and shows a tqdm bar: epoch, loss, slices/s, ETA."""
 
     def __init__(self, run_dir: Path, interval_s: float = 0.5, enabled: bool = True) -> None:
-        from trainers.pretrain import PROGRESS_FILE
+        from trainers.pretrain_outputs import PROGRESS_FILE
 
         self.path = run_dir / PROGRESS_FILE
         self.interval_s = interval_s
@@ -302,7 +306,7 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
         ray.train.WorkerGroupError / ray.train.ControllerError: training failed after ``max_failures``.
     """
     from datastore.store import SliceStore, StoreError
-    from trainers.pretrain import RuntimeOptions, per_rank_batch
+    from trainers.runtime import RuntimeOptions, per_rank_batch
 
     if request.workers < 1:
         raise LaunchError(f"--workers must be >= 1, got {request.workers}")
@@ -402,18 +406,19 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
 
         log_store_inputs(uri, run_id, str(request.store), [(study if plan.subjects is None else f"{study}/train", CONTEXT_PRETRAINING, plan.subjects)], split=request.split)
         tracker = MlflowTracker(uri, run_id, spool=run_dir / SPOOL_NAME)
-    loop_config = {
-        "store": str(request.store), "subjects": plan.subjects, "valid_subjects": plan.valid, "config": plan.resolved,
-        "runtime": plan.runtime,
-        "run_name": run_name, "output": str(run_dir), "dataset_hash": plan.dataset_hash, "tracker": tracker,
-        "mlflow_run_id": run_id, "fault_inject": request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
-    }
+    from trainers.jobs import PretrainJob
+
+    job = PretrainJob(
+        store=str(request.store), subjects=plan.subjects, valid_subjects=plan.valid, config=plan.resolved,
+        runtime=plan.runtime, run_name=run_name, output=run_dir, dataset_hash=plan.dataset_hash, tracker=tracker,
+        mlflow_run_id=run_id, fault_inject=request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
+    )
     from orchestrator.ray_session import ray_session
 
     status = "FAILED"
     try:
         with ray_session(num_cpus=local_cluster_cpus(request)):
-            result = _fit(request, run_name, loop_config, run_dir, progress)
+            result = _fit(request, run_name, job, run_dir, progress)
         if run_id is not None:  # the weights as registered MLflow models, before the run ends
             from orchestrator.mlflow_models import register_pretrained
 
@@ -444,7 +449,7 @@ def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:
             f"{', '.join(best['files'].values())}")
 
 
-def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], run_dir: Path, progress: bool) -> Any:
+def _fit(request: PretrainRequest, run_name: str, job: PretrainJob, run_dir: Path, progress: bool) -> Any:
     """Build the ``TorchTrainer`` and fit it while the progress monitor runs."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -454,10 +459,9 @@ def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], r
     from orchestrator.system_metrics import monitored, sampling_interval, settings_for
 
     interval = sampling_interval() if request.system_metrics else None
-    settings = settings_for(interval, request.workspace.tracking_uri, loop_config.get("mlflow_run_id"))
+    settings = settings_for(interval, request.workspace.tracking_uri, job.mlflow_run_id)
     trainer = TorchTrainer(
-        monitored(pretrain_worker, settings),
-        train_loop_config=loop_config,
+        monitored(functools.partial(pretrain_worker, job), settings),  # the typed ``PretrainJob`` crosses as is
         scaling_config=_scaling(request),
         run_config=RunConfig(
             name=run_name,

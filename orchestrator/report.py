@@ -240,7 +240,7 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
     Raises:
         ReportError: the grid has no finished cell with a readable per-subject table.
     """
-    from orchestrator.grid import normalise_dice_table
+    from orchestrator.results import normalise_dice_table
 
     notes: list[str] = []
     frames = []

@@ -26,7 +26,10 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.grid_spec import CellTrial
 
 log = logging.getLogger("sspctl.study")
 
@@ -272,21 +275,21 @@ def set_status(study: StudyTracking, run_id: str, status: str) -> None:
 
 # -- a grid cell's run, from inside its Tune trial ------------------------------------------------
 #
-# ``cell`` below is the trial's plain dict (``orchestrator.grid._trial_config``): it carries
-# ``tracking_uri``, ``study``, ``experiment_id``, ``parent_run_id``, ``name``, ``tags``,
-# ``planned_at`` (epoch seconds), ``run_id`` ("" until the cell has a run) and ``loop_config``.
+# ``cell`` below is the trial's ``orchestrator.grid_spec.CellTrial``: it carries ``tracking_uri``,
+# ``study``, ``experiment_id``, ``parent_run_id``, ``name``, ``tags``, ``planned_at`` (epoch
+# seconds), ``run_id`` ("" until the cell has a run) and the cell's ``job``.
 
 
-def _cell_study(cell: dict[str, Any]) -> StudyTracking:
-    return StudyTracking(cell["tracking_uri"], cell["study"], cell["experiment_id"])
+def _cell_study(cell: CellTrial) -> StudyTracking:
+    return StudyTracking(cell.tracking_uri, cell.study, cell.experiment_id)
 
 
-def cell_run_id(cell: dict[str, Any]) -> str | None:
+def cell_run_id(cell: CellTrial) -> str | None:
     """The cell's run id: the one it carries, else the run found by its name (``None`` if it has none)."""
-    return cell.get("run_id") or existing_cell_run(_cell_study(cell), cell["name"])
+    return cell.run_id or existing_cell_run(_cell_study(cell), cell.name)
 
 
-def start_cell_run(cell: dict[str, Any]) -> str:
+def start_cell_run(cell: CellTrial) -> str:
     """Create (or re-attach to) the cell's run now that its training starts; returns its id ("" if MLflow is down).
 
     Sets the run RUNNING, logs ``queue_time_s`` (seconds from grid planning to this start) and the
@@ -300,21 +303,21 @@ def start_cell_run(cell: dict[str, Any]) -> str:
     started = time.time()
     try:
         study = _cell_study(cell)
-        run_id = cell_run(study, cell["name"], cell["parent_run_id"], cell["tags"], params=cell["loop_config"]["config"])
+        run_id = cell_run(study, cell.name, cell.parent_run_id, cell.tags, params=cell.job.config)
         client = study.client
         client.update_run(run_id, status="RUNNING")
-        client.log_metric(run_id, "queue_time_s", max(0.0, started - float(cell["planned_at"])))
+        client.log_metric(run_id, "queue_time_s", max(0.0, started - cell.planned_at))
     except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-        log.warning("cell %s: MLflow run not started (%s); training continues untracked", cell["name"],
+        log.warning("cell %s: MLflow run not started (%s); training continues untracked", cell.name,
                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return ""
-    loop = cell["loop_config"]
+    job = cell.job
     try:
-        inputs = cell_inputs(cell["study"], loop["split"], loop["config"]["budget"], loop["config"]["seed"])
+        inputs = cell_inputs(cell.study, job.split, job.config["budget"], job.config["seed"])
     except Exception as exc:  # noqa: BLE001 - the worker reports a bad split itself
-        log.warning("cell %s: no dataset inputs (%s)", cell["name"], str(exc).splitlines()[0][:200])
+        log.warning("cell %s: no dataset inputs (%s)", cell.name, str(exc).splitlines()[0][:200])
     else:
-        log_store_inputs(cell["tracking_uri"], run_id, loop["store"], inputs, split=loop["split"])
+        log_store_inputs(cell.tracking_uri, run_id, job.store, inputs, split=job.split)
     return run_id
 
 

@@ -53,21 +53,22 @@ def settings_for(interval_s: float | None, tracking_uri: str, run_id: str | None
     return SystemMetrics(tracking_uri=tracking_uri, run_id=run_id, interval_s=interval_s)
 
 
-def monitored(worker_fn: Callable[[dict], Any], settings: SystemMetrics | None) -> Callable[[dict], Any]:
-    """``worker_fn`` itself without settings, else a picklable wrapper that monitors rank 0 while it runs."""
+def monitored(worker_fn: Callable[[], Any], settings: SystemMetrics | None) -> Callable[[], Any]:
+    """``worker_fn`` (a Train function of no argument: the job is bound to it) itself without settings,
+    else a picklable wrapper that monitors rank 0 while it runs."""
     if settings is None:
         return worker_fn
     return functools.partial(_run_monitored, worker_fn, settings)
 
 
-def _run_monitored(worker_fn: Callable[[dict], Any], settings: SystemMetrics, config: dict) -> Any:
+def _run_monitored(worker_fn: Callable[[], Any], settings: SystemMetrics) -> Any:
     import ray.train
 
     if ray.train.get_context().get_world_rank() != 0:
-        return worker_fn(config)
+        return worker_fn()
     monitor = _start(settings)
     try:
-        return worker_fn(config)
+        return worker_fn()
     finally:
         if monitor is not None:
             monitor.finish()  # joins the sampling thread and flushes what it batched

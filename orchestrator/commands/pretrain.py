@@ -8,17 +8,15 @@ from pathlib import Path
 import typer
 
 from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
+from trainers.methods.names import METHOD_NAMES
 
 
-class Method(str, Enum):
-    simclr = "simclr"
-    pcl = "pcl"
-    dino = "dino"
-    mim = "mim"
+#: ``--method`` choices: the method vocabulary (``trainers/methods/names.py``).
+Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)  # type: ignore[misc]
 
 
 def pretrain(
-    method: Method = typer.Option(..., "--method", help="SSP method: simclr, pcl, dino or mim (paper defaults per method)."),
+    method: Method = typer.Option(..., "--method", help=f"SSP method: {', '.join(METHOD_NAMES[:-1])} or {METHOD_NAMES[-1]} (paper defaults per method)."),
     store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) written by 'sspctl ingest'."),
     workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel workers (DDP ranks). The GLOBAL batch stays the configured value: each worker gets batch/N, so N must divide it."),
     gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0, help="GPUs per worker (fractions allowed). Default: 1 if the Ray cluster has a GPU per worker, else 0 (CPU, fp32)."),

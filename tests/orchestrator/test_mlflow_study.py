@@ -61,6 +61,7 @@ def _run_study(tmp_path_factory: pytest.TempPathFactory):
     from datastore.store import SliceStore
     from datastore.synth import write_dataset
     from orchestrator.grid import run_grid
+    from orchestrator.grid_spec import grid_request
     from orchestrator.pretrain_launch import PretrainRequest, launch_pretrain
     from orchestrator.ui import free_port, start_ui, stop_ui, wait_ready
     from orchestrator.workspace import Workspace
@@ -83,9 +84,9 @@ def _run_study(tmp_path_factory: pytest.TempPathFactory):
             method="simclr", store=str(store), workspace=ws, config_file=root / "simclr.yaml", split=root / "split.yaml",
             study=STUDY, system_metrics=True), echo=lines.append, progress=False)
         started = time.time()
-        grid = run_grid(store, root / "split.yaml", budgets=[2], seeds=[0],
-                        pretrained={"simclr": f"models:/{ENCODER}/latest"}, config=FINETUNE, study=STUDY,
-                        workspace=ws, progress=False, system_metrics=True)
+        grid = run_grid(grid_request(store, root / "split.yaml", budgets=[2], seeds=[0],
+                                     pretrained={"simclr": f"models:/{ENCODER}/latest"}, config=FINETUNE, study=STUDY,
+                                     workspace=ws, system_metrics=True), progress=False)
         grid_wall_s = time.time() - started
     finally:
         ray.shutdown()

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from trainers.models.unet import UNet2d
-from trainers.pretrain import (
-    FAULT_MARKER, LoopError, augmentation_seed, parse_fault, per_rank_batch, pretrain_worker, read_events,
-)
+from trainers.pretrain import pretrain_worker
+from trainers.pretrain_outputs import FAULT_MARKER, parse_fault, read_events
+from trainers.runtime import LoopError, augmentation_seed, per_rank_batch
 from trainers.weights import load_pretrained, read_manifest
 
 pytestmark = pytest.mark.slow
