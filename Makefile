@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast bench clean
 
+# The browser test of the MLflow UI (tests/orchestrator/test_mlflow_study.py) needs Chromium; without
+# it that test is skipped. Debian/Ubuntu: apt-get install -y chromium
 install: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		echo "note: no Chromium, so the MLflow UI browser test will be skipped (Debian: apt-get install -y chromium)"
 
 # Re-run pip only when the project metadata changed (idempotent and fast otherwise).
 $(STAMP): pyproject.toml

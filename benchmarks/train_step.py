@@ -78,7 +78,9 @@ def plain_loop(store: str, config_dict: dict[str, Any], cpus: int) -> dict[str, 
 
     from datastore.loader import SliceLoader
     from trainers.methods.config import PretrainConfig
-    from trainers.pretrain import augmentation_seed, build_method
+    from trainers.optimizers import build_optimizer
+    from trainers.pretrain import build_method
+    from trainers.runtime import augmentation_seed
 
     config = PretrainConfig.model_validate(config_dict)
     torch.set_num_threads(cpus)  # what the Ray worker gets (Ray sets its threads to its CPUs)
@@ -86,7 +88,7 @@ def plain_loop(store: str, config_dict: dict[str, Any], cpus: int) -> dict[str, 
     torch.manual_seed(config.seed)
     method = build_method(config)
     model = method.modules
-    optimizer = config.build_optimizer(model)
+    optimizer = build_optimizer(config, model)
     rates = []
     steps = config.steps_per_epoch or len(loader)
     for epoch in range(config.epochs):
@@ -112,7 +114,7 @@ def ray_path(store: str, config_dict: dict[str, Any], workspace: Path, cpus: int
 
     from orchestrator.pretrain_launch import PretrainRequest, launch_pretrain
     from orchestrator.workspace import Workspace
-    from trainers.pretrain import read_events
+    from trainers.pretrain_outputs import read_events
 
     workspace.mkdir(parents=True, exist_ok=True)
     config_file = workspace / "config.yaml"
@@ -269,10 +271,12 @@ def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    from trainers.methods.names import METHOD_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: plain loop vs sspctl path; cuda: step recipes")
     parser.add_argument("--quick", action="store_true", help="cuda: batch 32 only, 10 steps (< 2 minutes)")
-    parser.add_argument("--method", default="mim", choices=("simclr", "pcl", "dino", "mim"), help="cpu: SSP method")
+    parser.add_argument("--method", default="mim", choices=METHOD_NAMES, help="cpu: SSP method")
     parser.add_argument("--image-size", type=int, default=64, help="cpu: slice edge in pixels")
     parser.add_argument("--batch", type=int, default=16, help="cpu: global batch (images)")
     parser.add_argument("--steps", type=int, default=8, help="cpu: steps per epoch")

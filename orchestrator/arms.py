@@ -12,17 +12,20 @@ three are not:
   training pool (never the test subjects), loaded like a pretrained encoder. At small budgets it
   must come out better than scratch, or the grid cannot detect a real effect.
 
-Torch-free: the CLI and the report import it.
+The method arms derive from the method vocabulary (``trainers/methods/names.py``): one arm per
+method, and a method registered at run time is an arm too. Torch-free: the CLI and the report import it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-SCRATCH = "scratch"
+from trainers.methods.names import METHOD_NAMES, SCRATCH, method_names
+
 SUPERVISED = "supervised"
-SSP_METHODS = ("simclr", "pcl", "dino", "mim")
+SSP_METHODS = METHOD_NAMES
 #: Added to a ``scratch-b`` cell's training seed: far from any seed a grid uses for ``scratch``.
 NEGATIVE_CONTROL_SEED_OFFSET = 1000
 
@@ -34,8 +37,9 @@ class Arm:
     """One grid arm.
 
     ``init`` is ``scratch`` or the name of the pretraining run kind it loads (an SSP method or
-    ``supervised``); ``part`` the weight part it loads (None: the fine-tuning config's ``part``,
-    MIM only); ``train_seed_offset`` is added to every training seed of its cells.
+    ``supervised``); ``part`` the weight part it loads (None: the fine-tuning config's ``part`` when
+    the run exports it, else the encoder); ``train_seed_offset`` is added to every training seed of
+    its cells.
     """
 
     name: str
@@ -50,22 +54,38 @@ class Arm:
         return self.init != SCRATCH
 
 
-#: Every arm, in report order: the reference, the four methods, MIM's second option, the controls.
-ARMS: dict[str, Arm] = {
-    arm.name: arm
-    for arm in (
-        Arm(SCRATCH, SCRATCH, "reference"),
-        Arm("simclr", "simclr", "method"),
-        Arm("pcl", "pcl", "method"),
-        Arm("dino", "dino", "method"),
-        Arm("mim", "mim", "method", part=None),
-        Arm("mim-encdec", "mim", "method", part="encoder_decoder"),
-        Arm("scratch-b", SCRATCH, "negative control", train_seed_offset=NEGATIVE_CONTROL_SEED_OFFSET),
-        Arm(SUPERVISED, SUPERVISED, "positive control"),
-    )
-}
-#: Pretraining run kinds an arm can load (``--pretrained KIND=RUN``).
-INIT_KINDS = (*SSP_METHODS, SUPERVISED)
+class _Arms(Mapping[str, Arm]):
+    """Every arm, in report order: the reference, one arm per method (``method_names()``, so a method
+    registered at run time included), MIM's second option, the controls."""
+
+    def _all(self) -> dict[str, Arm]:
+        arms = [Arm(SCRATCH, SCRATCH, "reference")]
+        # A method arm loads the part its run exports that the fine-tuning config asks for, else the
+        # encoder (the grid reads the parts from the run's manifest: ``grid.arm_part``).
+        arms += [Arm(name, name, "method", part=None) for name in method_names()]
+        arms += [
+            Arm("mim-encdec", "mim", "method", part="encoder_decoder"),
+            Arm("scratch-b", SCRATCH, "negative control", train_seed_offset=NEGATIVE_CONTROL_SEED_OFFSET),
+            Arm(SUPERVISED, SUPERVISED, "positive control"),
+        ]
+        return {arm.name: arm for arm in arms}
+
+    def __getitem__(self, name: str) -> Arm:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+ARMS: Mapping[str, Arm] = _Arms()
+
+
+def init_kinds() -> tuple[str, ...]:
+    """Pretraining run kinds an arm can load (``--pretrained KIND=RUN``): the methods and ``supervised``."""
+    return (*method_names(), SUPERVISED)
 
 
 def arm_order(name: str) -> int:

@@ -49,6 +49,7 @@ def ensure_supervised_init(
     from datastore.store import SliceStore
     from trainers.finetune import finetune_worker
     from trainers.finetune_config import FinetuneConfig
+    from trainers.jobs import FinetuneJob
     from trainers.weights import MANIFEST_FILE, PART_PREFIXES, WeightsManifest, load_weights, save_weights, write_manifest
 
     recipe = {k: v for k, v in base_config.items() if k not in ("method", "weights", "part", "budget", "seed", "train_seed")}
@@ -60,9 +61,8 @@ def ensure_supervised_init(
     run_dir = supervised_run_dir(workspace, opened.hash, split, resolved)
     if (run_dir / MANIFEST_FILE).is_file():
         return run_dir
-    result = finetune_worker({
-        "store": store, "split": split, "config": resolved, "output": str(run_dir / "train"), "evaluate": False,
-    })
+    job = FinetuneJob(store=store, split=split, config=config, output=run_dir / "train", evaluate=False)
+    result = finetune_worker(job)
     state = load_weights(run_dir / "train" / "model.pt")
     files, digests = {}, {}
     for part, prefixes in PART_PREFIXES.items():

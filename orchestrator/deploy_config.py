@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainers.methods.names import METHOD_NAMES, MethodName
+
 #: Kubernetes quantity: a number with an optional decimal/binary suffix ("8", "500m", "64Gi", "1.5").
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 #: DNS-1035 label (names of RayClusters, RayJobs, Services must be one).
@@ -23,7 +25,7 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 #: Name part of a label key and a non-empty label value (at most 63 characters each).
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
-PretrainMethod = Literal["simclr", "pcl", "dino", "mim"]
+PretrainMethod = MethodName
 #: Placeholders a job command may use (with sample values for validation).
 PLACEHOLDERS = {"mount_path": "/mnt", "workers": 1, "cpus_per_worker": 1, "method": "simclr"}
 
@@ -320,7 +322,7 @@ class JobsConfig(_Frozen):
         " --cpus-per-worker {cpus_per_worker} --store {mount_path}/data/mnms.zarr"
         " --split {mount_path}/data/split.yaml --no-progress"
     )
-    pretrain_methods: list[PretrainMethod] = Field(default_factory=lambda: ["simclr", "pcl", "dino", "mim"])
+    pretrain_methods: list[PretrainMethod] = Field(default_factory=lambda: list(METHOD_NAMES))
     pretrain_workers: int | None = Field(
         None, ge=1, description="Ray Train workers (GPUs) per pretrain job; None = all GPUs of the group."
     )

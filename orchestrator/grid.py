@@ -19,93 +19,50 @@ workspace's storage path, resumes from its own last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.arms import ARMS, INIT_KINDS, SCRATCH, SUPERVISED, Arm, arm_order, unknown_arms
+from orchestrator.arms import ARMS, SUPERVISED, Arm
+from orchestrator.grid_spec import CellJob, CellTrial, GridError, GridRequest, GridSpec
+from orchestrator.results import dice_metrics, normalise_dice_table
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     PER_SUBJECT_ARTIFACT,
     StudyTracking,
-    cell_run,
+    cell_run_id,
     default_study_name,
+    existing_cell_run,
     grid_parent_run,
     open_study,
     run_is_complete,
     set_status,
     short_hash,
+    start_cell_run,
 )
 from orchestrator.preflight import check_split_subjects
 from orchestrator.run_lock import grid_lock_path, run_lock
+from orchestrator.system_metrics import monitored, sampling_interval, settings_for
 from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
+from trainers.methods.names import Budget
+
+if TYPE_CHECKING:
+    from trainers.jobs import FinetuneJob
 
 log = logging.getLogger("sspctl.grid")
 
-#: Arms the grid knows (``orchestrator/arms.py``): scratch, the four SSP methods, mim-encdec, the controls.
-KNOWN_METHODS = tuple(ARMS)
 MARKER_NAME = "complete.json"
 #: Logical CPUs the Tune driver function of a trial holds (it only waits on its TorchTrainer).
 DRIVER_CPUS = 0.01
-
-Budget = int | Literal["all"]
-
-
-class GridError(ValueError):
-    """A grid argument or input file is wrong; the message is one line naming it."""
-
-
-class GridSpec(BaseModel):
-    """What to run: the axes of the grid and the resources of one trial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    methods: tuple[str, ...] = Field(description="arms (orchestrator/arms.py); 'scratch' is always included")
-    budgets: tuple[Budget, ...] = Field(description="labelled training subjects per cell, or 'all'")
-    seeds: tuple[int, ...] = Field(description="subset seeds: which subjects a budget labels (shared by all arms)")
-    train_seeds: tuple[int, ...] = Field(
-        (0,), description="training seeds: replicate runs per arm, budget and subset seed (init, order, augmentation)"
-    )
-    replicated_budgets: tuple[Budget, ...] | None = Field(
-        None, description="budgets that get every training seed; the others get the first only (None: all budgets)"
-    )
-    workers_per_trial: int = Field(1, ge=1, description="Ray Train (DDP) workers per cell")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
-    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
-
-    @field_validator("methods")
-    @classmethod
-    def _methods_known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = unknown_arms(value)
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(KNOWN_METHODS)})")
-        return tuple(sorted(dict.fromkeys([SCRATCH, *value]), key=arm_order))
-
-    @field_validator("budgets", "seeds", "train_seeds")
-    @classmethod
-    def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not value:
-            raise ValueError("must not be empty")
-        if len(set(value)) != len(value):
-            raise ValueError("has duplicates")
-        return value
-
-    def train_seeds_for(self, budget: Budget) -> tuple[int, ...]:
-        """The training seeds of ``budget``: all of them, or the first only outside ``replicated_budgets``."""
-        if self.replicated_budgets is None or budget in self.replicated_budgets:
-            return self.train_seeds
-        return self.train_seeds[:1]
-
 
 @dataclass(frozen=True)
 class PretrainedRun:
@@ -183,67 +140,20 @@ class GridOutcome:
         return all(c.status in ("done", "skipped") for c in self.cells)
 
 
-# -- parsing -------------------------------------------------------------------------------------
-
-
-def parse_budgets(text: str) -> tuple[Budget, ...]:
-    """``"10,15,all"`` -> ``(10, 15, "all")``; raises ``GridError`` naming ``--budgets``."""
-    budgets: list[Budget] = []
-    for item in _split_list(text):
-        if item.lower() == "all":
-            budgets.append("all")
-            continue
-        try:
-            value = int(item)
-        except ValueError:
-            raise GridError(f"--budgets: {item!r} is neither a number of subjects nor 'all'") from None
-        if value < 1:
-            raise GridError(f"--budgets: {value} must be a positive number of subjects")
-        budgets.append(value)
-    if not budgets:
-        raise GridError("--budgets: empty list")
-    return tuple(budgets)
-
-
-def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``; raises ``GridError`` naming ``flag``."""
-    try:
-        seeds = tuple(int(item) for item in _split_list(text))
-    except ValueError:
-        raise GridError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    if not seeds:
-        raise GridError(f"{flag}: empty list")
-    if len(set(seeds)) != len(seeds):
-        raise GridError(f"{flag}: {text!r} has duplicates")
-    return seeds
-
-
-def parse_pretrained(text: str | None) -> dict[str, str]:
-    """``"simclr=RUN,pcl=RUN"`` -> ``{"simclr": "RUN", "pcl": "RUN"}``; raises ``GridError``."""
-    mapping: dict[str, str] = {}
-    for item in _split_list(text or ""):
-        method, sep, run = item.partition("=")
-        method, run = method.strip(), run.strip()
-        if not sep or not method or not run:
-            raise GridError(f"--pretrained: {item!r} is not METHOD=RUN")
-        if method not in INIT_KINDS:
-            raise GridError(f"--pretrained: unknown SSP method {method!r} (known: {', '.join(INIT_KINDS)})")
-        if method in mapping:
-            raise GridError(f"--pretrained: method {method!r} given twice")
-        mapping[method] = run
-    return mapping
-
-
-def _split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def resolve_pretrained(method: str, run: str | Path, workspace: Workspace) -> PretrainedRun:
-    """Find a pretraining run: a directory with ``manifest.json``, or a name under ``<workspace>/pretrain/``.
+    """Find a pretraining run: a directory with ``manifest.json``, a name under ``<workspace>/pretrain/``,
+    or a registered model URI (``models:/sspctl-simclr-encoder/latest``, ``.../3``, ``...@champion``).
 
     Raises:
         GridError: the run or its manifest is missing, unreadable, or of another method.
     """
+    if str(run).startswith("models:/"):  # a registered version, downloaded once and sha256-checked
+        from orchestrator.mlflow_models import ModelUriError, fetch_model
+
+        try:
+            run = fetch_model(str(run), workspace.tracking_uri, workspace.root / "models")
+        except ModelUriError as exc:
+            raise GridError(f"--pretrained {method}={exc}") from None
     candidates = [Path(run).expanduser(), workspace.root / "pretrain" / str(run)]
     path = next((c.resolve() for c in candidates if (c / "manifest.json").is_file()), None)
     if path is None:
@@ -268,6 +178,25 @@ def resolve_pretrained(method: str, run: str | Path, workspace: Workspace) -> Pr
 def cell_name(method: str, budget: Budget, seed: int, digest: str, train_seed: int = 0) -> str:
     """Deterministic name of a cell (Train run name, MLflow run name, output directory)."""
     return f"ft-{method}-b{budget}-s{seed}-t{train_seed}-{digest}"
+
+
+def arm_part(arm: Arm, run: PretrainedRun | None, wanted: str) -> str:
+    """The weight part the cells of ``arm`` load, read from what ``run``'s manifest exports (``files``).
+
+    An arm with its own part (``mim-encdec``: ``encoder_decoder``; the controls: ``encoder``) loads it;
+    a method arm loads the fine-tuning config's ``wanted`` part when its run exports it (MIM exports
+    two), else the encoder.
+
+    Raises:
+        GridError: the run does not export the arm's own part.
+    """
+    exported = set(run.manifest.get("files") or {}) if run is not None else set()
+    if arm.part is None:
+        return wanted if wanted in exported else "encoder"
+    if run is not None and arm.part not in exported:
+        raise GridError(f"{run.path / 'manifest.json'}: the run exports {sorted(exported)}, not the {arm.part!r} "
+                        f"part arm {arm.name!r} loads")
+    return arm.part
 
 
 def build_cells(
@@ -298,7 +227,7 @@ def build_cells(
         run = pretrained.get(arm.init) if arm.pretrained else None
         if arm.pretrained and run is None:
             raise GridError(f"--methods: {method!r} needs --pretrained {arm.init}=RUN")
-        part = arm.part or base_config.get("part", "encoder")
+        part = arm_part(arm, run, base_config.get("part", "encoder"))
         for budget in spec.budgets:
             for seed in spec.seeds:
                 for train_seed in spec.train_seeds_for(budget):
@@ -372,67 +301,20 @@ def is_complete(output_dir: Path, study: StudyTracking, run_id: str) -> bool:
         return False
 
 
-# -- per-cell results ----------------------------------------------------------------------------
-
-
-def dice_metrics(rows: Any) -> dict[str, float]:
-    """Test Dice metrics of one cell from its per-subject table.
-
-    ``rows``: a DataFrame or list of dicts with ``subject_id, phase, class, dice`` (phase ``ED``/``ES``,
-    class ``LV``/``MYO``/``RV``; integer codes are mapped with ``datastore.conventions``).
-    Returns ``test_dice_{class}_{phase}``, ``test_dice_{class}``, ``test_dice_{phase}`` and
-    ``test_dice_mean`` (means over subject-phase rows; the overall mean is over all rows).
-    """
-    frame = normalise_dice_table(rows)
-    metrics: dict[str, float] = {}
-    for (cls, phase), group in frame.groupby(["class", "phase"]):
-        metrics[f"test_dice_{cls}_{phase}"] = float(group["dice"].mean())
-    for cls, group in frame.groupby("class"):
-        metrics[f"test_dice_{cls}"] = float(group["dice"].mean())
-    for phase, group in frame.groupby("phase"):
-        metrics[f"test_dice_{phase}"] = float(group["dice"].mean())
-    metrics[COMPLETION_METRIC] = float(frame["dice"].mean())
-    return metrics
-
-
-def normalise_dice_table(rows: Any) -> Any:
-    """The per-subject table as a DataFrame with string ``phase``/``class`` and float ``dice``.
-
-    Raises:
-        GridError: columns are missing or the table is empty.
-    """
-    import pandas as pd
-
-    from datastore.conventions import LABEL_NAMES, PHASE_NAMES
-
-    frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows or []))
-    missing = {"subject_id", "phase", "class", "dice"} - set(frame.columns)
-    if frame.empty or missing:
-        raise GridError(f"per-subject Dice table is empty or lacks columns {sorted(missing)}")
-    frame["subject_id"] = frame["subject_id"].astype(str)
-    frame["phase"] = frame["phase"].map(lambda p: PHASE_NAMES.get(p, p) if not isinstance(p, str) else p)
-    frame["class"] = frame["class"].map(lambda c: LABEL_NAMES.get(c, c) if not isinstance(c, str) else c)
-    frame["dice"] = frame["dice"].astype(float)
-    return frame
-
-
-# -- the Tune trial ------------------------------------------------------------------------------
-
-
-def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
+def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Tune function trainable of one cell: under the cell's run lock, fit it and record the results.
 
-    ``config["cell"]`` is a plain dict (see ``_trial_config``). Runs in a Ray actor. A cell another
+    ``config["cell"]`` is a ``CellTrial`` as JSON (see ``_trial``). Runs in a Ray actor. A cell another
     grid is running fails with the holder's pid and host, and its MLflow run is left alone.
     """
     from orchestrator.run_lock import RUN_LOCK_NAME
 
-    cell = config["cell"]
-    with run_lock(Path(cell["loop_config"]["output"]) / RUN_LOCK_NAME, f"grid cell {cell['name']}"):
+    cell = CellTrial.model_validate(config["cell"])
+    with run_lock(Path(cell.job.output) / RUN_LOCK_NAME, f"grid cell {cell.name}"):
         _run_cell(cell, worker_fn)
 
 
-def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
+def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Fit one cell's ``TorchTrainer``, then record the results."""
     import ray.train
     from ray import tune
@@ -440,24 +322,27 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
+    from trainers.jobs import FinetuneJob
 
-    output = Path(cell["loop_config"]["output"])
-    tracker = MlflowTracker(cell["tracking_uri"], cell["run_id"], spool=output / SPOOL_NAME)
-    use_gpu = cell["gpus_per_trial"] > 0
-    per_worker: dict[str, float] = {"CPU": cell["cpus_per_worker"]}
+    output = Path(cell.job.output)
+    cell = cell.model_copy(update={"run_id": start_cell_run(cell)})  # the cell's run starts when its training does
+    tracker = MlflowTracker(cell.tracking_uri, cell.run_id, spool=output / SPOOL_NAME)
+    use_gpu = cell.gpus_per_trial > 0
+    per_worker: dict[str, float] = {"CPU": cell.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = cell["gpus_per_trial"] / cell["workers"]
-    loop_config = {**cell["loop_config"], "tracker": tracker}
+        per_worker["GPU"] = cell.gpus_per_trial / cell.workers
+    job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
     trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config=loop_config,
+        monitored(  # the typed job crosses into the workers as is
+            functools.partial(worker_fn, job), settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
+        ),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cell["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=cell.workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(
-            name=cell["name"],
-            storage_path=cell["storage_path"],
-            failure_config=ray.train.FailureConfig(max_failures=cell["max_failures"]),
+            name=cell.name,
+            storage_path=cell.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cell.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
@@ -469,7 +354,7 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
         rows = returned.get("dice") if isinstance(returned, dict) else returned
         if isinstance(returned, dict) and returned.get("init_sha256"):
             # the exact weights file the worker loaded (last or best checkpoint of the run)
-            tracker.set_tags({"init_weights_sha256": str(returned["init_sha256"])})
+            tracker.set_tags({"sspctl.init_weights_sha256": str(returned["init_sha256"])})
         metrics = _record_cell(cell, rows, tracker)
     except BaseException:
         _set_status_quietly(cell, "FAILED")
@@ -477,15 +362,15 @@ def _run_cell(cell: dict[str, Any], worker_fn: Callable[[dict], Any]) -> None:
     tune.report({**metrics, "cell_done": 1})
 
 
-def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, float]:
+def _record_cell(cell: CellTrial, rows: Any, tracker: Any) -> dict[str, float]:
     """Write the per-subject CSV and completion marker, log metrics and artifacts, finish the run."""
-    output = Path(cell["loop_config"]["output"])
+    output = Path(cell.job.output)
     output.mkdir(parents=True, exist_ok=True)
     frame = normalise_dice_table(rows)
     csv_path = output / PER_SUBJECT_ARTIFACT
     frame.to_csv(csv_path, index=False)
     metrics = dice_metrics(frame)
-    tracker.log_metrics(metrics, step=int(cell["loop_config"]["config"]["epochs"]))
+    tracker.log_metrics(metrics, step=int(cell.job.config["epochs"]))
     tracker.log_artifact(csv_path)
     # The fine-tuned weights and figures the worker left in its directory; the worker logs its
     # evaluation files under "evaluation/" itself, and logging the same path again only overwrites.
@@ -494,62 +379,50 @@ def _record_cell(cell: dict[str, Any], rows: Any, tracker: Any) -> dict[str, flo
     for name in ("model.pt", "model.json"):
         if (output / name).is_file():
             tracker.log_artifact(output / name, "model")
+    if cell.run_id and (output / "model.json").is_file():
+        from orchestrator.mlflow_models import log_cell_model
+
+        log_cell_model(cell.tracking_uri, cell.run_id, output)
     tracker.set_status("FINISHED")  # queued behind anything an outage holds back (docs/failures.md)
-    marker = {"cell": cell["name"], "run_id": cell["run_id"], "metrics": metrics, "finished_at": time.time()}
+    marker = {"cell": cell.name, "run_id": cell.run_id, "metrics": metrics, "finished_at": time.time()}
     (output / MARKER_NAME).write_text(json.dumps(marker, indent=2))
     return metrics
 
 
-def _set_status_quietly(cell: dict[str, Any], status: str, only_if_running: bool = False) -> None:
+def _set_status_quietly(cell: CellTrial, status: str, only_if_running: bool = False) -> None:
     from orchestrator.study_tracking import client_for
 
     try:
-        client = client_for(cell["tracking_uri"])
-        if only_if_running and client.get_run(cell["run_id"]).info.status != "RUNNING":
+        run_id = cell_run_id(cell)
+        if not run_id:
+            return  # the cell never started: it has no run
+        client = client_for(cell.tracking_uri)
+        if only_if_running and client.get_run(run_id).info.status != "RUNNING":
             return  # the cell finished (or failed) on its own before the grid stopped
-        client.set_terminated(cell["run_id"], status=status)
+        client.set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the cell
-        log.warning("could not set MLflow run %s to %s (%s)", cell["run_id"], status, exc)
+        log.warning("could not set MLflow run %s to %s (%s)", cell.run_id, status, exc)
 
 
-def _trial_config(
-    cell: Cell,
-    run_id: str,
-    spec: GridSpec,
-    store: str,
-    split: str,
-    output: Path,
-    tracking_uri: str,
-    storage_path: str,
-) -> dict[str, Any]:
-    """The plain-dict description of a cell a Tune trial receives (its ``param_space`` entry)."""
-    loop_config = {
-        "store": store,
-        "split": split,
-        "config": cell.config,
-        "output": str(output),
-    }
-    return {
-        "name": cell.name,
-        "method": cell.method,
-        "budget": cell.budget,
-        "seed": cell.seed,
-        "train_seed": cell.train_seed,
-        "run_id": run_id,
-        "tracking_uri": tracking_uri,
-        "storage_path": storage_path,
-        "workers": spec.workers_per_trial,
-        "gpus_per_trial": spec.gpus_per_trial,
-        "cpus_per_worker": spec.cpus_per_worker,
-        "max_failures": spec.max_failures,
-        "loop_config": loop_config,
-    }
+def _trial(
+    cell: Cell, run_id: str, tracking: StudyTracking, parent_run_id: str, tags: dict[str, str], spec: GridSpec,
+    job: CellJob, storage_path: str,
+) -> CellTrial:
+    """The description of a cell its Tune trial receives (its ``param_space`` entry, dumped to JSON)."""
+    return CellTrial(
+        name=cell.name, method=cell.method, budget=cell.budget, seed=cell.seed, train_seed=cell.train_seed,
+        run_id=run_id, tracking_uri=tracking.tracking_uri, study=tracking.study,
+        experiment_id=tracking.experiment_id, parent_run_id=parent_run_id, tags=tags, planned_at=time.time(),
+        storage_path=storage_path, workers=spec.workers_per_trial, gpus_per_trial=spec.gpus_per_trial,
+        cpus_per_worker=spec.cpus_per_worker, max_failures=spec.max_failures,
+        system_metrics_interval_s=sampling_interval() if spec.system_metrics else None, job=job,
+    )
 
 
 # -- the grid ------------------------------------------------------------------------------------
 
 
-def _default_worker() -> Callable[[dict], Any]:
+def _default_worker() -> Callable[[FinetuneJob], Any]:
     from trainers.finetune import finetune_worker
 
     return finetune_worker
@@ -602,52 +475,19 @@ class GridPlan:
     workspace: Workspace
     cells: list[Cell]
     skipped: dict[str, CellOutcome]
-    pending: list[dict[str, Any]]
+    pending: list[CellTrial]
 
 
-def plan_grid(
-    store: str | Path,
-    split: str | Path,
-    budgets: Sequence[Budget],
-    seeds: Sequence[int],
-    pretrained: Mapping[str, str | Path] | None = None,
-    methods: Sequence[str] | None = None,
-    workers_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    cpus_per_worker: float = 1.0,
-    config: Mapping[str, Any] | None = None,
-    study: str | None = None,
-    workspace: Workspace | None = None,
-    max_failures: int = 1,
-    train_seeds: Sequence[int] = (0,),
-    replicated_budgets: Sequence[Budget] | None = None,
-) -> GridPlan:
+def plan_grid(request: GridRequest) -> GridPlan:
     """Validate the inputs, build the cells, find-or-create their MLflow runs, find what is complete.
 
-    Arguments as for ``run_grid``. Creates the study's experiment, the grid's parent run and one
-    child run per cell (idempotent), but starts no training.
+    Creates the study's experiment and the grid's parent run (idempotent), but starts no training.
 
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
     """
-    from pydantic import ValidationError
-
-    from orchestrator.configio import format_validation_error
-
-    workspace = workspace or Workspace.resolve()
-    pretrained = dict(pretrained or {})
-    chosen = list(methods) if methods else [SCRATCH, *pretrained]
-    try:
-        spec = GridSpec(
-            methods=tuple(dict.fromkeys([SCRATCH, *chosen])), budgets=tuple(budgets), seeds=tuple(seeds),
-            train_seeds=tuple(train_seeds),
-            replicated_budgets=None if replicated_budgets is None else tuple(replicated_budgets),
-            workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
-            cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        )
-    except ValidationError as exc:
-        raise GridError(format_validation_error(exc, "grid")) from None
-    store_path, split_path, dataset_hash, image_size, split_digest = _inputs(store, split)
+    spec, workspace, pretrained, study = request.spec, request.workspace, request.pretrained, request.study
+    store_path, split_path, dataset_hash, image_size, split_digest = _inputs(request.store, request.split)
     _check_split(split_path, spec)
     check_split_subjects(split_path, store_path)  # every id, before any cell starts
     needed = {ARMS[m].init for m in spec.methods}
@@ -658,7 +498,7 @@ def plan_grid(
             raise GridError(f"{run.path / 'manifest.json'}: image_size {size} differs from the store's {image_size}")
         if run.manifest.get("dataset_hash") not in (None, dataset_hash):
             log.warning("%s was pretrained on another dataset (%s)", run.path, run.manifest.get("dataset_hash"))
-    base = {"image_size": image_size, **dict(config or {})}
+    base = {"image_size": image_size, **request.config}
     cells = build_cells(spec, base, runs, dataset_hash, split_digest)
 
     study_name = study or default_study_name(dataset_hash)
@@ -673,91 +513,54 @@ def plan_grid(
                 "base_config": dict(base)},
     )
     skipped: dict[str, CellOutcome] = {}
-    pending: list[dict[str, Any]] = []
+    pending: list[CellTrial] = []
     for cell in cells:
-        run_id = cell_run(
-            tracking, cell.name, parent, tags={**cell.tags, "dataset_hash": dataset_hash}, params=cell.config
-        )
+        run_id = existing_cell_run(tracking, cell.name) or ""  # a new cell's run is created when it starts
         output = cell_output_dir(workspace, study_name, cell)
         replay_left_over(output)  # what a tracking outage kept back, the final status included
-        if is_complete(output, tracking, run_id):
+        if run_id and is_complete(output, tracking, run_id):
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
-        pending.append(_trial_config(cell, run_id, spec, store_path, split_path, output,
-                                     workspace.tracking_uri, workspace.storage_path))
+        job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output))
+        pending.append(_trial(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash}, spec, job,
+                              workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)
 
 
 def run_grid(
-    store: str | Path,
-    split: str | Path,
-    budgets: Sequence[Budget],
-    seeds: Sequence[int],
-    pretrained: Mapping[str, str | Path] | None = None,
-    methods: Sequence[str] | None = None,
-    workers_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    cpus_per_worker: float = 1.0,
-    config: Mapping[str, Any] | None = None,
-    study: str | None = None,
-    workspace: Workspace | None = None,
-    worker_fn: Callable[[dict], Any] | None = None,
+    request: GridRequest,
+    worker_fn: Callable[[FinetuneJob], Any] | None = None,
     num_cpus: int | None = None,
-    max_failures: int = 1,
     progress: bool = True,
-    train_seeds: Sequence[int] = (0,),
-    replicated_budgets: Sequence[Budget] | None = None,
 ) -> GridOutcome:
-    """Run (or resume) the fine-tuning grid and return every cell's outcome.
+    """Run (or resume) the fine-tuning grid of ``request`` and return every cell's outcome.
 
-    Args:
-        store: the Zarr slice store.
-        split: the split YAML (``datastore/splits.py``).
-        budgets: labelled subjects per cell (or ``"all"``); seeds: subset seeds (which subjects a
-            budget labels); train_seeds: training seeds, the replicate runs of every arm x budget x
-            subset seed (``scratch-b`` adds its offset to each); replicated_budgets: the budgets
-            that get every training seed (default all; the others get the first only).
-        pretrained: run kind (SSP method or ``supervised``) -> pretraining run directory or run
-            name under ``<workspace>/pretrain/``. When the ``supervised`` arm is asked for without a
-            run, the positive-control model is trained first (``orchestrator/controls.py``).
-        methods: arms to run (default: scratch + every pretrained method); scratch is always included.
-        workers_per_trial / gpus_per_trial / cpus_per_worker: resources of one cell.
-        config: base ``FinetuneConfig`` keys (from ``--config`` and flags such as ``epochs``);
-            ``image_size`` defaults to the store's. ``part`` applies to MIM only.
-        study: MLflow experiment name (default ``sspctl-{dataset hash8}``).
-        workspace: where MLflow, Ray storage and outputs live (default ``Workspace.resolve()``).
-        worker_fn: the per-worker Train function (default ``trainers.finetune.finetune_worker``).
-        num_cpus: logical CPUs of a local Ray started here (ignored when joining ``RAY_ADDRESS``
-            or when Ray is already initialised).
-        max_failures: worker-group restarts per cell before it is marked failed.
-        progress: show a progress bar over cells.
+    When the ``supervised`` arm is asked for without a run, the positive-control model is trained
+    first (``orchestrator/controls.py``). ``worker_fn`` is the per-worker Train function (default
+    ``trainers.finetune.finetune_worker``); ``num_cpus`` the logical CPUs of a local Ray started here
+    (ignored when joining ``RAY_ADDRESS`` or when Ray is already initialised); ``progress`` shows a
+    progress bar over cells.
 
     Raises:
         GridError: bad arguments or inputs (one line naming the flag or file).
     """
-    pretrained = dict(pretrained or {})
-    if methods and SUPERVISED in methods and SUPERVISED not in pretrained:
+    if SUPERVISED in request.spec.methods and SUPERVISED not in request.pretrained:
         from orchestrator.controls import ensure_supervised_init
 
-        workspace = workspace or Workspace.resolve()
-        store_path, split_path, _, image_size, _ = _inputs(store, split)
-        pretrained[SUPERVISED] = ensure_supervised_init(
-            store_path, split_path, {"image_size": image_size, **dict(config or {})}, workspace, progress=progress
+        store_path, split_path, _, image_size, _ = _inputs(request.store, request.split)
+        run = ensure_supervised_init(
+            store_path, split_path, {"image_size": image_size, **request.config}, request.workspace, progress=progress
         )
-    plan = plan_grid(
-        store, split, budgets, seeds, pretrained=pretrained, methods=methods,
-        workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
-        config=config, study=study, workspace=workspace, max_failures=max_failures, train_seeds=train_seeds,
-        replicated_budgets=replicated_budgets,
-    )
+        request = request.model_copy(update={"pretrained": {**request.pretrained, SUPERVISED: str(run)}})
+    plan = plan_grid(request)
     with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):
         return execute_plan(plan, worker_fn=worker_fn, num_cpus=num_cpus, progress=progress)
 
 
 def execute_plan(
     plan: GridPlan,
-    worker_fn: Callable[[dict], Any] | None = None,
+    worker_fn: Callable[[FinetuneJob], Any] | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
 ) -> GridOutcome:
@@ -770,8 +573,6 @@ def execute_plan(
     outcomes: dict[str, CellOutcome] = dict(plan.skipped)
     if plan.pending:
         tracking.client.update_run(plan.parent_run_id, status="RUNNING")
-        for trial in plan.pending:
-            tracking.client.update_run(trial["run_id"], status="RUNNING")
         by_name = {c.name: c for c in plan.cells}
         try:
             with ray_session(num_cpus=num_cpus):
@@ -784,9 +585,10 @@ def execute_plan(
             set_status(tracking, plan.parent_run_id, status)
             raise
         for trial in plan.pending:
-            metrics, error = results.get(trial["name"], ({}, "trial did not report"))
+            metrics, error = results.get(trial.name, ({}, "trial did not report"))
             status = "done" if error is None else "failed"
-            outcomes[trial["name"]] = CellOutcome(by_name[trial["name"]], status, trial["run_id"], metrics, error)
+            run_id = cell_run_id(trial) or ""
+            outcomes[trial.name] = CellOutcome(by_name[trial.name], status, run_id, metrics, error)
             if error is not None:  # errored, or stopped by Ctrl-C before it finished
                 _set_status_quietly(trial, "FAILED" if "did not report" not in error else "KILLED")
     ordered = [outcomes[c.name] for c in plan.cells]
@@ -796,11 +598,11 @@ def execute_plan(
 
 
 def _fit_tuner(
-    pending: list[dict[str, Any]],
+    pending: list[CellTrial],
     spec: GridSpec,
     grid_id: str,
     workspace: Workspace,
-    worker_fn: Callable[[dict], Any],
+    worker_fn: Callable[[FinetuneJob], Any],
     progress: bool,
 ) -> dict[str, tuple[dict[str, float], str | None]]:
     """Run the pending cells as one FIFO Tune experiment; return ``name -> (metrics, error)``."""
@@ -814,7 +616,7 @@ def _fit_tuner(
     callbacks = [_progress_callback(len(pending))] if progress else []
     tuner = tune.Tuner(
         trainable,
-        param_space={"cell": tune.grid_search(pending)},
+        param_space={"cell": tune.grid_search([trial.model_dump(mode="json") for trial in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrent,
             trial_name_creator=lambda trial: trial.config["cell"]["name"],

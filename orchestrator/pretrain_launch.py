@@ -5,7 +5,7 @@ the resolved method config, the subject list and the validation subjects (they c
 checkpoint), and nothing else (no time, no worker count). So:
 
 * rerunning the same command resumes the same Ray Train run (same ``RunConfig(name, storage_path)``)
-  from its last checkpoint, and logs into the same MLflow run (found by its ``sspctl_key`` tag);
+  from its last checkpoint, and logs into the same MLflow run (found by its ``sspctl.key`` tag);
 * a run whose ``manifest.json`` exists is finished: it is not retrained, the command prints where it is;
 * changing the config or the data gives a new run name, so an old checkpoint is never resumed with
   a different recipe.
@@ -16,6 +16,7 @@ checkpoints under ``<workspace>/ray/<run_name>/``, the MLflow run in the workspa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,15 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.workspace import Workspace
 
+if TYPE_CHECKING:
+    from trainers.jobs import PretrainJob
+
 log = logging.getLogger("sspctl.pretrain")
-
-#: ``sspctl_kind`` tag of a pretraining run (its parent, per method, is ``sspctl_kind=pretrain``).
-RUN_KIND = "pretrain_run"
-
 
 class LaunchError(ValueError):
     """The run cannot be launched; the message is one line naming the file/flag and the problem."""
@@ -57,6 +57,7 @@ class PretrainRequest:
     runtime: dict[str, Any] = field(default_factory=dict)
     fault_inject: str | None = None
     study: str | None = None
+    system_metrics: bool = False  # MLflow system/* metrics from rank 0 (orchestrator/system_metrics.py)
 
 
 @dataclass(frozen=True)
@@ -175,20 +176,18 @@ def ensure_mlflow_run(
 ) -> str | None:
     """The id of this run's MLflow run, found by its deterministic name tag or created.
 
-    Layout (``orchestrator.study_tracking``): experiment ``study``; the run nests under the method's
-    parent run ``pretrain-{method}``; tags ``sspctl_kind=pretrain_run``, ``sspctl_key=<run_name>``.
-    A run left FAILED/KILLED by an earlier attempt is set back to RUNNING. Returns ``None`` (and warns)
-    when the tracking server cannot be reached: training then runs untracked rather than not at all.
+    Layout (``orchestrator.study_tracking``): experiment ``study``; a top-level run named
+    ``run_name`` with tags ``sspctl.kind=pretrain_run``, ``sspctl.key=<run_name>``, ``sspctl.method``,
+    ``sspctl.dataset_hash``. A run left FAILED/KILLED by an earlier attempt is set back to RUNNING.
+    Returns ``None`` (and warns) when the tracking server cannot be reached: training then runs
+    untracked rather than not at all.
     """
     from orchestrator import study_tracking as st
 
     uri = workspace.tracking_uri
     try:
         handle = st.open_study(uri, study, artifact_root=workspace.artifact_root)
-        parent = st.pretrain_parent_run(handle, method, dataset_hash)
-        all_tags = {st.KIND_TAG: RUN_KIND, st.KEY_TAG: run_name, st.PARENT_TAG: parent, "method": method,
-                    "dataset_hash": dataset_hash, **tags}
-        run_id, created = st.find_or_create_run(handle, run_name, all_tags)
+        run_id, created = st.pretrain_run(handle, run_name, {"method": method, "dataset_hash": dataset_hash, **tags})
         if not created:
             handle.client.update_run(run_id, status="RUNNING")
         return run_id
@@ -206,7 +205,7 @@ class ProgressMonitor:
     """Polls rank 0's ``progress.json`` and shows a tqdm bar: epoch, loss, slices/s, ETA."""
 
     def __init__(self, run_dir: Path, interval_s: float = 0.5, enabled: bool = True) -> None:
-        from trainers.pretrain import PROGRESS_FILE
+        from trainers.pretrain_outputs import PROGRESS_FILE
 
         self.path = run_dir / PROGRESS_FILE
         self.interval_s = interval_s
@@ -307,7 +306,7 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
         ray.train.WorkerGroupError / ray.train.ControllerError: training failed after ``max_failures``.
     """
     from datastore.store import SliceStore, StoreError
-    from trainers.pretrain import RuntimeOptions, per_rank_batch
+    from trainers.runtime import RuntimeOptions, per_rank_batch
 
     if request.workers < 1:
         raise LaunchError(f"--workers must be >= 1, got {request.workers}")
@@ -378,6 +377,10 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
             raise LaunchError(str(exc)) from None
         replay_left_over(run_dir, echo)
         echo(f"{run_name} is already finished: weights in {run_dir} (delete that directory to retrain)")
+        if manifest.get("mlflow_run_id"):  # registers the parts of a run finished before the registry was used
+            from orchestrator.mlflow_models import register_pretrained
+
+            register_pretrained(uri, manifest["mlflow_run_id"], run_dir)
         return PretrainOutcome(run_name, run_dir, manifest, manifest.get("mlflow_run_id"), uri, skipped=True)
 
     n_subjects = len(plan.store.subjects) if plan.subjects is None else len(plan.subjects)
@@ -397,19 +400,30 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
     })
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
 
-    tracker = MlflowTracker(uri, run_id, spool=run_dir / SPOOL_NAME) if run_id is not None else None
-    loop_config = {
-        "store": str(request.store), "subjects": plan.subjects, "valid_subjects": plan.valid, "config": plan.resolved,
-        "runtime": plan.runtime,
-        "run_name": run_name, "output": str(run_dir), "dataset_hash": plan.dataset_hash, "tracker": tracker,
-        "mlflow_run_id": run_id, "fault_inject": request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
-    }
+    tracker = None
+    if run_id is not None:
+        from orchestrator.mlflow_data import CONTEXT_PRETRAINING, log_store_inputs
+
+        log_store_inputs(uri, run_id, str(request.store), [(study if plan.subjects is None else f"{study}/train", CONTEXT_PRETRAINING, plan.subjects)], split=request.split)
+        tracker = MlflowTracker(uri, run_id, spool=run_dir / SPOOL_NAME)
+    from trainers.jobs import PretrainJob
+
+    job = PretrainJob(
+        store=str(request.store), subjects=plan.subjects, valid_subjects=plan.valid, config=plan.resolved,
+        runtime=plan.runtime, run_name=run_name, output=run_dir, dataset_hash=plan.dataset_hash, tracker=tracker,
+        mlflow_run_id=run_id, fault_inject=request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
+    )
     from orchestrator.ray_session import ray_session
 
     status = "FAILED"
     try:
         with ray_session(num_cpus=local_cluster_cpus(request)):
-            result = _fit(request, run_name, loop_config, run_dir, progress)
+            result = _fit(request, run_name, job, run_dir, progress)
+        if run_id is not None:  # the weights as registered MLflow models, before the run ends
+            from orchestrator.mlflow_models import register_pretrained
+
+            for part, model_uri in register_pretrained(uri, run_id, run_dir).items():
+                echo(f"registered {part}: {model_uri}")
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -435,16 +449,19 @@ def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:
             f"{', '.join(best['files'].values())}")
 
 
-def _fit(request: PretrainRequest, run_name: str, loop_config: dict[str, Any], run_dir: Path, progress: bool) -> Any:
+def _fit(request: PretrainRequest, run_name: str, job: PretrainJob, run_dir: Path, progress: bool) -> Any:
     """Build the ``TorchTrainer`` and fit it while the progress monitor runs."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from trainers.pretrain import pretrain_worker
 
+    from orchestrator.system_metrics import monitored, sampling_interval, settings_for
+
+    interval = sampling_interval() if request.system_metrics else None
+    settings = settings_for(interval, request.workspace.tracking_uri, job.mlflow_run_id)
     trainer = TorchTrainer(
-        pretrain_worker,
-        train_loop_config=loop_config,
+        monitored(functools.partial(pretrain_worker, job), settings),  # the typed ``PretrainJob`` crosses as is
         scaling_config=_scaling(request),
         run_config=RunConfig(
             name=run_name,

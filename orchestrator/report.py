@@ -51,6 +51,7 @@ from orchestrator.study_tracking import (
     find_runs,
     grid_runs,
     open_study,
+    run_tag,
 )
 
 log = logging.getLogger("sspctl.report")
@@ -191,8 +192,8 @@ def _grid_info(run: Any) -> GridInfo:
         run_id=run.info.run_id,
         name=run.info.run_name or f"grid-{tags.get(KEY_TAG, '?')}",
         grid_id=tags.get(KEY_TAG, ""),
-        dataset_hash=tags.get("dataset_hash", ""),
-        split=tags.get("split", ""),
+        dataset_hash=run_tag(run, "dataset_hash"),
+        split=run_tag(run, "split"),
         status=run.info.status,
         last_activity_ms=max(run.info.start_time or 0, run.info.end_time or 0),
     )
@@ -241,7 +242,7 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
     Raises:
         ReportError: the grid has no finished cell with a readable per-subject table.
     """
-    from orchestrator.grid import normalise_dice_table
+    from orchestrator.results import normalise_dice_table
 
     notes: list[str] = []
     frames = []
@@ -249,7 +250,7 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
     latest: dict[tuple[str, str, str], Any] = {}
     for run in grid_cell_runs(study, grid):
         name = run.info.run_name
-        cell_hash = run.data.tags.get("dataset_hash", "")
+        cell_hash = run_tag(run, "dataset_hash")
         if cell_hash and grid.dataset_hash and cell_hash != grid.dataset_hash:
             notes.append(f"cell {name} skipped: dataset {cell_hash[:8]} differs from its grid's {grid.dataset_label}")
             continue
@@ -258,9 +259,8 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
             continue
         # A cell rerun inside the grid (the same arm, budget and seeds twice) counts once, from the
         # run that finished last.
-        tags = run.data.tags
-        key = (tags.get("method", "?"), str(tags.get("budget", "?")), str(tags.get("seed", "0")),
-               str(tags.get("train_seed", tags.get("seed", "0"))))
+        seed = run_tag(run, "seed", "0")
+        key = (run_tag(run, "method", "?"), run_tag(run, "budget", "?"), seed, run_tag(run, "train_seed", seed))
         previous = latest.get(key)
         if previous is not None and (previous.info.end_time or 0) > (run.info.end_time or 0):
             notes.append(f"cell {name} skipped: superseded by {previous.info.run_name}")
@@ -276,10 +276,9 @@ def load_grid_table(study: StudyTracking, grid: GridInfo, cache_dir: Path) -> tu
         except Exception as exc:  # noqa: BLE001 - one broken cell must not sink the report
             notes.append(f"cell {name} skipped: no readable {PER_SUBJECT_ARTIFACT} ({str(exc).splitlines()[0][:120]})")
             continue
-        tags = run.data.tags
         table = table.assign(
-            method=tags.get("method", "?"), budget=str(tags.get("budget", "?")), seed=int(tags.get("seed", 0)),
-            train_seed=int(tags.get("train_seed", tags.get("seed", 0))), run_id=run.info.run_id, cell=name,
+            method=run_tag(run, "method", "?"), budget=run_tag(run, "budget", "?"), seed=int(run_tag(run, "seed", "0")),
+            train_seed=int(run_tag(run, "train_seed", run_tag(run, "seed", "0"))), run_id=run.info.run_id, cell=name,
         )
         frames.append(table)
         finished.append(run)
@@ -516,8 +515,8 @@ def collect_overlays(study: StudyTracking, runs: Sequence[Any], output: Path) ->
     An overlay is any logged ``.png`` artifact whose name contains ``overlay``.
     """
     chosen: dict[tuple[str, str], Any] = {}
-    for run in sorted(runs, key=lambda r: int(r.data.tags.get("seed", 0))):
-        key = (run.data.tags.get("method", "?"), str(run.data.tags.get("budget", "?")))
+    for run in sorted(runs, key=lambda r: int(run_tag(r, "seed", "0"))):
+        key = (run_tag(run, "method", "?"), run_tag(run, "budget", "?"))
         chosen.setdefault(key, run)
     found = []
     for (method, budget), run in sorted(chosen.items(), key=lambda kv: (method_key(kv[0][0]), budget_key(kv[0][1]))):
@@ -671,7 +670,7 @@ def build_report(
     report.files = write_report(report, output, plots, overlays)
     from orchestrator.breakdown import write_breakdown  # per dataset and test vendor (issue 12)
 
-    store_path = tracking.client.get_run(chosen.run_id).data.tags.get("store", "")
+    store_path = run_tag(tracking.client.get_run(chosen.run_id), "store")
     report.files.update(write_breakdown(table, store_path, chosen.split, output))
     report.files.update({f"plot_{cls}": p for cls, p in plots.items()})
     (output / "summary.json").write_text(json.dumps(report.rows(), indent=1))

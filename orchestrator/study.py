@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.arms import ARMS, SSP_METHODS
+from orchestrator.grid_spec import GridAxes
 from orchestrator.workspace import Workspace
 
-Budget = int | Literal["all"]
 #: Arms a study adds besides scratch and its pretrained methods (``orchestrator/arms.py``).
 EXTRA_ARMS = tuple(name for name, arm in ARMS.items() if arm.role != "reference" and name not in SSP_METHODS)
 
@@ -70,22 +70,15 @@ class PretrainSection(_Section):
         return value
 
 
-class FinetuneSection(_Section):
-    budgets: tuple[Budget, ...] = Field((10, 15, 25, 50, "all"), description="labelled subjects per cell")
-    seeds: tuple[int, ...] = Field((0, 1, 2), description="subset seeds: which subjects a budget labels")
-    train_seeds: tuple[int, ...] = Field(
-        (0,), description="training seeds: replicate runs per arm x budget x subset seed (published: 0 only)"
-    )
-    replicated_budgets: tuple[Budget, ...] | None = Field(
-        None, description="budgets that get every training seed; the others get the first (default: all budgets)"
-    )
+class FinetuneSection(GridAxes):
+    """The study's grid: its axes and cell resources are a ``GridAxes`` (the grid's own keys and rules);
+    the arms are scratch, the pretrained methods and ``extra_arms``."""
+
     extra_arms: tuple[str, ...] = Field(
         (), description=f"arms besides scratch and the pretrained methods: {', '.join(EXTRA_ARMS)}"
     )
     config: Path | None = Field(None, description="FinetuneConfig YAML")
     epochs: int | None = Field(None, ge=1, description="override the fine-tuning epochs")
-    workers_per_trial: int = Field(1, ge=1)
-    gpus_per_trial: float = Field(0.0, ge=0)
 
     @field_validator("extra_arms")
     @classmethod
@@ -246,6 +239,24 @@ def named_split_files(config: StudyConfig, split: Path) -> dict[str, Path]:
     return {name: named_split_path(split, name) for name in config.split.named}
 
 
+def study_grid(
+    config: StudyConfig, workspace: Workspace, split: Path, pretrained: dict[str, Path], **axes: Any
+) -> Any:
+    """The study's ``GridRequest`` on ``split``: scratch, the pretrained methods and the extra arms over
+    the finetune section's axes (``axes`` override some of them).
+
+    Raises:
+        orchestrator.grid_spec.GridError: an axis does not validate.
+    """
+    from orchestrator.grid_spec import grid_request
+
+    section = config.finetune
+    return grid_request(
+        config.store, split, pretrained=pretrained, config=finetune_config(config), study=config.name,
+        workspace=workspace, methods=["scratch", *pretrained, *section.extra_arms], **{**section.axes(), **axes},
+    )
+
+
 def run_study(
     config: StudyConfig, workspace: Workspace, echo: Callable[[str], None] = print, progress: bool = True,
     report_dir: Path | None = None,
@@ -269,18 +280,12 @@ def run_study(
         arms = ["scratch", *pretrained, *section.extra_arms]
         echo(f"fine-tuning grid: {', '.join(arms)} x budgets {list(section.budgets)} x subset seeds "
              f"{list(section.seeds)} x training seeds {list(section.train_seeds)}")
-        grid_args = dict(
-            train_seeds=section.train_seeds, replicated_budgets=section.replicated_budgets,
-            pretrained=pretrained, methods=arms,
-            workers_per_trial=config.finetune.workers_per_trial,
-            gpus_per_trial=config.finetune.gpus_per_trial, config=finetune_config(config),
-            study=config.name, workspace=workspace, progress=progress,
-        )
-        grid = run_grid(config.store, split, section.budgets, section.seeds, **grid_args)
+        grid = run_grid(study_grid(config, workspace, split, pretrained), progress=progress)
         for name, path in named.items():
             # A named split has no budgets: budget 'all' is the same subjects for every subset seed.
             echo(f"fine-tuning grid on split {name}: {', '.join(arms)} x budget all")
-            named_grids[name] = run_grid(config.store, path, ("all",), section.seeds[:1], **grid_args)
+            request = study_grid(config, workspace, path, pretrained, budgets=("all",), seeds=section.seeds[:1])
+            named_grids[name] = run_grid(request, progress=progress)
     reports = report_dir or workspace.folder("reports", config.name)
     report = build_report(config.name, workspace.tracking_uri, reports, grid=grid.parent_run_id)
     outcome = StudyOutcome(split=split, pretrained=pretrained, grid=grid, report=report)

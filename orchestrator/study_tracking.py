@@ -1,17 +1,22 @@
 """The MLflow layout of a study: who creates which run, with which name and tags.
 
-One experiment per study. Inside it:
+One experiment per study, tagged ``mlflow.experimentKind=custom_model_development`` so the MLflow 3
+UI opens it on its runs table (not the GenAI view). Inside it:
 
-- a parent run per fine-tuning grid (``grid-{grid_id}``, tag ``sspctl_kind=grid``);
-- a parent run per pretraining method (``pretrain-{method}``, tag ``sspctl_kind=pretrain``) under
-  which the pretraining engineer's runs nest (``pretrain_parent_run``);
-- a child run per grid cell (``ft-{method}-b{budget}-s{seed}-{hash8}``, tag ``sspctl_kind=cell``)
-  tagged ``method``, ``budget``, ``seed``, ``pretrain_run_id``, ``dataset_hash`` and
-  ``mlflow.parentRunId``.
+- a pretraining run per pretraining command (``pretrain-{method}-{hash8}``, ``sspctl.kind=pretrain_run``);
+- a parent run per fine-tuning grid (``grid-{grid_id}``, ``sspctl.kind=grid``);
+- a child run per grid cell (``ft-{method}-b{budget}-s{seed}-{hash8}``, ``sspctl.kind=cell``)
+  tagged ``sspctl.method``, ``sspctl.budget``, ``sspctl.seed``, ``sspctl.pretrain_run_id``,
+  ``sspctl.dataset_hash`` and ``mlflow.parentRunId``. A cell's run is created when the cell starts
+  training (not when the grid is planned), so its duration is its training time.
+
+Every sspctl tag lives in the ``sspctl.`` namespace: callers pass plain names (``method``) and
+``namespaced`` prefixes them. Runs written before that (``sspctl_kind``, ``method``, ...) are
+migrated when their study is opened (``migrate_legacy_tags``), so resume finds them.
 
 Every run is found by its tags before it is created, so rerunning a command re-attaches to the
 same runs instead of creating duplicates (params are logged only at creation: MLflow forbids
-changing them). Tag keys use underscores so filters need no back-quoting.
+changing them).
 """
 
 from __future__ import annotations
@@ -21,22 +26,54 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.grid_spec import CellTrial
 
 log = logging.getLogger("sspctl.study")
 
+#: Prefix of every tag sspctl writes (``mlflow.*`` tags are MLflow's own).
+TAG_PREFIX = "sspctl."
 #: Tag naming what a run is in the study layout.
-KIND_TAG = "sspctl_kind"
-KIND_GRID, KIND_CELL, KIND_PRETRAIN = "grid", "cell", "pretrain"
-#: Tag holding a run's deterministic key (grid id, cell name, pretraining method).
-KEY_TAG = "sspctl_key"
+KIND_TAG = "sspctl.kind"
+KIND_GRID, KIND_CELL, KIND_PRETRAIN_RUN = "grid", "cell", "pretrain_run"
+#: Tag holding a run's deterministic key (grid id, cell name, pretraining run name).
+KEY_TAG = "sspctl.key"
 PARENT_TAG = "mlflow.parentRunId"
+#: Experiment tag the MLflow 3 UI reads to choose between its model-training and GenAI views.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Query of the MLflow UI that opens an experiment in the model-training view (see ``experiment_page``).
+UI_VIEW_QUERY = "workflowType=machine_learning"
+#: Tags of runs written before the ``sspctl.`` namespace, and their new names.
+LEGACY_TAGS = {
+    "sspctl_kind": KIND_TAG, "sspctl_key": KEY_TAG,
+    **{name: f"{TAG_PREFIX}{name}" for name in (
+        "method", "budget", "seed", "subset_seed", "train_seed", "arm_role", "init_part", "init_weights_sha256",
+        "pretrain_run_id", "dataset_hash", "split", "store", "ray_run_name", "ray_storage_path", "run_dir",
+    )},
+}
 #: The metric whose presence (with status FINISHED) marks a cell run complete.
 COMPLETION_METRIC = "test_dice_mean"
 #: Artifact path of a cell's per-subject Dice table (rows ``subject_id, phase, class, dice``).
 PER_SUBJECT_ARTIFACT = "per_subject_dice.csv"
 
 _FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def namespaced(tags: dict[str, Any]) -> dict[str, str]:
+    """``{"method": "simclr", "mlflow.parentRunId": p}`` -> ``{"sspctl.method": "simclr", "mlflow.parentRunId": p}``.
+
+    Keys already under ``sspctl.`` or ``mlflow.`` are kept; values become strings.
+    """
+    return {(k if k.startswith((TAG_PREFIX, "mlflow.")) else f"{TAG_PREFIX}{k}"): str(v) for k, v in tags.items()}
+
+
+def run_tag(run: Any, name: str, default: str = "") -> str:
+    """Tag ``sspctl.{name}`` of an MLflow ``Run`` (or its pre-namespace spelling ``{name}``)."""
+    tags = run.data.tags
+    return str(tags.get(f"{TAG_PREFIX}{name}", tags.get(name, default)))
 
 
 def short_hash(payload: Any, length: int = 8) -> str:
@@ -92,12 +129,38 @@ def open_study(tracking_uri: str, study: str, artifact_root: str | None = None, 
             from orchestrator.paths import check_name
 
             location = f"{artifact_root.rstrip('/')}/{check_name(study, 'study')}"  # stays under the root
-        experiment_id = client.create_experiment(study, artifact_location=location)
-    else:
-        if experiment.lifecycle_stage == "deleted":
-            raise LookupError(f"study {study!r} is deleted in MLflow at {tracking_uri}; restore it or pick another --study")
-        experiment_id = experiment.experiment_id
-    return StudyTracking(tracking_uri, study, experiment_id)
+        experiment_id = client.create_experiment(
+            study, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+        return StudyTracking(tracking_uri, study, experiment_id)
+    if experiment.lifecycle_stage == "deleted":
+        raise LookupError(f"study {study!r} is deleted in MLflow at {tracking_uri}; restore it or pick another --study")
+    handle = StudyTracking(tracking_uri, study, experiment.experiment_id)
+    # a study made by an older sspctl: bring it to today's layout (idempotent, one search when done)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    migrate_legacy_tags(handle)
+    return handle
+
+
+def migrate_legacy_tags(study: StudyTracking) -> int:
+    """Rename the pre-namespace tags (``LEGACY_TAGS``) of the study's runs; returns the runs migrated.
+
+    Each run gets its new tags first and loses ``sspctl_kind`` last, so an interrupted migration is
+    finished by the next call and a run is always found under one of the two spellings.
+    """
+    client = study.client
+    runs = client.search_runs([study.experiment_id], filter_string="tags.sspctl_kind LIKE '%'", max_results=5000)
+    for run in runs:
+        tags = run.data.tags
+        for old, new in LEGACY_TAGS.items():
+            if old in tags and new not in tags:
+                client.set_tag(run.info.run_id, new, tags[old])
+        for old in [k for k in LEGACY_TAGS if k in tags and k != "sspctl_kind"] + ["sspctl_kind"]:
+            client.delete_tag(run.info.run_id, old)
+    if runs:
+        log.info("study %s: moved the tags of %d runs into the sspctl. namespace", study.study, len(runs))
+    return len(runs)
 
 
 def find_runs(study: StudyTracking, tags: dict[str, str]) -> list[Any]:
@@ -130,6 +193,7 @@ def find_or_create_run(
     """
     from orchestrator.tracking import flatten_params
 
+    tags = namespaced(tags)
     lookup = {key: tags[key] for key in key_tags}
     existing = find_runs(study, lookup)
     client = study.client
@@ -138,10 +202,10 @@ def find_or_create_run(
         if len(existing) > 1:
             log.warning("%d MLflow runs match %s; using the oldest (%s)", len(existing), lookup, run.info.run_id)
         for key, value in tags.items():
-            if run.data.tags.get(key) != str(value):
-                client.set_tag(run.info.run_id, key, str(value))
+            if run.data.tags.get(key) != value:
+                client.set_tag(run.info.run_id, key, value)
         return run.info.run_id, False
-    run = client.create_run(study.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    run = client.create_run(study.experiment_id, run_name=run_name, tags=tags)
     if params:
         from mlflow.entities import Param
 
@@ -158,17 +222,12 @@ def grid_parent_run(study: StudyTracking, grid_id: str, tags: dict[str, str], pa
     return run_id
 
 
-def pretrain_parent_run(study: StudyTracking, method: str, dataset_hash: str) -> str:
-    """Find-or-create the parent run ``pretrain-{method}`` of one pretraining method; returns its id.
+def pretrain_run(study: StudyTracking, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
+    """Find-or-create the run of one pretraining command (key ``run_name``); returns ``(run_id, created)``.
 
-    For the pretraining command: create the pretraining run itself with the tag
-    ``mlflow.parentRunId`` set to this id (and ``method``, ``dataset_hash``) so the UI nests it.
+    A top-level run of the study: it starts when the pretraining starts and ends with it.
     """
-    tags = {KIND_TAG: KIND_PRETRAIN, KEY_TAG: f"{method}-{dataset_hash[:8]}", "method": method, "dataset_hash": dataset_hash}
-    run_id, created = find_or_create_run(study, f"pretrain-{method}", tags)
-    if created:  # a container for the method's runs, with no work of its own: never left RUNNING
-        study.client.set_terminated(run_id, "FINISHED")
-    return run_id
+    return find_or_create_run(study, run_name, {KIND_TAG: KIND_PRETRAIN_RUN, KEY_TAG: run_name, **tags})
 
 
 def cell_run(
@@ -178,10 +237,19 @@ def cell_run(
     tags: dict[str, str],
     params: dict[str, Any] | None = None,
 ) -> str:
-    """Find-or-create the child run of one grid cell (by its deterministic ``cell_name``)."""
+    """Find-or-create the child run of one grid cell (by its deterministic ``cell_name``).
+
+    Call it when the cell starts training: a new run's start time is its creation time.
+    """
     all_tags = {KIND_TAG: KIND_CELL, KEY_TAG: cell_name, PARENT_TAG: parent_run_id, **tags}
     run_id, _ = find_or_create_run(study, cell_name, all_tags, params)
     return run_id
+
+
+def existing_cell_run(study: StudyTracking, cell_name: str) -> str | None:
+    """The id of the cell's run if an earlier invocation created it, else ``None`` (creates nothing)."""
+    runs = find_runs(study, {KIND_TAG: KIND_CELL, KEY_TAG: cell_name})
+    return runs[0].info.run_id if runs else None
 
 
 def run_is_complete(study: StudyTracking, run_id: str) -> bool:
@@ -203,3 +271,68 @@ def grid_runs(study: StudyTracking) -> list[Any]:
 def set_status(study: StudyTracking, run_id: str, status: str) -> None:
     """End a run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``)."""
     study.client.set_terminated(run_id, status=status)
+
+
+# -- a grid cell's run, from inside its Tune trial ------------------------------------------------
+#
+# ``cell`` below is the trial's ``orchestrator.grid_spec.CellTrial``: it carries ``tracking_uri``,
+# ``study``, ``experiment_id``, ``parent_run_id``, ``name``, ``tags``, ``planned_at`` (epoch
+# seconds), ``run_id`` ("" until the cell has a run) and the cell's ``job``.
+
+
+def _cell_study(cell: CellTrial) -> StudyTracking:
+    return StudyTracking(cell.tracking_uri, cell.study, cell.experiment_id)
+
+
+def cell_run_id(cell: CellTrial) -> str | None:
+    """The cell's run id: the one it carries, else the run found by its name (``None`` if it has none)."""
+    return cell.run_id or existing_cell_run(_cell_study(cell), cell.name)
+
+
+def start_cell_run(cell: CellTrial) -> str:
+    """Create (or re-attach to) the cell's run now that its training starts; returns its id ("" if MLflow is down).
+
+    Sets the run RUNNING, logs ``queue_time_s`` (seconds from grid planning to this start) and the
+    store as dataset inputs (the cell's training subset, context ``training``; the test set, context
+    ``test``) with the split file.
+    """
+    import time
+
+    from orchestrator.mlflow_data import cell_inputs, log_store_inputs
+
+    started = time.time()
+    try:
+        study = _cell_study(cell)
+        run_id = cell_run(study, cell.name, cell.parent_run_id, cell.tags, params=cell.job.config)
+        client = study.client
+        client.update_run(run_id, status="RUNNING")
+        client.log_metric(run_id, "queue_time_s", max(0.0, started - cell.planned_at))
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+        log.warning("cell %s: MLflow run not started (%s); training continues untracked", cell.name,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return ""
+    job = cell.job
+    try:
+        inputs = cell_inputs(cell.study, job.split, job.config["budget"], job.config["seed"])
+    except Exception as exc:  # noqa: BLE001 - the worker reports a bad split itself
+        log.warning("cell %s: no dataset inputs (%s)", cell.name, str(exc).splitlines()[0][:200])
+    else:
+        log_store_inputs(cell.tracking_uri, run_id, job.store, inputs, split=job.split)
+    return run_id
+
+
+def experiment_page(base_url: str, experiment_id: str) -> str:
+    """URL of an experiment's runs page in the MLflow UI's model-training view.
+
+    The MLflow 3.17 UI starts in its GenAI view whatever the experiment's kind tag says (it remembers
+    the last view per browser); ``workflowType=machine_learning`` is what its own view switch sets.
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?{UI_VIEW_QUERY}"
+
+
+def study_pages(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
+    """``(study, experiment_page)`` for every active experiment but MLflow's ``Default``."""
+    client = client_for(tracking_uri)
+    experiments = client.search_experiments(view_type=1, max_results=1000)  # 1 = ACTIVE_ONLY
+    return [(e.name, experiment_page(base_url, e.experiment_id))
+            for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"]

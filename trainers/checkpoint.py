@@ -192,6 +192,26 @@ def load_checkpoint(directory: str | Path) -> TrainState:
     )
 
 
+def restore(
+    state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+    scaler: Any | None = None, scheduler: Any | None = None,
+) -> None:
+    """Load ``state`` into a run's model, optimizer, ``GradScaler`` and LR scheduler, and restore the RNGs.
+
+    The scaler and the scheduler are restored when both the object and its saved state exist (a run
+    without a scaler ignores a saved one; pretraining keeps its schedule in closed form and passes no
+    scheduler).
+    """
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
+    if scheduler is not None and state.scheduler:
+        scheduler.load_state_dict(state.scheduler)
+    if state.rng:
+        restore_rng(state.rng)
+
+
 def resume_state(in_ray: bool) -> TrainState | None:
     """The last checkpoint Ray Train reported for this run (``None`` outside Ray or on a fresh run)."""
     if not in_ray:

@@ -17,27 +17,21 @@ One call is one rank of a data-parallel run (method-spec section 5):
   the encoder's gradients are dropped before the optimizer step for those epochs (SGD skips
   parameters without a gradient, as the published code does with ``requires_grad=False``).
 * **Optimiser.** SGD (nesterov, momentum 0.99, weight decay 3e-5), poly LR
-  ``lr0 * (1 - e / epochs) ** 0.9`` set once per epoch (``poly_factor``, the closed form of
-  ``PolynomialLR(total_iters=epochs, power=0.9)``).
-* **Checkpoints.** Every ``val_every`` epochs and after the last one all ranks call
-  ``ray.train.report`` with the metrics (``train_loss``, ``valid_loss``, ``valid_dice``...); rank 0
+  ``lr0 * (1 - e / epochs) ** 0.9`` set once per epoch (``trainers.schedules.poly_factor``, the closed
+  form of ``PolynomialLR(total_iters=epochs, power=0.9)``). Loss: ``trainers.losses.segmentation_loss``.
+* **Checkpoints.** Every ``val_every`` epochs and after the last one all ranks report
+  the metrics (``train_loss``, ``valid_loss``, ``valid_dice``...); rank 0
   attaches a safe checkpoint (``trainers.checkpoint``) of the *last* state. Rank 0 also keeps the
   weights of the lowest validation loss in ``<output>/best_model.pt``. A restarted worker group
-  resumes from ``ray.train.get_checkpoint()``.
+  resumes from the last reported checkpoint.
 * **Result.** Rank 0 writes the fine-tuned model (``<output>/model.pt`` + ``model.json``, the
   ``eval_checkpoint`` state, by default the last as published), evaluates the split's test subjects
   in native space (``trainers.evaluation``), writes ``test_dice3d.csv``, ``test_dice2d.csv`` and
   ``test_overlay.png`` into ``output`` and returns the per-subject table.
 
-``loop_config`` keys (all JSON-able except ``tracker``)::
-
-    store: str                store path/URL
-    split: str                split YAML path
-    config: dict              ``FinetuneConfig`` as a dict
-    output: str               absolute cell directory (model, tables, figure)
-    tracker: Tracker | None   picklable tracker, used by rank 0 only; None = no tracking
-    runtime: dict | None      ``trainers.pretrain.RuntimeOptions`` (sync BN, cache...)
-    evaluate: bool            evaluate the test subjects at the end (default True)
+The job is a ``trainers.jobs.FinetuneJob`` (store, split, config, output, tracker, runtime options,
+evaluate); the worker runtime (``trainers.runtime``) gives the rank, device, reductions, resume and
+report.
 """
 
 from __future__ import annotations
@@ -45,21 +39,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from trainers.augment import augment_pair
-from trainers.checkpoint import TrainState, capture_rng, restore_rng, resume_state, save_checkpoint
+from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.finetune_config import FinetuneConfig
-from trainers.pretrain import autocast
-from trainers.tracking import NullTracker, Tracker
+from trainers.jobs import FinetuneJob
+from trainers.losses.segmentation import segmentation_loss
+from trainers.optimizers import sgd
+from trainers.runtime import WorkerContext, autocast, per_rank_batch, resolve_precision, wrap_model
+from trainers.schedules import poly_factor
+from trainers.tracking import Tracker
 
 log = logging.getLogger("sspctl.finetune")
 
@@ -128,50 +125,11 @@ def save_model_dir(
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _ray_context() -> tuple[int, int, bool]:
-    """``(rank, world_size, in_ray)``: Ray Train's values inside a worker, ``(0, 1, False)`` outside."""
-    try:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        return ctx.get_world_rank(), ctx.get_world_size(), True
-    except Exception:  # noqa: BLE001 - plain process (unit use)
-        return 0, 1, False
-
-
-def _report(metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int, in_ray: bool) -> None:
-    if not in_ray:
-        return
-    import ray.train
-
-    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
-
-
-def _sum_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """All-reduce (sum) a float64 CPU vector over ranks; identity for one rank."""
-    if world_size == 1:
-        return values
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
-    out = values.to(device)
-    dist.all_reduce(out)
-    return out.cpu()
-
-
-# ----------------------------------------------------------------------------------------------
 # Epoch pieces
 # ----------------------------------------------------------------------------------------------
 
 
-def validate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device, world_size: int) -> dict[str, float]:
+def validate(model: nn.Module, loader: Any, ctx: WorkerContext) -> dict[str, float]:
     """Mean validation loss (deep-supervision loss, as in training) and mean 2D Dice per class.
 
     Every slice counts once per rank; the sums are reduced over ranks.
@@ -183,15 +141,15 @@ def validate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.de
     sums = torch.zeros(2 + len(FOREGROUND_CLASSES), dtype=torch.float64)  # loss*n, n, dice sums
     with torch.no_grad():
         for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
+            image, label = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
             heads = model(image, deep_supervision=True)
             n = image.shape[0]
-            sums[0] += float(loss_fn(heads, label)) * n
+            sums[0] += float(segmentation_loss(heads, label)) * n
             sums[1] += n
             dice = batch_dice_2d(heads[0].argmax(1).cpu(), label.cpu())
             sums[2:] += dice.sum(0)
     model.train()
-    sums = _sum_over_ranks(sums, world_size)
+    sums = ctx.reduce_sum(sums)
     n = max(float(sums[1]), 1.0)
     out = {"valid_loss": float(sums[0]) / n}
     per_class = {f"valid_dice_{LABEL_NAMES[c]}": float(sums[2 + j]) / n for j, c in enumerate(FOREGROUND_CLASSES)}
@@ -218,23 +176,9 @@ def epoch_batches(loader: Any, epoch: int, steps: int) -> Iterator[dict[str, tor
             return  # an empty loader: nothing to train on
 
 
-def poly_factor(epochs: int, power: float) -> Any:
-    """LR factor of epoch ``e``: ``(1 - e / epochs) ** power`` (0 from ``epochs`` on).
-
-    The closed form of ``torch.optim.lr_scheduler.PolynomialLR(total_iters=epochs, power)`` at integer
-    epochs; unlike that scheduler's recursive update it stays right when a resumed run changes
-    ``epochs``.
-    """
-
-    def factor(epoch: int) -> float:
-        return max(0.0, 1.0 - min(epoch, epochs) / epochs) ** power
-
-    return factor
-
-
 def train_step(
-    net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, image: torch.Tensor,
-    label: torch.Tensor, frozen: list[nn.Parameter] | None = None, amp_dtype: torch.dtype | None = None,
+    net: nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor, label: torch.Tensor,
+    frozen: list[nn.Parameter] | None = None, amp_dtype: torch.dtype | None = None,
 ) -> float:
     """One SGD step on ``image`` ``(B, 1, H, W)`` / ``label`` ``(B, H, W)``; returns the loss value.
 
@@ -243,7 +187,7 @@ def train_step(
     With ``amp_dtype`` (bf16) the forward pass and loss run under autocast; the backward does not.
     """
     with autocast(image.device, amp_dtype):
-        loss = loss_fn(net(image, deep_supervision=True), label)
+        loss = segmentation_loss(net(image, deep_supervision=True), label)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for p in frozen or ():
@@ -256,13 +200,58 @@ def _encoder_params(model: nn.Module) -> list[nn.Parameter]:
     return list(model.encoder.parameters())  # type: ignore[union-attr]
 
 
+
 # ----------------------------------------------------------------------------------------------
 # The worker
 # ----------------------------------------------------------------------------------------------
 
 
-def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """One rank of one fine-tuning cell (see the module docstring for ``loop_config``).
+@dataclass(frozen=True)
+class CellData:
+    """One rank's view of a cell's data: the store, its grid, the split's subjects and the loaders."""
+
+    store: Any
+    image_size: int
+    spacing_mm: float
+    split: Any
+    train_ids: list[str]
+    valid_ids: list[str]
+    batch: int
+    train: Any
+    valid: Any | None
+
+    @classmethod
+    def open(cls, job: FinetuneJob, ctx: WorkerContext) -> CellData:
+        """Open the store and the split, check the model grid, and build this rank's loaders.
+
+        Raises:
+            FinetuneError: ``config.image_size`` differs from the store's.
+        """
+        from datastore.loader import SliceLoader
+        from datastore.splits import load_split
+        from datastore.store import SliceStore
+
+        config, cache = job.config, job.runtime.cache
+        store = SliceStore.open(job.store)
+        image_size = store.image_size
+        spacing_mm = float(store.attrs.get("spacing", 1.25))
+        if config.image_size is not None and config.image_size != image_size:
+            raise FinetuneError(f"config.image_size: {config.image_size} px differs from the store's {image_size} px ({job.store})")
+        split = load_split(job.split)
+        train_ids, valid_ids = split.budget(config.budget, config.seed), split.subjects("valid")
+        batch = per_rank_batch(config.batch_size, ctx.world_size)
+        train = SliceLoader(job.store, train_ids, labelled_only=True, batch_size=batch, rank=ctx.rank,
+                            world_size=ctx.world_size, seed=config.training_seed, cache=cache, progress=False)
+        valid = None
+        if valid_ids:
+            valid = SliceLoader(job.store, valid_ids, labelled_only=True, batch_size=max(1, config.valid_batch_size // ctx.world_size),
+                                rank=ctx.rank, world_size=ctx.world_size, seed=config.seed, shuffle=False, drop_last=False,
+                                cache=cache, progress=False)
+        return cls(store, image_size, spacing_mm, split, train_ids, valid_ids, batch, train, valid)
+
+
+def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
+    """One rank of one fine-tuning cell.
 
     Returns (rank 0's value becomes ``Result.return_value``)::
 
@@ -275,181 +264,147 @@ def finetune_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     Other ranks return the same keys with an empty ``dice`` list and ``summary``.
     """
-    from datastore.loader import SliceLoader
-    from datastore.splits import load_split
-    from datastore.store import SliceStore
-    from trainers.losses.segmentation import SegmentationLoss
-    from trainers.pretrain import (
-        RuntimeOptions, augmentation_seed, per_rank_batch, resolve_precision, select_device, wrap_model,
-    )
-    from trainers.determinism import configure_determinism
-
-    rank, world_size, in_ray = _ray_context()
-    config = FinetuneConfig.model_validate(loop_config["config"])
-    options = RuntimeOptions.model_validate(loop_config.get("runtime") or {})
-    output = Path(loop_config["output"])
+    job = FinetuneJob.model_validate(job)
+    config, output = job.config, job.output
+    ctx = WorkerContext.start(deterministic=config.deterministic)
     output.mkdir(parents=True, exist_ok=True)
-    tracker: Tracker = (loop_config.get("tracker") or NullTracker()) if rank == 0 else NullTracker()
-    device = select_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    configure_determinism(config.deterministic, device)
+    tracker, device = job.tracker_for(ctx.rank), ctx.device
+    data = CellData.open(job, ctx)
+    steps_per_epoch = config.iterations_per_epoch or len(data.train)
 
-    store_path = loop_config["store"]
-    store = SliceStore.open(store_path)
-    image_size = store.image_size
-    spacing_mm = float(store.attrs.get("spacing", 1.25))
-    if config.image_size is not None and config.image_size != image_size:
-        raise FinetuneError(f"config.image_size: {config.image_size} px differs from the store's {image_size} px ({store_path})")
-    split = load_split(loop_config["split"])
-    train_ids = split.budget(config.budget, config.seed)
-    valid_ids = split.subjects("valid")
-
-    batch = per_rank_batch(config.batch_size, world_size)
-    train_loader = SliceLoader(store_path, train_ids, labelled_only=True, batch_size=batch, rank=rank,
-                               world_size=world_size, seed=config.training_seed, cache=options.cache, progress=False)
-    valid_loader = None
-    if valid_ids:
-        valid_batch = max(1, config.valid_batch_size // world_size)
-        valid_loader = SliceLoader(store_path, valid_ids, labelled_only=True, batch_size=valid_batch, rank=rank,
-                                   world_size=world_size, seed=config.seed, shuffle=False, drop_last=False,
-                                   cache=options.cache, progress=False)
-    steps_per_epoch = config.iterations_per_epoch or len(train_loader)
-
-    model, load_report = build_model(image_size, config)
-    net, modules = wrap_model(model, device, world_size, options, channels_last=config.channels_last)
-    amp_dtype, _ = resolve_precision(config.precision, device, options.cpu_fp32)
-    optimizer = torch.optim.SGD(modules.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    model, load_report = build_model(data.image_size, config)
+    net, modules = wrap_model(model, device, ctx.world_size, job.runtime, channels_last=config.channels_last)
+    amp_dtype, _ = resolve_precision(config.precision, device, job.runtime.cpu_fp32)
+    optimizer = sgd(config.optimizer, modules.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_factor(config.epochs, config.poly_power))
-    loss_fn = SegmentationLoss()
     resolved = config.model_dump(mode="json")
 
-    start_epoch, global_step = 0, 0
-    best_valid = math.inf
+    start_epoch, global_step, best_valid = 0, 0, math.inf
     valid_metrics: dict[str, float] = {}
-    state = resume_state(in_ray)
+    state = ctx.resume()
     if state is not None:
-        modules.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        if state.scheduler:
-            scheduler.load_state_dict(state.scheduler)
+        restore(state, modules, optimizer, scheduler=scheduler)
         factor = poly_factor(config.epochs, config.poly_power)(state.epoch + 1)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor  # closed form: follows this run's epochs
-        if state.rng:
-            restore_rng(state.rng)
         start_epoch, global_step = state.epoch + 1, state.global_step
         best_valid = float(state.metrics.get("best_valid_loss", math.inf))
         valid_metrics = {k: v for k, v in state.metrics.items() if k.startswith("valid_")}
-
-    if rank == 0:
-        tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
-                          "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
-                          "sspctl.train_seed": str(config.training_seed),
-                          "sspctl.device": device.type, "sspctl.world_size": str(world_size)})
-        if state is None:
-            tracker.log_params({**resolved, "learning_rate": config.learning_rate, "world_size": world_size,
-                                "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch,
-                                "train_subjects": len(train_ids), "train_slices": train_loader.n_selected,
-                                "valid_subjects": len(valid_ids), "store_hash": store.hash or "",
-                                "pretrained_keys": (load_report or {}).get("matched", 0)})
+    if ctx.is_chief:
+        _log_start(tracker, config, ctx, data, resolved, steps_per_epoch, load_report, fresh=state is None)
 
     frozen_params = _encoder_params(modules) if config.pretrained and config.frozen_encoder_epochs else []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"finetune {config.method}/{config.budget}/{config.seed}/t{config.training_seed}",
-               unit="epoch", disable=rank != 0, leave=False)
+               unit="epoch", disable=not ctx.is_chief, leave=False)
     for epoch in range(start_epoch, config.epochs):
-        generator = torch.Generator(device=device).manual_seed(augmentation_seed(config.training_seed, rank, epoch))
+        generator = ctx.generator(config.training_seed, epoch)
         net.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
-        for data in epoch_batches(train_loader, epoch, steps_per_epoch):
-            image, label = data["image"].to(device), data["label"].to(device)
+        for batch in epoch_batches(data.train, epoch, steps_per_epoch):
+            image, label = batch["image"].to(device), batch["label"].to(device)
             if config.augment_enabled:
                 image, label = augment_pair(image, label, config.augment, generator)
             if config.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             frozen = frozen_params if epoch < config.frozen_encoder_epochs else []
-            loss = train_step(net, optimizer, loss_fn, image, label, frozen, amp_dtype)
+            loss_sum += torch.tensor([train_step(net, optimizer, image, label, frozen, amp_dtype), 1.0], dtype=torch.float64)
             global_step += 1
-            loss_sum += torch.tensor([loss, 1.0], dtype=torch.float64)
         scheduler.step()
-        loss_sum = _sum_over_ranks(loss_sum, world_size)
+        loss_sum = ctx.reduce_sum(loss_sum)
         train_loss = float(loss_sum[0] / max(float(loss_sum[1]), 1.0))
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; lower config.lr")
         last = epoch + 1 == config.epochs
-        do_validate = valid_loader is not None and ((epoch + 1) % config.val_every == 0 or last)
+        do_validate = data.valid is not None and ((epoch + 1) % config.val_every == 0 or last)
         metrics: dict[str, float] = {"train_loss": train_loss, "lr": lr, "epoch": float(epoch),
                                      "epoch_time_s": time.perf_counter() - started}
         if do_validate:
-            valid_metrics = validate(net, valid_loader, loss_fn, device, world_size)
-            if rank == 0 and valid_metrics["valid_loss"] < best_valid:
+            valid_metrics = validate(net, data.valid, ctx)
+            if ctx.is_chief and valid_metrics["valid_loss"] < best_valid:
                 from trainers.weights import save_weights
 
                 best_valid = valid_metrics["valid_loss"]
                 save_weights(modules.state_dict(), output / BEST_FILE)
         metrics.update(valid_metrics)
         metrics["best_valid_loss"] = best_valid if math.isfinite(best_valid) else float("nan")
-        if rank == 0:
+        if ctx.is_chief:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch" and math.isfinite(v)}, step=epoch)
             bar.set_postfix(loss=f"{train_loss:.3f}", valid=f"{valid_metrics.get('valid_dice', float('nan')):.3f}")
             bar.update(1)
-        if do_validate or last or valid_loader is None:
-            checkpoint_dir = None
-            if rank == 0:
-                checkpoint_dir = Path(tempfile.mkdtemp(prefix="sspctl-ft-ckpt-"))
-                save_checkpoint(checkpoint_dir, TrainState(
-                    epoch=epoch, global_step=global_step, model=modules.state_dict(),
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=capture_rng(),
-                    config=resolved, metrics=metrics,
-                ))
-            _report(metrics, checkpoint_dir, epoch, in_ray)
-            if checkpoint_dir is not None:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if do_validate or last or data.valid is None:
+            ctx.report(metrics, TrainState(
+                epoch=epoch, global_step=global_step, model=modules.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), rng=capture_rng(), config=resolved, metrics=metrics,
+            ) if ctx.is_chief else None)
     bar.close()
 
     result: dict[str, Any] = {"dice": [], "summary": {}, "valid": valid_metrics,
                               "best_valid_loss": best_valid, "epochs": config.epochs, "output": str(output),
                               "model": str(output), "resumed_from": None if state is None else state.epoch,
                               **provenance(config, load_report)}
-    if rank != 0:
-        return result
-
-    final_state = modules.state_dict()
-    which = "last"
-    if config.eval_checkpoint == "best" and (output / BEST_FILE).is_file():
-        from trainers.weights import load_weights
-
-        final_state = load_weights(output / BEST_FILE)
-        which = "best"
-    save_model_dir(output, final_state, {
-        "image_size": image_size, "model_width": config.model_width, "spacing_mm": spacing_mm, "checkpoint": which, "epochs": config.epochs,
-        "config": resolved, "store": str(store_path), "store_hash": store.hash, "split": str(loop_config["split"]),
-        "best_valid_loss": best_valid if math.isfinite(best_valid) else None, "valid": valid_metrics,
-    })
-    tracker.log_artifact(output / MODEL_META, "model")
-    if loop_config.get("evaluate", True):
-        from trainers.evaluation import evaluate_store, model_scores_fn
-        from trainers.models.unet import UNet2d
-
-        eval_model = UNet2d(image_size, 4, width=config.model_width)
-        eval_model.load_state_dict(final_state)
-        eval_model.to(device)
-        test_ids = split.subjects("test")
-        evaluation = evaluate_store(model_scores_fn(eval_model, device), store, test_ids, image_size, spacing_mm,
-                                    progress=True)
-        for path in evaluation.write(output, prefix="test"):
-            tracker.log_artifact(path, "evaluation")
-        summary = evaluation.summary()
-        tracker.log_metrics({f"test_{k}": v for k, v in summary.items()}, step=config.epochs)
-        result["dice"] = evaluation.dice3d.to_dict(orient="records")
-        result["summary"] = summary
+    if ctx.is_chief:
+        result.update(_finish(job, ctx, data, modules.state_dict(), tracker, resolved, best_valid, valid_metrics))
     return result
 
 
-__all__ = ["BEST_FILE", "MODEL_FILE", "MODEL_META", "FinetuneError", "build_model",
-           "finetune_worker", "poly_factor", "provenance", "save_model_dir", "train_step", "validate"]
+def _log_start(
+    tracker: Tracker, config: FinetuneConfig, ctx: WorkerContext, data: CellData, resolved: dict[str, Any],
+    steps_per_epoch: int, load_report: dict[str, Any] | None, *, fresh: bool,
+) -> None:
+    """Rank 0: the cell's tags, and on a fresh start its params."""
+    tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
+                      "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
+                      "sspctl.train_seed": str(config.training_seed),
+                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size)})
+    if fresh:
+        tracker.log_params({**resolved, "learning_rate": config.learning_rate, "world_size": ctx.world_size,
+                            "per_worker_batch": data.batch, "steps_per_epoch": steps_per_epoch,
+                            "train_subjects": len(data.train_ids), "train_slices": data.train.n_selected,
+                            "valid_subjects": len(data.valid_ids), "store_hash": data.store.hash or "",
+                            "pretrained_keys": (load_report or {}).get("matched", 0)})
+
+
+def _finish(
+    job: FinetuneJob, ctx: WorkerContext, data: CellData, last_state: dict[str, torch.Tensor], tracker: Tracker,
+    resolved: dict[str, Any], best_valid: float, valid_metrics: dict[str, float],
+) -> dict[str, Any]:
+    """Rank 0: write the fine-tuned model (``eval_checkpoint``'s state) and evaluate the test subjects.
+
+    Returns ``{"dice": rows, "summary": {...}}`` when the job evaluates, else ``{}``.
+    """
+    config, output = job.config, job.output
+    final_state, which = last_state, "last"
+    if config.eval_checkpoint == "best" and (output / BEST_FILE).is_file():
+        from trainers.weights import load_weights
+
+        final_state, which = load_weights(output / BEST_FILE), "best"
+    save_model_dir(output, final_state, {
+        "image_size": data.image_size, "model_width": config.model_width, "spacing_mm": data.spacing_mm,
+        "checkpoint": which, "epochs": config.epochs, "config": resolved, "store": str(job.store),
+        "store_hash": data.store.hash, "split": str(job.split),
+        "best_valid_loss": best_valid if math.isfinite(best_valid) else None, "valid": valid_metrics,
+    })
+    tracker.log_artifact(output / MODEL_META, "model")
+    if not job.evaluate:
+        return {}
+    from trainers.evaluation import evaluate_store, model_scores_fn
+    from trainers.models.unet import UNet2d
+
+    eval_model = UNet2d(data.image_size, 4, width=config.model_width)
+    eval_model.load_state_dict(final_state)
+    eval_model.to(ctx.device)
+    evaluation = evaluate_store(model_scores_fn(eval_model, ctx.device), data.store, data.split.subjects("test"),
+                                data.image_size, data.spacing_mm, progress=True)
+    for path in evaluation.write(output, prefix="test"):
+        tracker.log_artifact(path, "evaluation")
+    summary = evaluation.summary()
+    tracker.log_metrics({f"test_{k}": v for k, v in summary.items()}, step=config.epochs)
+    return {"dice": evaluation.dice3d.to_dict(orient="records"), "summary": summary}
+
+
+__all__ = ["BEST_FILE", "MODEL_FILE", "MODEL_META", "CellData", "FinetuneError", "build_model",
+           "finetune_worker", "provenance", "save_model_dir", "train_step", "validate"]

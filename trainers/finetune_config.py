@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.augment import AugmentConfig
-
-SCRATCH = "scratch"
+from trainers.methods.config import OptimizerConfig
+from trainers.methods.names import SCRATCH, Budget
 LR_SCRATCH = 0.01
 LR_PRETRAINED = 0.005
 
@@ -21,7 +21,7 @@ LR_PRETRAINED = 0.005
 class FinetuneConfig(BaseModel):
     """One grid cell: which initialisation, which label budget, and the training recipe.
 
-    ``method`` is an SSP method name (``simclr``, ``pcl``, ``dino``, ``mim``) or ``"scratch"``;
+    ``method`` is an SSP method name (``trainers.methods.names``) or ``"scratch"``;
     ``weights`` a pretrained weights file or pretraining run directory (required unless scratch),
     ``part`` which part of it to load and ``pretrained_checkpoint`` which of the run's checkpoints
     (``last`` epoch, as published, or the ``best`` one by pretraining validation loss). ``budget``
@@ -43,7 +43,7 @@ class FinetuneConfig(BaseModel):
     pretrained_checkpoint: Literal["last", "best"] = Field(
         "last", description="which checkpoint of a pretraining run directory to load: last epoch (published) or best"
     )
-    budget: int | Literal["all"] = "all"
+    budget: Budget = "all"
     seed: int = Field(0, description="subset seed: which labelled subjects a budget draws (split file)")
     train_seed: int | None = Field(
         None, description="training seed: initialisation, data order, augmentation (None = seed)"
@@ -99,3 +99,9 @@ class FinetuneConfig(BaseModel):
         if self.lr is not None:
             return self.lr
         return LR_PRETRAINED if self.pretrained else LR_SCRATCH
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The SGD settings as the optimiser model pretraining uses (``trainers.optimizers.sgd``)."""
+        return OptimizerConfig(lr=self.learning_rate, momentum=self.momentum, nesterov=self.nesterov,
+                               weight_decay=self.weight_decay)

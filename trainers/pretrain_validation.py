@@ -16,6 +16,7 @@ images never enter the exported weights. Each rank scores its own share; the mea
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Any, Literal
 import torch
 
 BEST_SUFFIX = "_best"
+
+log = logging.getLogger("sspctl.pretrain")
 
 
 def validation_seed(seed: int, rank: int) -> int:
@@ -43,6 +46,20 @@ def skip_reason(config: Any, valid_subjects: list[str] | None) -> str | None:
     return None
 
 
+def open_validation(job: Any, rank: int, world_size: int) -> tuple[Any | None, str | None]:
+    """This rank's validation loader for a ``trainers.jobs.PretrainJob``, or ``(None, why there is none)``.
+
+    Rank 0 logs the reason (DINO's, which is by design, at info level; any other as a warning).
+    """
+    config = job.config
+    loader, skipped = None, skip_reason(config, job.valid_subjects)
+    if skipped is None:
+        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, job.runtime.cache)
+    if skipped is not None and rank == 0:
+        (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
+    return loader, skipped
+
+
 def build_valid_loader(
     store: str, valid_subjects: list[str], config: Any, rank: int, world_size: int, cache: bool
 ) -> tuple[Any | None, str | None]:
@@ -51,7 +68,7 @@ def build_valid_loader(
     The global ``config.valid_batch_size`` is split over the ranks like the training batch.
     """
     from datastore.loader import LoaderError, SliceLoader
-    from trainers.pretrain import per_rank_batch
+    from trainers.runtime import per_rank_batch
 
     batch = per_rank_batch(config.valid_batch_size, world_size, key="valid_batch_size")
     try:
@@ -72,7 +89,7 @@ def validation_loss(
     gradient hooks); cross-rank gathers inside the method still run, every rank having as many
     batches. The training mode of ``modules`` is restored afterwards.
     """
-    from trainers.pretrain import autocast, device_batches, mean_over_ranks
+    from trainers.runtime import WorkerContext, autocast, device_batches
 
     limit = len(loader) if steps is None else min(steps, len(loader))
     loader.set_epoch(0)
@@ -90,7 +107,7 @@ def validation_loss(
                 count += 1
     finally:
         modules.train(was_training)
-    return mean_over_ranks(total, count, world_size)
+    return WorkerContext(rank, world_size, False, device).mean(total, count)
 
 
 @dataclass
@@ -141,4 +158,4 @@ def best_file_name(part: str) -> str:
     return f"{part}{BEST_SUFFIX}.pt"
 
 
-__all__ = ["BestSoFar", "best_file_name", "build_valid_loader", "skip_reason", "validation_loss", "validation_seed"]
+__all__ = ["BestSoFar", "best_file_name", "build_valid_loader", "open_validation", "skip_reason", "validation_loss", "validation_seed"]

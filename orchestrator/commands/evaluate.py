@@ -15,16 +15,28 @@ from orchestrator.commands._common import fail, path_arg
 
 MODEL_HELP = (
     "Fine-tuned model: a directory holding model.pt + model.json (a finetune cell's output), the model.pt "
-    "file, or the name of such a directory under the workspace (--output)."
+    "file, the name of such a directory under the workspace (--output), or an MLflow model URI: "
+    "models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS (registered) or models:/m-ID (a cell's logged model)."
 )
 
 
 def resolve_model(model: str, output: Path | None) -> Path:
     """``model`` as an existing path, else the unique ``<workspace>/**/<model>/model.json`` directory.
 
+    A ``models:/`` URI (a registered version ``models:/NAME/VERSION``, ``/latest`` or ``@ALIAS``, or a
+    cell's logged model ``models:/m-<id>``) is downloaded once under ``<workspace>/models/`` and its
+    ``model.pt`` checked against the sha256 in ``model.json``.
+
     Raises:
-        ValueError: nothing or several directories match (one line).
+        ValueError: nothing or several directories match, or the URI fails (one line).
     """
+    from orchestrator.workspace import Workspace
+
+    if model.startswith("models:/"):
+        from orchestrator.mlflow_models import fetch_model
+
+        workspace = Workspace.resolve(output)
+        return fetch_model(model, workspace.tracking_uri, workspace.root / "models")
     path = Path(model).expanduser()
     if path.exists():
         return path.absolute()

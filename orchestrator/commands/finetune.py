@@ -10,7 +10,65 @@ from pathlib import Path
 
 import typer
 
+from orchestrator.arms import init_kinds
 from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
+from trainers.methods.names import Budget
+
+
+class FlagError(ValueError):
+    """A grid flag's value is malformed; the message is one line naming the flag."""
+
+
+def parse_budgets(text: str) -> tuple[Budget, ...]:
+    """``"10,15,all"`` -> ``(10, 15, "all")``; raises ``FlagError`` naming ``--budgets``."""
+    budgets: list[Budget] = []
+    for item in _split_list(text):
+        if item.lower() == "all":
+            budgets.append("all")
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise FlagError(f"--budgets: {item!r} is neither a number of subjects nor 'all'") from None
+        if value < 1:
+            raise FlagError(f"--budgets: {value} must be a positive number of subjects")
+        budgets.append(value)
+    if not budgets:
+        raise FlagError("--budgets: empty list")
+    return tuple(budgets)
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; raises ``FlagError`` naming ``flag``."""
+    try:
+        seeds = tuple(int(item) for item in _split_list(text))
+    except ValueError:
+        raise FlagError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+    if not seeds:
+        raise FlagError(f"{flag}: empty list")
+    if len(set(seeds)) != len(seeds):
+        raise FlagError(f"{flag}: {text!r} has duplicates")
+    return seeds
+
+
+def parse_pretrained(text: str | None) -> dict[str, str]:
+    """``"simclr=RUN,pcl=RUN"`` -> ``{"simclr": "RUN", "pcl": "RUN"}``; raises ``FlagError``."""
+    mapping: dict[str, str] = {}
+    for item in _split_list(text or ""):
+        method, sep, run = item.partition("=")
+        method, run = method.strip(), run.strip()
+        if not sep or not method or not run:
+            raise FlagError(f"--pretrained: {item!r} is not METHOD=RUN")
+        if method not in init_kinds():
+            raise FlagError(f"--pretrained: unknown SSP method {method!r} (known: {', '.join(init_kinds())})")
+        if method in mapping:
+            raise FlagError(f"--pretrained: method {method!r} given twice")
+        mapping[method] = run
+    return mapping
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def finetune(
@@ -23,8 +81,9 @@ def finetune(
     ),
     pretrained: str = typer.Option(
         "", "--pretrained",
-        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json) "
-        "or a run name under <output>/pretrain/.",
+        help="Pretrained encoders as METHOD=RUN,... ; RUN is a pretraining run directory (with manifest.json), "
+        "a run name under <output>/pretrain/, or a registered model: models:/sspctl-simclr-encoder/latest, "
+        ".../3 or ...@champion (downloaded once, sha256-checked).",
     ),
     budgets: str = typer.Option("10,15,25,50,all", "--budgets", help="Label budgets: labelled training subjects per cell, or 'all'."),
     seeds: str = typer.Option(
@@ -56,6 +115,11 @@ def finetune(
         None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
     ),
     max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
+    system_metrics: bool = typer.Option(
+        False, "--system-metrics",
+        help="Log MLflow system metrics (system/*: CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) from "
+        "rank 0 of each cell every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10).",
+    ),
 ) -> None:
     """Run the arms x budgets x subset seeds x training seeds fine-tuning grid on Ray Tune (rerun to resume).
 
@@ -65,7 +129,8 @@ def finetune(
     """
     from datastore.splits import SplitError, named_split_path
     from orchestrator.configio import ConfigError, read_yaml
-    from orchestrator.grid import GridError, parse_budgets, parse_pretrained, parse_seeds, run_grid
+    from orchestrator.grid import run_grid
+    from orchestrator.grid_spec import GridError, grid_request
     from orchestrator.paths import removed_if_left_empty
     from orchestrator.run_lock import RunLockedError
     from orchestrator.workspace import Workspace
@@ -74,7 +139,7 @@ def finetune(
         budget_list, seed_list, runs = parse_budgets(budgets), parse_seeds(seeds), parse_pretrained(pretrained)
         train_seed_list = parse_seeds(train_seeds, "--train-seeds")
         split = named_split_path(path_arg(split, "--split", must_exist=False), split_name)
-    except (GridError, SplitError) as exc:
+    except (FlagError, SplitError) as exc:
         fail(str(exc))
     store = path_arg(store, "--store", kind="dir")
     split_file = path_arg(split, "--split", kind="file")
@@ -89,13 +154,13 @@ def finetune(
             if epochs is not None:
                 base["epochs"] = epochs
             method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-            outcome = run_grid(
-                store=store, split=split_file, budgets=budget_list, seeds=seed_list, train_seeds=train_seed_list,
-                pretrained=runs, methods=method_list,
+            request = grid_request(
+                store, split_file, pretrained=runs, config=base, study=study, workspace=workspace,
+                methods=method_list, budgets=budget_list, seeds=seed_list, train_seeds=train_seed_list,
                 workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
-                config=base, study=study, workspace=workspace, num_cpus=num_cpus,
-                max_failures=max_failures,
+                max_failures=max_failures, system_metrics=system_metrics,
             )
+            outcome = run_grid(request, num_cpus=num_cpus)
         except RunLockedError as exc:
             fail(str(exc), code=2)
         except (GridError, ConfigError, LookupError, SplitError) as exc:
@@ -207,12 +272,32 @@ def ui(
     output: Path | None = typer.Option(None, "--output", help="Workspace root whose MLflow backend to browse. Default: $SSPCTL_HOME or ./runs."),
     port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C, SIGTERM or SIGHUP stops it and its server processes)."""
-    from orchestrator.ui import UiError, serve
+    """Start the MLflow UI on 127.0.0.1 for the workspace's studies (Ctrl-C, SIGTERM or SIGHUP stops it and its server processes).
+
+    Once the server answers, it prints the root URL and the experiment page of each study (the runs
+    table of its pretraining runs, grids and cells).
+    """
+    from orchestrator.ui import HOST, UiError, serve
     from orchestrator.workspace import Workspace
 
+    workspace = Workspace.resolve(path_arg(output, "--output", must_exist=False))
+    listed: list[bool] = []
+
+    def announce(line: str) -> None:
+        typer.echo(line)
+        if listed:  # the study pages follow the server's first line only
+            return
+        listed.append(True)
+        from orchestrator.study_tracking import study_pages
+
+        try:
+            for name, url in study_pages(workspace.tracking_uri, f"http://{HOST}:{port}"):
+                typer.echo(f"  study {name}: {url}")
+        except Exception as exc:  # noqa: BLE001 - the UI is up; the list is a convenience
+            typer.echo(f"  (could not list the studies: {str(exc).splitlines()[0][:200]})", err=True)
+
     try:
-        code = serve(Workspace.resolve(path_arg(output, "--output", must_exist=False)), port=port, echo=typer.echo)
+        code = serve(workspace, port=port, echo=announce)
     except UiError as exc:
         fail(str(exc))
     if code:

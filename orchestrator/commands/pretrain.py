@@ -8,17 +8,15 @@ from pathlib import Path
 import typer
 
 from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
+from trainers.methods.names import METHOD_NAMES
 
 
-class Method(str, Enum):
-    simclr = "simclr"
-    pcl = "pcl"
-    dino = "dino"
-    mim = "mim"
+#: ``--method`` choices: the method vocabulary (``trainers/methods/names.py``).
+Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)  # type: ignore[misc]
 
 
 def pretrain(
-    method: Method = typer.Option(..., "--method", help="SSP method: simclr, pcl, dino or mim (paper defaults per method)."),
+    method: Method = typer.Option(..., "--method", help=f"SSP method: {', '.join(METHOD_NAMES[:-1])} or {METHOD_NAMES[-1]} (paper defaults per method)."),
     store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) written by 'sspctl ingest'."),
     workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel workers (DDP ranks). The GLOBAL batch stays the configured value: each worker gets batch/N, so N must divide it."),
     gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0, help="GPUs per worker (fractions allowed). Default: 1 if the Ray cluster has a GPU per worker, else 0 (CPU, fp32)."),
@@ -33,6 +31,11 @@ def pretrain(
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
+    system_metrics: bool = typer.Option(
+        False, "--system-metrics",
+        help="Log MLflow system metrics (system/*: CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) from "
+        "rank 0 every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10).",
+    ),
 ) -> None:
     """Pretrain an encoder with one SSP method; rerunning the same command resumes or reports it done.
 
@@ -59,7 +62,7 @@ def pretrain(
         overrides={k: v for k, v in overrides.items() if v is not None},
         split=Path(split_file) if split_file else None, workers=workers,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        runtime={"sync_batchnorm": not no_sync_bn}, study=study,
+        runtime={"sync_batchnorm": not no_sync_bn}, study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):
         try:

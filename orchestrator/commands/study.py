@@ -83,8 +83,7 @@ def study(
     Rerun the same command after an interruption: finished stages and cells are skipped and
     interrupted runs resume from their checkpoints.
     """
-    from orchestrator.grid import GridError, parse_seeds
-    from orchestrator.commands.finetune import print_report
+    from orchestrator.commands.finetune import FlagError, parse_seeds, print_report
     from orchestrator.configio import ConfigError, load_config
     from orchestrator.study import StudyConfig
     from orchestrator.workspace import Workspace
@@ -100,7 +99,7 @@ def study(
     if train_seeds is not None:
         try:
             seeds = parse_seeds(train_seeds, "--train-seeds")
-        except GridError as exc:
+        except FlagError as exc:
             fail(str(exc), code=2)
         settings = settings.model_copy(update={"finetune": settings.finetune.model_copy(update={"train_seeds": seeds})})
         report_dir = workspace.folder("reports", settings.name, "train-seeds-" + "-".join(map(str, seeds)))

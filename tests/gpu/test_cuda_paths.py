@@ -5,8 +5,8 @@ so that the logic is exercised in CI. On CPU mixed precision is forced with
 ``resolve_precision(..., cpu_fp32=False)`` (torch autocasts bf16 and fp16 on CPU too).
 
 The steps use the loop's own pieces (``trainers.pretrain.build_method``, ``wrap_model`` with
-``world_size=1``, ``resolve_precision``, ``autocast``, ``PretrainConfig.build_optimizer`` /
-``apply_schedule``; ``trainers.finetune.build_model`` / ``train_step``, ``trainers.augment.augment_pair``) on
+``world_size=1``, ``resolve_precision``, ``autocast``, ``trainers.optimizers.build_optimizer`` /
+``trainers.schedules.apply_schedule``; ``trainers.finetune.build_model`` / ``train_step``, ``trainers.augment.augment_pair``) on
 synthetic batches, in the order of ``pretrain_worker``'s step. Sizes are tiny (64 px, U-Net width 8,
 batch 4) so the CPU variants finish in seconds on 2 cores.
 
@@ -40,18 +40,12 @@ from trainers.augment import (
 )
 from trainers.finetune import build_model, train_step
 from trainers.finetune_config import FinetuneConfig
-from trainers.losses.segmentation import SegmentationLoss
 from trainers.methods import METHODS, PretrainConfig
 from trainers.models.unet import UNet2d
-from trainers.pretrain import (
-    RuntimeOptions,
-    _move_method_state,
-    augmentation_seed,
-    autocast,
-    build_method,
-    resolve_precision,
-    wrap_model,
-)
+from trainers.optimizers import build_optimizer
+from trainers.pretrain import build_method
+from trainers.runtime import RuntimeOptions, augmentation_seed, autocast, resolve_precision, wrap_model
+from trainers.schedules import apply_schedule, total_steps
 
 SIZE = 64
 WIDTH = 8
@@ -125,7 +119,7 @@ def _labelled(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batch(device: torch.device, channels_last: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A loader-like batch on ``device`` as ``pretrain.device_batches`` delivers it (NHWC image if asked)."""
+    """A loader-like batch on ``device`` as ``runtime.device_batches`` delivers it (NHWC image if asked)."""
     image = _images(seed=seed).to(device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -138,8 +132,8 @@ def _setup(config: PretrainConfig, device: torch.device):
     method = build_method(config)
     model, modules = wrap_model(method.modules, device, 1, RuntimeOptions(cpu_fp32=False),
                                 channels_last=config.channels_last, compile=config.compile, method=method)
-    _move_method_state(method, device, config.channels_last)
-    optimizer = config.build_optimizer(modules)
+    method.to(device, channels_last=config.channels_last)
+    optimizer = build_optimizer(config, modules)
     return method, model, modules, optimizer
 
 
@@ -147,7 +141,7 @@ def _loop_step(config, method, model, modules, optimizer, scaler, amp_dtype, bat
                epoch: int, global_step: int, steps_per_epoch: int):
     """One iteration of ``pretrain_worker``'s inner loop; returns (loss, unscaled gradients by name)."""
     device = batch["image"].device
-    config.apply_schedule(optimizer, global_step, steps_per_epoch)
+    apply_schedule(config, optimizer, global_step, steps_per_epoch)
     with autocast(device, amp_dtype):
         out = method.training_step(batch, model, epoch, global_step % steps_per_epoch, generator)
     loss = out["loss"]
@@ -165,7 +159,7 @@ def _loop_step(config, method, model, modules, optimizer, scaler, amp_dtype, bat
         scaler.update()
     else:
         optimizer.step()
-    method.after_optimizer_step(epoch, global_step + 1, config.total_steps(steps_per_epoch))
+    method.after_optimizer_step(epoch, global_step + 1, total_steps(config, steps_per_epoch))
     return loss.detach(), grads
 
 
@@ -315,7 +309,7 @@ def test_finetune_step_bf16_channels_last_matches_fp32(device: str) -> None:
         heads: list[list[torch.dtype]] = []
         hook = modules.register_forward_hook(lambda _m, _i, out: heads.append([o.dtype for o in out]))
         before = {n: p.detach().clone() for n, p in modules.named_parameters()}
-        loss = train_step(net, optimizer, SegmentationLoss(), image, label, amp_dtype=amp_dtype)
+        loss = train_step(net, optimizer, image, label, amp_dtype=amp_dtype)
         hook.remove()
         assert len(heads) == 1 and len(heads[0]) == len(modules.head) > 1  # deep supervision: every head
         assert set(heads[0]) == {amp_dtype or torch.float32}

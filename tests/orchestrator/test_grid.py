@@ -19,21 +19,20 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.commands.finetune import FlagError, parse_budgets, parse_pretrained, parse_seeds
 from orchestrator.grid import (
     MARKER_NAME,
     GridError,
     GridSpec,
     _record_cell,
-    dice_metrics,
     execute_plan,
     max_concurrent_trials,
-    parse_budgets,
-    parse_pretrained,
-    parse_seeds,
     plan_grid,
     resolve_pretrained,
     run_grid,
 )
+from orchestrator.grid_spec import CellJob, CellTrial, GridRequest, grid_request
+from orchestrator.results import DiceTableError, dice_metrics
 from orchestrator.study_tracking import PER_SUBJECT_ARTIFACT, open_study
 from orchestrator.tracking import MlflowTracker
 from orchestrator.workspace import Workspace
@@ -50,13 +49,13 @@ def test_parsers_and_their_errors() -> None:
     assert parse_seeds("0,1,2") == (0, 1, 2)
     assert parse_pretrained("simclr=a, mim=/x/y") == {"simclr": "a", "mim": "/x/y"}
     for bad, match in (("10,x", "--budgets: 'x'"), ("0", "--budgets: 0 must be a positive"), ("", "--budgets: empty")):
-        with pytest.raises(GridError, match=match):
+        with pytest.raises(FlagError, match=match):
             parse_budgets(bad)
-    with pytest.raises(GridError, match="--seeds"):
+    with pytest.raises(FlagError, match="--seeds"):
         parse_seeds("a")
-    with pytest.raises(GridError, match="unknown SSP method 'moco'"):
+    with pytest.raises(FlagError, match="unknown SSP method 'moco'"):
         parse_pretrained("moco=r")
-    with pytest.raises(GridError, match="not METHOD=RUN"):
+    with pytest.raises(FlagError, match="not METHOD=RUN"):
         parse_pretrained("simclr")
 
 
@@ -93,7 +92,7 @@ def test_dice_metrics_closed_form() -> None:
     assert metrics["test_dice_LV"] == 0.75 and metrics["test_dice_MYO"] == 0.125
     assert metrics["test_dice_ED"] == pytest.approx(0.625) and metrics["test_dice_ES"] == 0.25
     assert metrics["test_dice_mean"] == pytest.approx(1.75 / 4)
-    with pytest.raises(GridError, match="lacks columns"):
+    with pytest.raises(DiceTableError, match="lacks columns"):
         dice_metrics([{"subject_id": "a", "dice": 1.0}])
 
 
@@ -119,8 +118,9 @@ def test_recording_survives_a_dead_tracking_server(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     rows = [{"subject_id": "a", "phase": "ED", "class": c, "dice": d} for c, d in (("LV", 0.9), ("MYO", 0.6), ("RV", 0.3))]
-    cell = {"name": "ft-x", "run_id": "0" * 32, "tracking_uri": uri,
-            "loop_config": {"output": str(tmp_path / "ft-x"), "config": {"epochs": 3}}}
+    cell = CellTrial(name="ft-x", method="scratch", budget=2, seed=0, train_seed=0, run_id="0" * 32,
+                     tracking_uri=uri, study="s", experiment_id="1", parent_run_id="p", storage_path=str(tmp_path),
+                     job=CellJob(store="s.zarr", split="s.yaml", output=str(tmp_path / "ft-x"), config={"epochs": 3}))
     metrics = _record_cell(cell, rows, MlflowTracker(uri, "0" * 32, retry_after_s=0))
     assert metrics["test_dice_mean"] == pytest.approx(0.6)
     marker = json.loads((tmp_path / "ft-x" / MARKER_NAME).read_text())
@@ -179,9 +179,13 @@ def _grid_kwargs(dataset: dict) -> dict:
                 pretrained={"simclr": "simclr-tiny"}, config=CONFIG, study="grid-test", workspace=dataset["ws"])
 
 
+def _request(dataset: dict, **changes: object) -> GridRequest:
+    return grid_request(**{**_grid_kwargs(dataset), **changes})
+
+
 @pytest.fixture(scope="module")
 def first_run(dataset: dict):
-    return run_grid(**_grid_kwargs(dataset), num_cpus=4, progress=False)
+    return run_grid(_request(dataset), num_cpus=4, progress=False)
 
 
 @pytest.mark.slow
@@ -197,9 +201,11 @@ def test_every_cell_lands_in_mlflow(first_run, dataset: dict) -> None:
         tags, metrics = run.data.tags, run.data.metrics
         assert run.info.status == "FINISHED" and run.info.run_name == outcome.cell.name
         assert tags["mlflow.parentRunId"] == first_run.parent_run_id
-        assert (tags["method"], tags["budget"], tags["seed"]) == (outcome.cell.method, str(outcome.cell.budget), "0")
-        assert tags["dataset_hash"] == dataset["hash"]
-        assert tags["pretrain_run_id"] == ("pre123" if outcome.cell.method == "simclr" else "")
+        assert (tags["sspctl.method"], tags["sspctl.budget"], tags["sspctl.seed"]) == (
+            outcome.cell.method, str(outcome.cell.budget), "0")
+        assert tags["sspctl.dataset_hash"] == dataset["hash"]
+        assert tags["sspctl.pretrain_run_id"] == ("pre123" if outcome.cell.method == "simclr" else "")
+        assert not {"method", "budget", "seed", "dataset_hash", "init_weights_sha256", "sspctl_kind"} & set(tags)
         assert run.data.params["method"] == outcome.cell.method and run.data.params["epochs"] == "1"
         assert client.get_metric_history(outcome.run_id, "train_loss")  # training curve from the worker
         # the logged test Dice equals the mean of the logged per-subject table (recomputed here)
@@ -212,16 +218,17 @@ def test_every_cell_lands_in_mlflow(first_run, dataset: dict) -> None:
         assert metrics["test_dice_LV_ED"] == pytest.approx(lv_ed)
         artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
         artifacts |= {a.path for a in client.list_artifacts(outcome.run_id, "evaluation")}
-        assert {"model/model.pt", "evaluation/test_overlay.png"} <= artifacts
+        assert {"model/model.json", "evaluation/test_overlay.png"} <= artifacts
+        assert [o.model_id for o in run.outputs.model_outputs], "the fine-tuned model is a logged MLflow model"
     assert np.isfinite([c.metrics["test_dice_mean"] for c in first_run.cells]).all()
 
 
 @pytest.mark.slow
 def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dataset: dict) -> None:
-    def must_not_run(loop_config: dict) -> None:
+    def must_not_run(job: object) -> None:
         raise AssertionError("a finished cell was run again")
 
-    again = run_grid(**_grid_kwargs(dataset), worker_fn=must_not_run, num_cpus=4, progress=False)
+    again = run_grid(_request(dataset), worker_fn=must_not_run, num_cpus=4, progress=False)
     assert [c.status for c in again.cells] == ["skipped"] * 4
     assert again.parent_run_id == first_run.parent_run_id
     assert [c.run_id for c in again.cells] == [c.run_id for c in first_run.cells]
@@ -229,17 +236,21 @@ def test_rerun_skips_complete_cells_and_reruns_one_without_marker(first_run, dat
     victim = first_run.cells[2]
     marker = dataset["ws"].root / "finetune" / "grid-test" / victim.cell.name / MARKER_NAME
     marker.unlink()
-    plan = plan_grid(**_grid_kwargs(dataset))
-    assert [t["name"] for t in plan.pending] == [victim.cell.name]
+    plan = plan_grid(_request(dataset))
+    assert [t.name for t in plan.pending] == [victim.cell.name]
     study = open_study(dataset["ws"].tracking_uri, "grid-test", create=False)
     curve_before = len(study.client.get_metric_history(victim.run_id, "train_loss"))
+    first_info = study.client.get_run(victim.run_id).info
     rerun = execute_plan(plan, num_cpus=4, progress=False)
     assert [c.status for c in rerun.cells] == ["skipped", "skipped", "done", "skipped"]
     assert marker.is_file()
     # resumed from the cell's final checkpoint (same Train run name and storage): no epoch retrained
     assert len(study.client.get_metric_history(victim.run_id, "train_loss")) == curve_before
     assert rerun.cells[2].metrics["test_dice_mean"] == pytest.approx(first_run.cells[2].metrics["test_dice_mean"])
-    assert study.client.get_run(victim.run_id).info.status == "FINISHED"
+    resumed = study.client.get_run(victim.run_id).info
+    assert resumed.status == "FINISHED"
+    # the resumed run keeps its first start time; its end time is the rerun's
+    assert resumed.start_time == first_info.start_time and resumed.end_time > first_info.end_time
     assert len(study.client.search_runs([study.experiment_id])) == 5  # 4 cells + 1 parent, no duplicates
 
 
@@ -255,13 +266,17 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
 
     monkeypatch.setattr(grid, "_fit_tuner", broken_tuner)
     monkeypatch.setattr(orchestrator.ray_session, "ray_session", lambda **kw: contextlib.nullcontext())
-    plan = grid.plan_grid(**{**_grid_kwargs(dataset), "study": "grid-broken"})
-    assert plan.pending
+    plan = grid.plan_grid(_request(dataset, study="grid-broken"))
+    assert plan.pending and not any(t.run_id for t in plan.pending)  # no cell has started: no cell run yet
+    # one cell whose run an earlier, killed attempt left RUNNING
+    from orchestrator.study_tracking import cell_run, cell_runs
+
+    stale = cell_run(plan.tracking, plan.pending[0].name, plan.parent_run_id, {"method": "scratch"})
     with pytest.raises(RuntimeError, match="tune could not start"):
         grid.execute_plan(plan, progress=False)
     client = client_for(dataset["ws"].tracking_uri)
-    statuses = {client.get_run(t["run_id"]).info.status for t in plan.pending}
-    assert statuses == {"FAILED"}
+    assert [r.info.run_id for r in cell_runs(plan.tracking)] == [stale]
+    assert client.get_run(stale).info.status == "FAILED"
     assert client.get_run(plan.parent_run_id).info.status == "FAILED"
 
 
@@ -270,8 +285,8 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
 
 def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) -> None:
     """Subset seed x training seed cells; scratch-b differs from scratch only in its training seeds."""
-    plan = plan_grid(**{**_grid_kwargs(dataset), "study": "grid-replicates"},
-                     methods=["scratch", "scratch-b", "simclr"], train_seeds=[0, 1], replicated_budgets=[2])
+    plan = plan_grid(_request(dataset, study="grid-replicates", methods=["scratch", "scratch-b", "simclr"],
+                              train_seeds=[0, 1], replicated_budgets=[2]))
     cells = [(c.method, c.budget, c.seed, c.train_seed) for c in plan.cells]
     assert cells == [
         ("scratch", 2, 0, 0), ("scratch", 2, 0, 1), ("scratch", "all", 0, 0),
@@ -286,13 +301,16 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
     assert scratch.name.startswith("ft-scratch-b2-s0-t0-") and control.name.startswith("ft-scratch-b-b2-s0-t1000-")
     assert len({c.name for c in plan.cells}) == len(plan.cells)
     client = plan.tracking.client
-    tags = client.get_run(plan.pending[7]["run_id"]).data.tags
-    assert (tags["method"], tags["subset_seed"], tags["train_seed"], tags["arm_role"]) == (
+    # a cell's run is created when it starts, with the tags its trial carries
+    from orchestrator.study_tracking import namespaced
+
+    tags = namespaced(plan.pending[7].tags)
+    assert (tags["sspctl.method"], tags["sspctl.subset_seed"], tags["sspctl.train_seed"], tags["sspctl.arm_role"]) == (
         "scratch-b", "0", "1001", "negative control")
     params = client.get_run(plan.parent_run_id).data.params
     assert params["train_seeds"] == "0,1" and params["replicated_budgets"] == "2"
     with pytest.raises(GridError, match="'mim-encdec' needs --pretrained mim=RUN"):
-        plan_grid(**{**_grid_kwargs(dataset), "study": "grid-replicates"}, methods=["mim-encdec"])
+        plan_grid(_request(dataset, study="grid-replicates", methods=["mim-encdec"]))
 
 
 @pytest.mark.slow
@@ -303,8 +321,8 @@ def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: di
     from datastore.splits import load_split
     from trainers.weights import read_manifest
 
-    outcome = run_grid(**{**_grid_kwargs(dataset), "study": "grid-controls", "budgets": [2], "pretrained": {}},
-                       methods=["scratch", "supervised"], num_cpus=4, progress=False)
+    outcome = run_grid(_request(dataset, study="grid-controls", budgets=[2], pretrained={},
+                                methods=["scratch", "supervised"]), num_cpus=4, progress=False)
     assert [c.status for c in outcome.cells] == ["done", "done"], [c.error for c in outcome.cells]
     runs = list((dataset["ws"].root / "pretrain").glob("supervised-*"))
     assert len(runs) == 1
@@ -318,5 +336,5 @@ def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: di
     sha = hashlib.sha256((runs[0] / "encoder.pt").read_bytes()).hexdigest()
     study = open_study(dataset["ws"].tracking_uri, "grid-controls", create=False)
     tags = study.client.get_run(outcome.cells[1].run_id).data.tags
-    assert tags["method"] == "supervised" and tags["arm_role"] == "positive control"
-    assert tags["init_weights_sha256"] == sha and tags["init_part"] == "encoder"
+    assert tags["sspctl.method"] == "supervised" and tags["sspctl.arm_role"] == "positive control"
+    assert tags["sspctl.init_weights_sha256"] == sha and tags["sspctl.init_part"] == "encoder"

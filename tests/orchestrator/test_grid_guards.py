@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.grid import plan_grid
+from orchestrator.grid_spec import grid_request
 from orchestrator.run_lock import RunLock, grid_lock_path
 from orchestrator.workspace import Workspace
 
@@ -68,7 +69,8 @@ def test_overlapping_split_error_names_the_file_once(data: dict, tmp_path: Path)
 
 def test_the_same_grid_twice_exits_2_naming_the_holder(data: dict, tmp_path: Path) -> None:
     ws = Workspace.resolve(tmp_path / "ws")
-    plan = plan_grid(data["store"], data["split"], [2, "all"], [0], config={"epochs": 1}, study="guards", workspace=ws)
+    plan = plan_grid(grid_request(data["store"], data["split"], budgets=[2, "all"], seeds=[0], config={"epochs": 1},
+                                  study="guards", workspace=ws))
     holder = RunLock(grid_lock_path(ws.root, plan.study, plan.grid_id), "held by the test")
     holder.acquire()  # a second lock object is refused like another process
     try:
@@ -88,20 +90,22 @@ def test_a_cell_running_elsewhere_is_refused_and_its_run_left_alone(tmp_path: Pa
     from mlflow.tracking import MlflowClient
 
     from orchestrator.grid import _cell_trainable
+    from orchestrator.grid_spec import CellJob, CellTrial
     from orchestrator.run_lock import RUN_LOCK_NAME, RunLockedError
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("cells")).info.run_id
     output = tmp_path / "ft-scratch-b2-s0-abcd"
-    cell = {"name": output.name, "run_id": run_id, "tracking_uri": uri, "storage_path": str(tmp_path / "ray"),
-            "workers": 1, "gpus_per_trial": 0.0, "cpus_per_worker": 1.0, "max_failures": 0,
-            "loop_config": {"output": str(output), "config": {"epochs": 1}}}
+    cell = CellTrial(name=output.name, method="scratch", budget=2, seed=0, train_seed=0, run_id=run_id,
+                     tracking_uri=uri, study="cells", experiment_id="1", parent_run_id="p",
+                     storage_path=str(tmp_path / "ray"), workers=1, max_failures=0,
+                     job=CellJob(store="s.zarr", split="s.yaml", output=str(output), config={"epochs": 1}))
     holder = RunLock(output / RUN_LOCK_NAME, "the other grid")
     holder.acquire()
     try:
         with pytest.raises(RunLockedError, match=f"grid cell {output.name} is already running as pid "):
-            _cell_trainable({"cell": cell}, worker_fn=lambda config: None)
+            _cell_trainable({"cell": cell.model_dump(mode="json")}, worker_fn=lambda job: None)
     finally:
         holder.release()
     assert client.get_run(run_id).info.status == "RUNNING"

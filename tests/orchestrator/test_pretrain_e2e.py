@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from trainers.models.unet import UNet2d
-from trainers.pretrain import (
-    FAULT_MARKER, LoopError, augmentation_seed, parse_fault, per_rank_batch, pretrain_worker, read_events,
-)
+from trainers.pretrain import pretrain_worker
+from trainers.pretrain_outputs import FAULT_MARKER, parse_fault, read_events
+from trainers.runtime import LoopError, augmentation_seed, per_rank_batch
 from trainers.weights import load_pretrained, read_manifest
 
 pytestmark = pytest.mark.slow
@@ -166,6 +166,7 @@ def test_four_methods_train_log_and_export_then_rerun_is_skipped(store, split, r
             assert trained < initial, (method, initial, trained)
         for name in ("lr", "slices_per_s", "epoch_time_s"):
             assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+        assert not [k for k in run.data.metrics if k.startswith("system/")], "system metrics are opt-in"
         valid = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "valid_loss"), key=lambda m: m.step)]
         if method == "dino":  # no validation loop: the best epoch is the lowest training loss
             assert valid == [] and "DINO has no validation loop" in out

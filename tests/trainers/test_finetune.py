@@ -16,32 +16,13 @@ import pytest
 import torch
 
 from trainers.augment import AugmentConfig, augment_pair
-from trainers.finetune import build_model, poly_factor, train_step
+from trainers.finetune import build_model, train_step
 from trainers.finetune_config import FinetuneConfig
 from trainers.models.unet import UNet2d
+from trainers.schedules import poly_factor
 from trainers.weights import PartMismatchError, save_weights
 
-IMAGE_SIZE = 16  # 3 levels, 2 heads: the smallest U-Net, fast on 2 shared cores
-
-
-@pytest.fixture(scope="module")
-def cell_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A finished 8-subject store (16 px at 5 mm) and a split with a 2-subject budget."""
-    from datastore.config import IngestConfig
-    from datastore.ingest import execute_ingest, plan_ingest
-    from datastore.splits import make_splits
-    from datastore.store import SliceStore
-    from datastore.synth import write_dataset
-
-    root = tmp_path_factory.mktemp("ft")
-    write_dataset(root / "raw", "mnms", 8, 0, size=40, frames=(3, 3), slices=(4, 4), trivial=True)
-    plan = plan_ingest({"mnms": root / "raw"}, str(root / "store.zarr"),
-                       IngestConfig(size=IMAGE_SIZE, spacing=5.0, chunk_slices=8))
-    execute_ingest(plan, executor="serial", progress=False)
-    split = make_splits(SliceStore.open(root / "store.zarr").subjects, test_per_vendor=1, seed=0,
-                        valid_fraction=0.25, budgets=(2,), seeds=(0,))
-    split.save(root / "split.yaml")
-    return {"root": root, "store": root / "store.zarr", "split": root / "split.yaml"}
+IMAGE_SIZE = 16  # 3 levels, 2 heads: the smallest U-Net, fast on 2 shared cores (the ``cell_data`` store's size)
 
 
 def _encoder_file(path: Path, drop: str | None = None) -> Path:
@@ -94,20 +75,18 @@ def test_build_model_loads_the_whole_encoder_and_refuses_partial(tmp_path: Path)
 
 
 def test_frozen_encoder_step_updates_only_decoder_and_heads() -> None:
-    from trainers.losses.segmentation import SegmentationLoss
-
     torch.manual_seed(0)
     model = UNet2d(IMAGE_SIZE, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     image, label = torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, 4, (2, IMAGE_SIZE, IMAGE_SIZE))
-    loss = train_step(model, opt, SegmentationLoss(), image, label, frozen=list(model.encoder.parameters()))
+    loss = train_step(model, opt, image, label, frozen=list(model.encoder.parameters()))
     assert np.isfinite(loss)
     params = dict(model.named_parameters())
     for name, param in params.items():
         moved = not torch.equal(param, before[name])
         assert moved == (not name.startswith("encoder.")), name
-    train_step(model, opt, SegmentationLoss(), image, label)  # unfrozen: the encoder moves too
+    train_step(model, opt, image, label)  # unfrozen: the encoder moves too
     assert not torch.equal(params["encoder.blocks.0.conv1.conv.weight"], before["encoder.blocks.0.conv1.conv.weight"])
 
 

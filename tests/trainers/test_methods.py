@@ -12,6 +12,8 @@ from pydantic import ValidationError
 from trainers.methods import METHODS, PretrainConfig
 from trainers.methods.config import PAPER_DEFAULTS, DINOConfig
 from trainers.models.unet import UNet2d
+from trainers.optimizers import build_optimizer, param_groups
+from trainers.schedules import ema_momentum, lr_at, teacher_temperature
 
 SIZE = 32
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -73,7 +75,7 @@ def test_cosine_epoch_schedule_matches_torch_cosine_annealing() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5, eta_min=0.0)
     for epoch in range(5):
         for it in range(3):
-            assert config.lr_at(epoch * 3 + it, 3) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
+            assert lr_at(config, epoch * 3 + it, 3) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
         opt.step()
         sched.step()
 
@@ -86,13 +88,13 @@ def test_dino_schedules_follow_the_published_cosine_scheduler() -> None:
     base, final, total, warm = 0.0075, 1e-6, 20, 5  # DINO utils.cosine_scheduler, written out
     iters = np.arange(total - warm)
     ref = np.concatenate((np.linspace(0, base, warm), final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
-    assert [config.lr_at(s, spe) for s in range(total)] == pytest.approx(ref.tolist(), rel=1e-9, abs=1e-12)
+    assert [lr_at(config, s, spe) for s in range(total)] == pytest.approx(ref.tolist(), rel=1e-9, abs=1e-12)
     dino: DINOConfig = config.method  # type: ignore[assignment]
-    assert dino.momentum_at(0, total) == pytest.approx(0.996) and dino.momentum_at(total, total) == 1.0
+    assert ema_momentum(dino, 0, total) == pytest.approx(0.996) and ema_momentum(dino, total, total) == 1.0
     full = DINOConfig()
-    temps = [full.teacher_temp_at(e, 100) for e in range(100)]
+    temps = [teacher_temperature(full, e, 100) for e in range(100)]
     assert temps[:30] == pytest.approx(np.linspace(0.02, 0.04, 30).tolist()) and set(temps[30:]) == {0.04}
-    assert full.teacher_temp_at(2, 3) == pytest.approx(0.04)  # warm-up clipped to a 3-epoch run
+    assert teacher_temperature(full, 2, 3) == pytest.approx(0.04)  # warm-up clipped to a 3-epoch run
 
 
 # learning rates that make 12 steps on one fixed batch monotone enough (paper lr for DINO and MIM)
@@ -102,7 +104,7 @@ def test_training_step_learns_a_fixed_batch_and_export_loads_into_unet(name: str
     config = _config(name, lr)
     method = METHODS[name](config, SIZE)
     model = method.modules.train()
-    opt = config.build_optimizer(model)  # constant peak lr on this fixed batch
+    opt = build_optimizer(config, model)  # constant peak lr on this fixed batch
     batch = _batch()
     losses = []
     steps = 12
@@ -148,7 +150,7 @@ def test_dino_hooks_freeze_last_layer_ema_and_state_round_trip() -> None:
     g = student.head.last_layer.parametrizations.weight.original0
     assert not g.requires_grad and torch.all(g == 1)
     config = method.config
-    groups = config.param_groups(student)
+    groups = param_groups(config, student)
     assert all(p is not g for grp in groups for p in grp["params"])
     no_decay = next(grp for grp in groups if not grp["apply_weight_decay"])
     assert all(p.ndim == 1 for p in no_decay["params"])
@@ -162,7 +164,7 @@ def test_dino_hooks_freeze_last_layer_ema_and_state_round_trip() -> None:
     assert student.encoder.blocks[0].conv1.conv.weight.grad is not None
 
     t_before = {k: v.clone() for k, v in teacher.named_parameters()}
-    m = method.cfg.momentum_at(2, 10)  # 3 steps taken: the step just taken has index 2
+    m = ema_momentum(method.cfg, 2, 10)  # 3 steps taken: the step just taken has index 2
     method.after_optimizer_step(0, 3, 10)
     for (name, p_t), p_s in zip(teacher.named_parameters(), student.parameters()):
         assert torch.allclose(p_t, m * t_before[name] + (1 - m) * p_s.detach(), atol=1e-6), name
@@ -229,7 +231,7 @@ def test_dino_ema_uses_momentum_schedule_of_the_step_just_taken() -> None:
 
 
 def test_sync_batchnorm_applies_only_to_several_cuda_ranks() -> None:
-    from trainers.pretrain import RuntimeOptions, sync_batchnorm_applies
+    from trainers.runtime import RuntimeOptions, sync_batchnorm_applies
 
     on, off = RuntimeOptions(), RuntimeOptions(sync_batchnorm=False)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
@@ -251,7 +253,7 @@ def test_dino_sync_batchnorm_converts_student_and_teacher_and_keeps_the_ema_exac
     On CPU without a process group SyncBatchNorm's forward is plain batch norm, so one training step
     also gives the same loss as the unconverted networks.
     """
-    from trainers.pretrain import convert_sync_batchnorm
+    from trainers.runtime import convert_sync_batchnorm
 
     torch.manual_seed(0)
     method = METHODS["dino"](_config("dino"), SIZE)

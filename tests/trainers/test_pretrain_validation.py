@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainers.methods.config import PretrainConfig
-from trainers.pretrain import build_method, pretrain_worker, read_events
+from trainers.pretrain import build_method, pretrain_worker
+from trainers.pretrain_outputs import read_events
 from trainers.pretrain_validation import build_valid_loader, skip_reason, validation_loss, validation_seed
 from trainers.weights import load_weights, read_manifest
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.losses.segmentation import SegmentationLoss, deep_supervision_weights
+from trainers.losses.segmentation import deep_supervision_weights, segmentation_loss
 
 
 def _hand_loss(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -31,7 +31,7 @@ def test_single_head_matches_hand_computation() -> None:
     logits = torch.randn(3, 4, 16, 16, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 4, (3, 16, 16), generator=gen)
     labels[1] = 0  # a slice with no foreground: its Dice terms are (0+s)/(sum p + s)
-    got = SegmentationLoss()(logits, labels).item()
+    got = segmentation_loss(logits, labels).item()
     assert got == pytest.approx(_hand_loss(logits.numpy(), labels.numpy()), rel=1e-9)
 
 
@@ -43,7 +43,7 @@ def test_single_head_matches_monai_integer_label_path() -> None:
     labels = torch.randint(0, 4, (2, 8, 8), generator=gen)
     ref = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5,
                      lambda_dice=0.5, lambda_ce=0.5)(logits, labels[:, None])
-    assert SegmentationLoss()(logits, labels).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert segmentation_loss(logits, labels).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_perfect_prediction_has_low_loss_and_wrong_has_high() -> None:
@@ -51,7 +51,7 @@ def test_perfect_prediction_has_low_loss_and_wrong_has_high() -> None:
     labels[0, 2:6, 2:6] = 1
     perfect = F.one_hot(labels, 4).permute(0, 3, 1, 2).float() * 50.0
     wrong = F.one_hot((labels + 2) % 4, 4).permute(0, 3, 1, 2).float() * 50.0
-    loss = SegmentationLoss()
+    loss = segmentation_loss
     assert loss(perfect, labels).item() < 1e-4
     assert loss(wrong, labels).item() > 10
 
@@ -74,15 +74,15 @@ def test_deep_supervision_sum_uses_nearest_exact_targets() -> None:
     for w, h in zip(deep_supervision_weights(3), heads):
         small = F.interpolate(onehot, size=h.shape[-2:], mode="nearest-exact").argmax(1)
         expected += w * _hand_loss(h.numpy(), small.numpy())
-    assert SegmentationLoss()(heads, labels).item() == pytest.approx(expected, rel=1e-9)
+    assert segmentation_loss(heads, labels).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_gradient_flows_to_every_head() -> None:
     heads = [torch.randn(1, 4, 8 // 2**i, 8 // 2**i, requires_grad=True) for i in range(2)]
-    SegmentationLoss()(heads, torch.randint(0, 4, (1, 8, 8))).backward()
+    segmentation_loss(heads, torch.randint(0, 4, (1, 8, 8))).backward()
     assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in heads)
 
 
 def test_rejects_mismatched_resolution() -> None:
     with pytest.raises(ValueError, match="label resolution"):
-        SegmentationLoss()(torch.randn(1, 4, 8, 8), torch.zeros(1, 16, 16, dtype=torch.long))
+        segmentation_loss(torch.randn(1, 4, 8, 8), torch.zeros(1, 16, 16, dtype=torch.long))

@@ -20,6 +20,8 @@ heads given; its target is the one-hot label map downsampled with ``nearest-exac
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,46 +49,48 @@ def one_hot(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tenso
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).to(torch.float32)
 
 
-class SegmentationLoss(nn.Module):
-    """0.5 CE + 0.5 foreground Dice, optionally over a list of deep-supervision heads.
+@functools.cache
+def _dice_ce() -> nn.Module:
+    """MONAI's ``DiceCELoss`` with the published settings (stateless: one instance serves every call)."""
+    from monai.losses import DiceCELoss
 
-    ``forward(outputs, labels)``: ``outputs`` is one logit map ``(B, C, H, W)`` or the list of head
-    outputs (full resolution first, head ``i`` at ``H / 2**i``); ``labels`` are integer class maps
-    ``(B, H, W)`` at full resolution. Returns a scalar tensor.
+    return DiceCELoss(
+        include_background=False,
+        to_onehot_y=False,
+        softmax=True,
+        batch=False,
+        reduction="mean",
+        smooth_nr=SMOOTH,
+        smooth_dr=SMOOTH,
+        lambda_dice=DICE_WEIGHT,
+        lambda_ce=CE_WEIGHT,
+    )
+
+
+def head_loss(logits: torch.Tensor, target_onehot: torch.Tensor) -> torch.Tensor:
+    """Loss of one head: ``logits`` ``(B, C, h, w)``, ``target_onehot`` float ``(B, C, h, w)``."""
+    return _dice_ce()(logits, target_onehot)
+
+
+def segmentation_loss(
+    outputs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, num_classes: int = NUM_CLASSES
+) -> torch.Tensor:
+    """0.5 CE + 0.5 foreground Dice, over one logit map or a list of deep-supervision heads.
+
+    ``outputs`` is one logit map ``(B, C, H, W)`` or the list of head outputs (full resolution first,
+    head ``i`` at ``H / 2**i``); ``labels`` are integer class maps ``(B, H, W)`` at full resolution.
+    Returns a scalar tensor.
     """
-
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        from monai.losses import DiceCELoss
-
-        self.num_classes = num_classes
-        self.per_head = DiceCELoss(
-            include_background=False,
-            to_onehot_y=False,
-            softmax=True,
-            batch=False,
-            reduction="mean",
-            smooth_nr=SMOOTH,
-            smooth_dr=SMOOTH,
-            lambda_dice=DICE_WEIGHT,
-            lambda_ce=CE_WEIGHT,
+    heads = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    target = one_hot(labels, num_classes).to(heads[0].device)
+    if heads[0].shape[-2:] != target.shape[-2:]:
+        raise ValueError(
+            f"first head {tuple(heads[0].shape)} must be at the label resolution {tuple(labels.shape)}"
         )
-
-    def head_loss(self, logits: torch.Tensor, target_onehot: torch.Tensor) -> torch.Tensor:
-        """Loss of one head: ``logits`` ``(B, C, h, w)``, ``target_onehot`` float ``(B, C, h, w)``."""
-        return self.per_head(logits, target_onehot)
-
-    def forward(self, outputs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        heads = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-        target = one_hot(labels, self.num_classes).to(heads[0].device)
-        if heads[0].shape[-2:] != target.shape[-2:]:
-            raise ValueError(
-                f"first head {tuple(heads[0].shape)} must be at the label resolution {tuple(labels.shape)}"
-            )
-        total = heads[0].new_zeros(())
-        for weight, logits in zip(deep_supervision_weights(len(heads)), heads):
-            scaled = target if logits.shape[-2:] == target.shape[-2:] else F.interpolate(
-                target, size=logits.shape[-2:], mode="nearest-exact"
-            )
-            total = total + weight * self.head_loss(logits, scaled)
-        return total
+    total = heads[0].new_zeros(())
+    for weight, logits in zip(deep_supervision_weights(len(heads)), heads):
+        scaled = target if logits.shape[-2:] == target.shape[-2:] else F.interpolate(
+            target, size=logits.shape[-2:], mode="nearest-exact"
+        )
+        total = total + weight * head_loss(logits, scaled)
+    return total

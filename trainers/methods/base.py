@@ -3,14 +3,22 @@
 A method owns its networks (``modules``: what DDP wraps and the optimizer steps), turns a loader
 batch into a loss, and exports the weights fine-tuning loads. Augmentation runs inside
 ``training_step`` on the batch's device (batched torch ops, seeded by the ``generator``).
+Everything a method does differently from the others lives on the method: moving the state it keeps
+outside ``modules`` (``to``), converting that state to SyncBatchNorm, the figures it draws after an
+epoch, and the weight parts it exports (``parts``; the pretraining manifest lists them, and the
+fine-tuning grid reads them from there). ``MethodBase`` gives every hook its do-nothing default.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class SSPMethod(Protocol):
@@ -27,10 +35,29 @@ class SSPMethod(Protocol):
     """
 
     name: str
+    #: The weight parts ``export`` returns, in order (``encoder`` first).
+    parts: ClassVar[tuple[str, ...]]
 
     @property
     def modules(self) -> nn.Module:
         """Everything the optimizer updates (a single ``nn.Module``, wrapped by DDP)."""
+        ...
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> object:
+        """Move the state kept outside ``modules`` (DINO: teacher and centre) to ``device``."""
+        ...
+
+    def convert_sync_batchnorm(self) -> None:
+        """Convert the networks kept outside ``modules`` to SyncBatchNorm (called with ``modules``'s conversion)."""
+        ...
+
+    def epoch_figures(
+        self, modules: nn.Module, images: Callable[[], torch.Tensor], device: torch.device, epoch: int, seed: int
+    ) -> dict[str, Figure]:
+        """Figures to log after ``epoch``, by artifact folder name (MIM: ``reconstructions``).
+
+        ``images()`` reads a training batch ``(B, 1, H, W)`` (only called by methods that draw).
+        """
         ...
 
     def training_step(
@@ -67,10 +94,23 @@ class SSPMethod(Protocol):
         ...
 
 
-class StatelessHooks:
-    """No-op optimizer hooks and no extra state, for methods whose whole state is in ``modules``."""
+class MethodBase:
+    """The do-nothing default of every optional hook: no-op optimizer hooks, no extra state, nothing
+    outside ``modules`` to move or convert, no epoch figures, and the ``encoder`` part only."""
 
     name: str
+    parts: ClassVar[tuple[str, ...]] = ("encoder",)
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> MethodBase:
+        return self
+
+    def convert_sync_batchnorm(self) -> None:
+        pass
+
+    def epoch_figures(
+        self, modules: nn.Module, images: Callable[[], torch.Tensor], device: torch.device, epoch: int, seed: int
+    ) -> dict[str, Figure]:
+        return {}
 
     def before_optimizer_step(self, epoch: int) -> None:
         pass

@@ -5,32 +5,19 @@
 (``PAPER_DEFAULTS``, method-spec §4 and §10), so ``{"method": "dino"}`` alone is the published DINO
 run. ``batch_size`` counts GLOBAL images per optimizer step (views/crops are extra rows).
 
-Schedules the pretrain loop queries every iteration (``step`` = optimizer steps since the start of
-the run, ``steps_per_epoch`` = steps of one epoch):
-
-- ``lr_at(step, steps_per_epoch)``: ``cosine_epoch`` = ``CosineAnnealingLR(T_max=epochs)`` stepped
-  per epoch (SimCLR, PCL, MIM; constant inside an epoch); ``warmup_cosine_step`` = DINO's per-iteration
-  linear warm-up from 0 over ``warmup_epochs`` then cosine to ``min_lr`` (warm-up clipped to the run).
-- ``weight_decay_at(step, steps_per_epoch)``: constant, or DINO's per-iteration cosine to
-  ``weight_decay_end``; applies to groups with ``apply_weight_decay`` only.
-- ``apply_schedule(optimizer, step, steps_per_epoch)`` sets both on an optimizer built by
-  ``build_optimizer`` (DINO: biases and 1-D parameters get no weight decay; frozen parameters such
-  as the weight-norm magnitude are left out).
-- DINO's teacher temperature (per epoch) and EMA momentum (per iteration) live on ``DINOConfig``.
+The configs hold data only: the schedules that read them are pure functions in
+``trainers/schedules.py`` (learning rate, weight decay, DINO's teacher temperature and EMA momentum)
+and the optimizer is built by ``trainers/optimizers.py`` (DINO: biases and 1-D parameters get no
+weight decay; frozen parameters such as the weight-norm magnitude are left out).
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.augment import AugmentConfig
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,10 +26,24 @@ _FROZEN = ConfigDict(extra="forbid", frozen=True)
 # method blocks
 
 
-class SimCLRConfig(BaseModel):
-    """SimCLR: two views per image, NT-Xent over the global batch (spec §4.1)."""
+class MethodBlock(BaseModel):
+    """What every method block says about its run: how it selects the best epoch, and its checks.
+
+    ``best_metric`` is ``valid_loss`` (the published validation loss) or ``train_loss`` (DINO, which
+    has no validation loop); ``check(config)`` raises ``ValueError`` naming the key when the block
+    does not fit the run's recipe (``config``, a ``PretrainConfig``).
+    """
 
     model_config = _FROZEN
+
+    best_metric: ClassVar[Literal["valid_loss", "train_loss"]] = "valid_loss"
+
+    def check(self, config: PretrainConfig) -> None:
+        """Nothing to check by default."""
+
+
+class SimCLRConfig(MethodBlock):
+    """SimCLR: two views per image, NT-Xent over the global batch (spec §4.1)."""
 
     name: Literal["simclr"] = "simclr"
     temperature: float = Field(0.1, gt=0)
@@ -63,15 +64,16 @@ class PCLConfig(SimCLRConfig):
 _DINO_BASE: dict[str, Any] = {"noise_p": 0.15, "smooth_p": 0.1, "scale_intensity_p": 0.2, "shift_p": 0.15, "gamma_p": 0.15}
 
 
-class DINOConfig(BaseModel):
+class DINOConfig(MethodBlock):
     """DINO: 2 global + ``n_local_crops`` local crops, EMA teacher, centring (spec §4.3, §2.3).
 
     ``teacher_init_from_student``: ``False`` (default) reproduces the published code, whose
     teacher is initialised independently of the student; ``True`` is the usual ("fixed") DINO,
-    teacher = copy of the student at the start.
+    teacher = copy of the student at the start. Its best epoch is the one with the lowest training
+    loss (no validation loop, as published).
     """
 
-    model_config = _FROZEN
+    best_metric: ClassVar[Literal["valid_loss", "train_loss"]] = "train_loss"
 
     name: Literal["dino"] = "dino"
     out_dim: int = Field(8192, ge=2, description="prototypes (logit dimension)")
@@ -96,32 +98,20 @@ class DINOConfig(BaseModel):
         **_DINO_BASE | {"crop_fraction": 0.5, "scale_range": (0.313, 0.524), "translate_fraction": 160 / 128}
     )
 
-    def teacher_temp_at(self, epoch: int, epochs: int) -> float:
-        """``linspace(start, end, W)[epoch]`` for ``epoch < W``, then ``end``; ``W = min(warm-up, epochs)``."""
-        warm = min(self.teacher_temp_warmup_epochs, epochs)
-        if epoch >= warm:
-            return self.teacher_temp_end
-        if warm == 1:
-            return self.teacher_temp_start
-        return self.teacher_temp_start + (self.teacher_temp_end - self.teacher_temp_start) * epoch / (warm - 1)
-
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        """Teacher EMA momentum: cosine from start to end over the run's iterations."""
-        if total_steps <= 0:
-            return self.momentum_teacher_end
-        frac = min(max(step, 0), total_steps) / total_steps
-        return self.momentum_teacher_end + 0.5 * (self.momentum_teacher_start - self.momentum_teacher_end) * (
-            1 + math.cos(math.pi * frac)
-        )
+    def check(self, config: PretrainConfig) -> None:
+        """No validation batch: DINO has no validation loop."""
+        if config.valid_batch_size is not None:
+            raise ValueError(
+                "valid_batch_size: DINO has no validation loop (published; its loss updates the teacher's centre), "
+                "leave it null"
+            )
 
 
-class MIMConfig(BaseModel):
+class MIMConfig(MethodBlock):
     """MIM: mask ``mask_ratio`` of ``patches_per_side**2`` patches, reconstruct with the U-Net (spec §4.4).
 
     The patch edge is ``image_size / patches_per_side`` (32 px at 256 px, the paper's setting).
     """
-
-    model_config = _FROZEN
 
     name: Literal["mim"] = "mim"
     patches_per_side: int = Field(8, ge=1)
@@ -129,7 +119,18 @@ class MIMConfig(BaseModel):
     fill_value: float = 0.0
     augment: AugmentConfig = AugmentConfig()
 
+    def check(self, config: PretrainConfig) -> None:
+        """The patches tile the image."""
+        if config.image_size % self.patches_per_side:
+            raise ValueError(
+                f"method.patches_per_side: {self.patches_per_side} does not divide image_size {config.image_size}"
+            )
 
+
+#: The config block of every method, by name (``register`` adds one).
+METHOD_CONFIGS: dict[str, type[MethodBlock]] = {
+    block.model_fields["name"].default: block for block in (SimCLRConfig, PCLConfig, DINOConfig, MIMConfig)
+}
 MethodConfig = Annotated[SimCLRConfig | PCLConfig | DINOConfig | MIMConfig, Field(discriminator="name")]
 
 
@@ -244,16 +245,8 @@ class PretrainConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _sizes(self) -> PretrainConfig:
-        if isinstance(self.method, MIMConfig) and self.image_size % self.method.patches_per_side:
-            raise ValueError(
-                f"method.patches_per_side: {self.method.patches_per_side} does not divide image_size {self.image_size}"
-            )
-        if isinstance(self.method, DINOConfig) and self.valid_batch_size is not None:
-            raise ValueError(
-                "valid_batch_size: DINO has no validation loop (published; its loss updates the teacher's centre), "
-                "leave it null"
-            )
+    def _method_fits(self) -> PretrainConfig:
+        self.method.check(self)
         return self
 
     @property
@@ -264,76 +257,36 @@ class PretrainConfig(BaseModel):
     @property
     def best_metric(self) -> Literal["valid_loss", "train_loss"]:
         """What selects the best checkpoint: the validation loss, or (DINO, as published) the epoch training loss."""
-        return "train_loss" if isinstance(self.method, DINOConfig) else "valid_loss"
+        return self.method.best_metric
 
-    # -- schedules --------------------------------------------------------------------------
 
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the whole run."""
-        return self.epochs * steps_per_epoch
+def add_method_config(name: str, block: type[MethodBlock], paper_defaults: dict[str, Any]) -> None:
+    """Accept ``block`` as ``PretrainConfig.method`` when its ``name`` is ``name`` (rebuilds the union and
+    the models that embed ``PretrainConfig``).
 
-    def lr_at(self, step: int, steps_per_epoch: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based, counted over the run)."""
-        base, low = self.optimizer.lr, self.schedule.min_lr
-        if self.schedule.kind == "cosine_epoch":
-            epoch = min(step // max(steps_per_epoch, 1), self.epochs)
-            return low + (base - low) * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        total = self.total_steps(steps_per_epoch)
-        warm = min(self.schedule.warmup_epochs, self.epochs) * steps_per_epoch
-        if step < warm:  # numpy.linspace(0, base, warm)[step], as DINO's cosine_scheduler
-            return base * step / (warm - 1) if warm > 1 else 0.0
-        rest = total - warm
-        if rest <= 0:
-            return base
-        frac = min(step - warm, rest) / rest
-        return low + 0.5 * (base - low) * (1 + math.cos(math.pi * frac))
+    Raises:
+        ValueError: ``name`` is taken or ``block.name`` does not default to it.
+    """
+    if name in METHOD_CONFIGS:
+        raise ValueError(f"method {name!r}: a config block of that name exists")
+    if not issubclass(block, MethodBlock):
+        raise ValueError(f"method {name!r}: {block.__name__} must subclass MethodBlock")
+    field = block.model_fields.get("name")
+    if field is None or field.default != name:
+        raise ValueError(f"method {name!r}: {block.__name__}.name must default to {name!r}")
+    METHOD_CONFIGS[name] = block
+    PAPER_DEFAULTS[name] = paper_defaults
+    rebuild_method_union()
 
-    def weight_decay_at(self, step: int, steps_per_epoch: int) -> float:
-        """Weight decay for step ``step``: constant, or cosine to ``weight_decay_end`` per iteration."""
-        start, end = self.optimizer.weight_decay, self.optimizer.weight_decay_end
-        if end is None:
-            return start
-        total = self.total_steps(steps_per_epoch)
-        frac = min(max(step, 0), total) / total
-        return end + 0.5 * (start - end) * (1 + math.cos(math.pi * frac))
 
-    # -- optimizer --------------------------------------------------------------------------
+def rebuild_method_union() -> None:
+    """Make ``PretrainConfig.method`` (and the models embedding ``PretrainConfig``) accept exactly the
+    blocks of ``METHOD_CONFIGS``."""
+    from functools import reduce
+    from operator import or_
 
-    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        """Trainable parameters in groups; each carries ``apply_weight_decay``.
+    from trainers.jobs import PretrainJob
 
-        With ``exclude_bias_and_norm_from_wd`` biases and 1-D parameters (norms) form a second
-        group without weight decay (DINO). Frozen parameters are left out.
-        """
-        decay, no_decay = [], []
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.optimizer.exclude_bias_and_norm_from_wd and (name.endswith(".bias") or p.ndim <= 1):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [{"params": decay, "apply_weight_decay": True, "weight_decay": self.optimizer.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0})
-        return groups
-
-    def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        """SGD over ``param_groups(module)`` at the step-0 learning rate."""
-        import torch
-
-        return torch.optim.SGD(
-            self.param_groups(module),
-            lr=self.optimizer.lr,
-            momentum=self.optimizer.momentum,
-            nesterov=self.optimizer.nesterov,
-        )
-
-    def apply_schedule(self, optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int) -> float:
-        """Set every group's ``lr`` and the decayed groups' ``weight_decay`` for ``step``; return the lr."""
-        lr = self.lr_at(step, steps_per_epoch)
-        wd = self.weight_decay_at(step, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd if group.get("apply_weight_decay", True) else 0.0
-        return lr
+    PretrainConfig.model_fields["method"].annotation = reduce(or_, METHOD_CONFIGS.values())
+    PretrainConfig.model_rebuild(force=True)
+    PretrainJob.model_rebuild(force=True)

@@ -8,14 +8,14 @@ BatchNorm statistics span every crop of the (rank-local) batch. The teacher sees
 without gradient, in train mode (its BN keeps its own running statistics; they are not EMA-copied).
 
 - Loss: ``trainers.losses.dino_loss`` with student temperature 0.1 and teacher temperature
-  ``DINOConfig.teacher_temp_at(epoch, epochs)`` (0.02 -> 0.04 over 30 epochs, per epoch, clipped
+  ``trainers.schedules.teacher_temperature(config, epoch, epochs)`` (0.02 -> 0.04 over 30 epochs, per epoch, clipped
   to the run length).
 - Centre: updated after the loss with momentum 0.9 from the teacher logits, the batch mean
   all-reduced over ranks, so every rank holds the same centre.
 - ``before_optimizer_step``: drops the gradient of ``last_layer`` parameters while
   ``epoch < freeze_last_layer_epochs`` (1: epoch 0).
 - ``after_optimizer_step(epoch, global_step, total_steps)``: EMA update of every teacher
-  parameter with ``m = DINOConfig.momentum_at(global_step - 1, total_steps)`` (0.996 -> 1 cosine,
+  parameter with ``m = trainers.schedules.ema_momentum(config, global_step - 1, total_steps)`` (0.996 -> 1 cosine,
   per iteration). ``global_step`` = optimizer steps taken so far *including the one just taken*
   (the loop increments before the hook), so the step just taken has 0-based index
   ``global_step - 1`` and uses ``momentum_schedule[global_step - 1]``, as DINO's ``main_dino.py``
@@ -24,7 +24,7 @@ without gradient, in train mode (its BN keeps its own running statistics; they a
   parameters are identical after the DDP step.
 - Teacher init: independent random init by default (faithful to the published code); with
   ``teacher_init_from_student`` the teacher starts as a copy of the student (standard DINO).
-- The loop sets LR and weight decay per iteration with ``PretrainConfig.apply_schedule``; biases
+- The loop sets LR and weight decay per iteration with ``trainers.schedules.apply_schedule``; biases
   and 1-D parameters have no weight decay; the frozen weight-norm magnitude is not optimised.
 - ``extra_state``: the teacher's state dict (``teacher.*``) and the centre (``center``).
 - Ranks: the teacher is broadcast from rank 0 at the first step (DDP only syncs the student), so
@@ -45,14 +45,16 @@ from torch import nn
 from trainers.augment import augment
 from trainers.distributed import broadcast_module
 from trainers.losses.dino import dino_loss, update_center
+from trainers.methods.base import MethodBase
 from trainers.methods.config import DINOConfig, PretrainConfig
 from trainers.methods.simclr import check_images, encoder_state
 from trainers.models.heads import DINONet
+from trainers.schedules import ema_momentum, teacher_temperature
 
 N_GLOBAL = 2
 
 
-class DINO:
+class DINO(MethodBase):
     """DINO method (see the module docstring); implements ``SSPMethod``."""
 
     name = "dino"
@@ -134,7 +136,7 @@ class DINO:
         self.teacher.train()
         with torch.no_grad():
             teacher_out = self.teacher(globals_)
-        teacher_temp = self.cfg.teacher_temp_at(epoch, self.config.epochs)
+        teacher_temp = teacher_temperature(self.cfg, epoch, self.config.epochs)
         loss = dino_loss(
             student_out, teacher_out, self.center, self.cfg.student_temp, teacher_temp, N_GLOBAL, self.n_crops
         )
@@ -153,14 +155,14 @@ class DINO:
         """EMA momentum after ``global_step`` optimizer steps (>= 1, counting the one just taken).
 
         ``momentum_schedule[global_step - 1]`` of DINO's cosine schedule over ``total_steps``: the
-        first update uses ``momentum_teacher_start`` (0.996), the last ``momentum_at(total - 1)``.
+        first update uses ``momentum_teacher_start`` (0.996), the last ``ema_momentum(total - 1)``.
 
         Raises:
             ValueError: if ``global_step < 1`` (the hook runs after a step, so at least one was taken).
         """
         if global_step < 1:
             raise ValueError(f"dino: global_step counts optimizer steps taken (>= 1), got {global_step}")
-        return self.cfg.momentum_at(global_step - 1, total_steps)
+        return ema_momentum(self.cfg, global_step - 1, total_steps)
 
     @torch.no_grad()
     def after_optimizer_step(self, epoch: int, global_step: int, total_steps: int) -> None:

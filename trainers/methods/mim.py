@@ -12,21 +12,31 @@ Exports ``encoder`` (``encoder.*``) and ``encoder_decoder`` (``encoder.*`` + ``d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from trainers.augment import augment, patch_mask
 from trainers.losses.mim import masked_mse
-from trainers.methods.base import StatelessHooks
+from trainers.methods.base import MethodBase
 from trainers.methods.config import MIMConfig, PretrainConfig
 from trainers.methods.simclr import check_images, encoder_state
 from trainers.models.unet import UNet2d
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-class MIM(StatelessHooks):
+#: Slices drawn per reconstruction figure.
+FIGURE_SLICES = 4
+
+
+class MIM(MethodBase):
     """MIM method (see the module docstring); implements ``SSPMethod``."""
 
     name = "mim"
+    parts = ("encoder", "encoder_decoder")
 
     def __init__(self, config: PretrainConfig, image_size: int | None = None) -> None:
         if not isinstance(config.method, MIMConfig):
@@ -64,3 +74,26 @@ class MIM(StatelessHooks):
             "encoder": encoder_state(self.net),
             "encoder_decoder": encoder_state(self.net, ("encoder.", "decoder.")),
         }
+
+    def epoch_figures(
+        self, modules: nn.Module, images: Callable[[], torch.Tensor], device: torch.device, epoch: int, seed: int
+    ) -> dict[str, Figure]:
+        """``reconstructions``: input / masked input / reconstruction of a few training slices."""
+        import matplotlib.pyplot as plt
+
+        x = images()[:FIGURE_SLICES].to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        was_training = modules.training
+        modules.eval()
+        with torch.no_grad():
+            masked, _ = self.masked_input(x, generator)
+            recon = modules(masked)
+        modules.train(was_training)
+        fig, axes = plt.subplots(3, x.shape[0], figsize=(2 * x.shape[0], 6), squeeze=False)
+        for r, (title, row) in enumerate(zip(("input", "masked", "reconstruction"), (x, masked, recon))):
+            for c in range(x.shape[0]):
+                axes[r][c].imshow(row[c, 0].float().cpu().numpy(), cmap="gray")
+                axes[r][c].set_axis_off()
+            axes[r][0].set_title(title, fontsize=8, loc="left")
+        fig.suptitle(f"MIM epoch {epoch}")
+        return {"reconstructions": fig}

@@ -16,7 +16,7 @@ from torch import nn
 from trainers.augment import augment
 from trainers.distributed import gather_with_grad, scale_grad_for_ddp
 from trainers.losses.ntxent import ntxent
-from trainers.methods.base import StatelessHooks
+from trainers.methods.base import MethodBase
 from trainers.methods.config import PretrainConfig, SimCLRConfig
 from trainers.models.heads import EncoderMLP
 
@@ -36,7 +36,7 @@ def encoder_state(module: nn.Module, prefixes: tuple[str, ...] = ("encoder.",)) 
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k.startswith(prefixes)}
 
 
-class SimCLR(StatelessHooks):
+class SimCLR(MethodBase):
     """SimCLR method (see the module docstring); implements ``SSPMethod``."""
 
     name = "simclr"
