@@ -136,7 +136,8 @@ class _StoreSource:
 
     @property
     def n_slices(self) -> int:
-        return int(self._store.n_slices)
+        """Rows of the image array (schema 2: slices plus the padding that aligns subjects to chunks)."""
+        return int(getattr(self._store, "n_rows", self._store.n_slices))
 
     @property
     def chunk_slices(self) -> int:
@@ -218,8 +219,11 @@ def subject_rows(subjects: Any, subject_ids: Sequence[str]) -> np.ndarray:
 def select_indices(
     meta: Mapping[str, np.ndarray], rows: np.ndarray | None, labelled_only: bool
 ) -> np.ndarray:
-    """Sorted global slice indices whose subject row is in ``rows`` (all if None), int64 ``(n,)``."""
-    keep = np.ones(len(meta["subject"]), dtype=bool)
+    """Sorted global slice indices whose subject row is in ``rows`` (all if None), int64 ``(n,)``.
+
+    Padding rows (``meta["subject"] == -1``, schema 2) are never selected.
+    """
+    keep = np.asarray(meta["subject"]) >= 0
     if rows is not None:
         keep &= np.isin(np.asarray(meta["subject"]), rows)
     if labelled_only:
