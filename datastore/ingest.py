@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ from datastore.store import PendingSubject, StoreWriter, SubjectRecord, SubjectS
 #: process SIGKILL itself there instead of raising :class:`InjectedCrash`.
 CRASH_ENV = "SSPCTL_INGEST_CRASH_AFTER"
 CRASH_MODE_ENV = "SSPCTL_INGEST_CRASH_MODE"
+
+
+#: Stage names of ``IngestResult.stages``.
+STAGES = ("process", "write", "allocate", "commit", "finalize")
 
 
 class IngestError(RuntimeError):
@@ -80,6 +85,9 @@ class IngestResult:
     hash: str | None = None
     n_subjects: int = 0
     n_slices: int = 0
+    #: Seconds per stage summed over this run's subjects: ``process`` and ``write`` (in the
+    #: workers), ``allocate`` and ``commit`` (in the driver), ``finalize`` (driver, once).
+    stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @property
     def ok(self) -> bool:
@@ -272,10 +280,13 @@ def process_subject(source: SubjectSource, config: IngestConfig) -> SubjectRecor
 
 def process_for_store(source: SubjectSource, config: IngestConfig) -> tuple[SubjectSummary | SkippedSubject, SubjectRecord | None]:
     """:func:`process_subject` split for the driver: the summary it needs, and the record for the writer."""
+    start = time.perf_counter()
     item = process_subject(source, config)
     if isinstance(item, SkippedSubject):
         return item, None
-    return item.summary(item.info["content_hash"]), item
+    summary = item.summary(item.info["content_hash"])
+    summary.process_s = time.perf_counter() - start
+    return summary, item
 
 
 @dataclass
@@ -293,6 +304,16 @@ class _Progress:
         if self.verbose:
             self.bar.write(f"skipped: {item.reason}", file=sys.stderr)
 
+    def add(self, stage: str, seconds: float) -> None:
+        self.result.stages[stage] += seconds
+
+    def allocate(self, writer: StoreWriter, summary: SubjectSummary) -> PendingSubject:
+        start = time.perf_counter()
+        pending = writer.allocate(summary)
+        self.add("allocate", time.perf_counter() - start)
+        self.add("process", summary.process_s)
+        return pending
+
     def warned(self, summary: SubjectSummary) -> None:
         for message in summary.warnings:
             self.result.warnings.append(message)
@@ -309,7 +330,9 @@ class _Progress:
         self._commit(writer, written)
 
     def _commit(self, writer: StoreWriter, written: Sequence[PendingSubject]) -> None:
+        start = time.perf_counter()
         writer.commit_subjects(written)
+        self.add("commit", time.perf_counter() - start)
         self.result.ingested.extend((p.summary.dataset, p.summary.subject_id) for p in written)
         self.bar.update(len(written))
 
@@ -323,8 +346,8 @@ def _run_serial(plan: IngestPlan, progress: _Progress) -> None:
             continue
         assert record is not None
         progress.warned(summary)
-        pending = plan.writer.allocate(summary)
-        write_subject_data(plan.writer.group, record, pending.allocation)
+        pending = progress.allocate(plan.writer, summary)
+        progress.add("write", write_subject_data(plan.writer.group, record, pending.allocation))
         progress.commit(plan.writer, [pending])
 
 
@@ -360,7 +383,7 @@ def _run_ray(plan: IngestPlan, progress: _Progress, max_in_flight: int) -> None:
                 progress.skipped(summary)
                 continue
             progress.warned(summary)
-            pending = writer.allocate(summary)
+            pending = progress.allocate(writer, summary)
             ref = write.remote(writer.path, record_ref, pending.allocation)
             writing[ref] = pending
             order.append((pending, ref))
@@ -374,7 +397,7 @@ def _run_ray(plan: IngestPlan, progress: _Progress, max_in_flight: int) -> None:
             continue
         ready, _ = ray.wait([*processing, *writing], num_returns=1)
         if ready[0] in writing:
-            _raise_write_error(ready[0], writing.pop(ready[0]))
+            progress.add("write", _write_seconds(ready[0], writing.pop(ready[0])))
             done.add(ready[0])
             continue
         index, source, record_ref = processing.pop(ready[0])
@@ -386,12 +409,12 @@ def _run_ray(plan: IngestPlan, progress: _Progress, max_in_flight: int) -> None:
             finished[index] = (SkippedSubject(source.dataset, source.subject_id, reason), None)
 
 
-def _raise_write_error(ref: Any, pending: PendingSubject) -> None:
-    """Re-raise a failed write task's own error (e.g. ``OSError`` ENOSPC) in the driver, in one line."""
+def _write_seconds(ref: Any, pending: PendingSubject) -> float:
+    """A finished write task's seconds; a failed one's own error (e.g. ``OSError`` ENOSPC) re-raised in one line."""
     import ray
 
     try:
-        ray.get(ref)
+        return float(ray.get(ref))
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, OSError):
@@ -426,9 +449,11 @@ def execute_ingest(
             _run_ray(plan, reporter, max(1, max_in_flight))
         else:
             _run_serial(plan, reporter)
+        start = time.perf_counter()
         result.hash = writer.finalize(
             {"skipped": [{"dataset": s.dataset, "subject_id": s.subject_id, "reason": s.reason} for s in result.skipped]}
         )  # merged with the skips of earlier runs; releases the writer lock
+        reporter.add("finalize", time.perf_counter() - start)
     finally:
         bar.close()
         writer.close()  # after a failure: release the lock so that a rerun in this process resumes

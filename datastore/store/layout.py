@@ -256,6 +256,8 @@ class SubjectSummary:
     label_rows: np.ndarray
     info: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    #: Seconds the worker spent reading and preprocessing the subject (for stage costs; not stored).
+    process_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -74,15 +74,19 @@ class PendingSubject:
         }
 
 
-def write_subject_data(store: str | Any, record: SubjectRecord, allocation: Allocation) -> None:
+def write_subject_data(store: str | Any, record: SubjectRecord, allocation: Allocation) -> float:
     """Write ``record``'s pixels at ``allocation``: whole chunks owned by this subject alone.
 
     ``store`` is the store path/URL (a Ray worker opens it itself) or an open root group. Padding
     up to the chunk boundaries is written as zeros, so the stored bytes do not depend on what an
-    interrupted run left there. Idempotent: a retried write gives the same chunks.
+    interrupted run left there. Idempotent: a retried write gives the same chunks. Returns the
+    seconds it took (a stage cost of ``benchmarks/ingest.py``).
     """
+    import time
+
     import zarr
 
+    start = time.perf_counter()
     group = zarr.open_group(store, mode="r+") if isinstance(store, str) else store
     a = allocation
     images = np.zeros((a.rows_end - a.first_row, *record.images.shape[1:]), np.float16)
@@ -99,6 +103,7 @@ def write_subject_data(store: str | Any, record: SubjectRecord, allocation: Allo
                 volume = np.asarray(record.native[phase][index], dtype=dtype).reshape(-1)
                 flat[offset - a.native_start : offset - a.native_start + volume.size] = volume
             group[name][a.native_start : a.native_end] = flat
+    return time.perf_counter() - start
 
 
 class StoreWriter:
