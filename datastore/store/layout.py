@@ -51,8 +51,9 @@ DEFAULT_CHUNK_SLICES = 32
 #: Voxels per chunk of ``native/image`` and ``native/label`` (4 MiB of float32): about one
 #: subject's ED + ES volumes, so a subject adds one or two chunk files per native array.
 DEFAULT_NATIVE_CHUNK = 1 << 20
-#: Rows per chunk of the 1D per-slice arrays (written by the driver only).
-META_CHUNK = 65536
+#: Rows per chunk of the 1D per-slice arrays, written by the driver at each commit: small enough that
+#: rewriting the last chunk costs little (a commit rewrites at most two chunks per array).
+META_CHUNK = 8192
 #: The writer lock of a local store: a file in the store directory, ``fcntl.flock``-ed by the writer.
 LOCK_NAME = ".sspctl-writer.lock"
 #: Nodes every store holds (``None`` = a group), in creation order.
