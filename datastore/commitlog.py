@@ -139,8 +139,6 @@ class CommitLog:
         temp = f"{self._root}/.{name}.{uuid.uuid4().hex}.tmp"
         with open(temp, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         try:
             if replace:
                 os.replace(temp, final)

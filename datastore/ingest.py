@@ -88,6 +88,9 @@ class IngestResult:
     #: Seconds per stage summed over this run's subjects: ``process`` and ``write`` (in the
     #: workers), ``allocate`` and ``commit`` (in the driver), ``finalize`` (driver, once).
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    #: ``(subjects committed so far, seconds of that commit, perf_counter after it)`` per commit:
+    #: how the cost of a commit grows with the store (``benchmarks/scale.py``).
+    commits: list[tuple[int, float, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -332,7 +335,9 @@ class _Progress:
     def _commit(self, writer: StoreWriter, written: Sequence[PendingSubject]) -> None:
         start = time.perf_counter()
         writer.commit_subjects(written)
-        self.add("commit", time.perf_counter() - start)
+        end = time.perf_counter()
+        self.add("commit", end - start)
+        self.result.commits.append((len(writer.state.rows), end - start, end))
         self.result.ingested.extend((p.summary.dataset, p.summary.subject_id) for p in written)
         self.bar.update(len(written))
 

@@ -128,6 +128,7 @@ class StoreWriter:
         self._pending: list[PendingSubject] = []
         self._marked_incomplete = not attrs.get("complete", False)
         self._lengths: dict[str, int] = {}
+        self._arrays: dict[str, Any] = {}  # handles opened once: each open reads a zarr.json
         #: One-line notes for the user from opening the store (e.g. a stale lock taken over).
         self.warnings: list[str] = []
 
@@ -241,10 +242,16 @@ class StoreWriter:
         self._pending.append(pending)
         return pending
 
+    def _array(self, name: str) -> Any:
+        """The array ``name``, opened once (this writer is the only one that resizes it)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def _ensure_length(self, name: str, length: int) -> None:
         if self._lengths.get(name, -1) >= length:
             return
-        array = self.group[name]
+        array = self._array(name)
         current = int(array.shape[0])
         if current < length:
             current = max(length, int(current * (1 + GROWTH)))
@@ -325,10 +332,10 @@ class StoreWriter:
             meta["label_row"][rows] = label_row
             meta["labelled"][rows] = label_row >= 0
             label_slice[a.first_label_row - l_first : a.first_label_row - l_first + a.n_labels] = a.first_row + s.label_rows
-        for key, values in meta.items():
-            self.group[f"meta/{key}"][first:end] = values
+        writes = [(f"meta/{key}", first, end, values) for key, values in meta.items()]
         if l_end > l_first:
-            self.group["label_slice"][l_first:l_end] = label_slice
+            writes.append(("label_slice", l_first, l_end, label_slice))
+        _write_concurrently([(self._array(name), lo, hi, values) for name, lo, hi, values in writes])
 
     # -- finish ----------------------------------------------------------------------------
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> str:
@@ -351,7 +358,7 @@ class StoreWriter:
             (("native/image", "native/label"), counts["native_voxels"]),
         ):
             for name in names:
-                array = self.group[name]
+                array = self._array(name)
                 if array.shape[0] != length:
                     array.resize((length, *array.shape[1:]))
                 self._lengths.pop(name, None)
@@ -362,6 +369,18 @@ class StoreWriter:
         self._marked_incomplete = False
         self.close()
         return digest
+
+
+def _write_concurrently(writes: Sequence[tuple[Any, int, int, np.ndarray]]) -> None:
+    """``array[lo:hi] = values`` for each write, issued together (one round of I/O, not one per array)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def all_writes() -> None:
+        await asyncio.gather(*(array._async_array.setitem(slice(lo, hi), values) for array, lo, hi, values in writes))
+
+    sync(all_writes())
 
 
 def merge_skipped(
