@@ -4,11 +4,12 @@
 
 Ingest part (small synthetic M&Ms subjects: 32 x 32 x 4 slices x 5 frames, stored at 32 x 32;
 small images are enough because the costs that grow with the store are per subject, not per
-pixel). For each size N, a fresh store ingests the first N subjects in this process (the
-executor that isolates the driver's costs) and the benchmark reports:
+pixel). One store grows through the sizes: for each size N the ingest is rerun on a root holding
+the first N subjects, which adds the subjects that are new (in this process: the executor that
+isolates the driver's costs), and the benchmark reports:
 
 * the driver's commit time and the wall time per subject of the first 100 and the last 100
-  subjects (a layout whose commit rewrites the subject table grows here);
+  subjects added at that size (a layout whose commit rewrites the subject table grows here);
 * store size and file count, the no-op rerun time (``plan_ingest`` on the finished store: discovery,
   stat checks, commit-log read) and the ``store validate`` time;
 * a streaming loader epoch over the store (slices/s, peak extra memory).
@@ -18,8 +19,8 @@ constant per subject). Realistic per-subject stage costs (``--stage-subjects`` f
 subjects through the same code with 2 Ray workers) and the fits give the projection for 50,000
 subjects on a 16-worker cluster.
 
-Loader part (``--loader-slices``, 256 x 256 slices, the store of ``benchmarks/loader.py``, about
-0.06 GB on disk per 1,000 slices): the raw float16 decode of the whole store (the ceiling) and a
+Loader part (``--loader-slices``, 256 x 256 slices, the store of ``benchmarks/loader.py``, kept
+in its ``--cache-dir`` between runs, about 0.12 GB on disk per 1,000 slices): the raw float16 decode of the whole store (the ceiling) and a
 streaming epoch under the ``--cache-gb`` budget, in a child process that reports its peak memory,
 in the same run. ``--loader-slices 0`` skips it. Everything is written under ``--workdir`` (a
 temporary folder by default) and removed at the end unless ``--keep``.
@@ -76,7 +77,7 @@ def measure_size(raw: Path, store: Path, loader_cache_gb: float) -> dict[str, An
     start = time.perf_counter()
     result = execute_ingest(plan_ingest({"mnms": raw}, store, config), executor="serial", progress=False)
     ingest_s = time.perf_counter() - start
-    assert len(result.ingested) == n_expected(raw), f"{raw}: {len(result.ingested)} subjects ingested"
+    assert result.n_subjects == n_expected(raw), f"{raw}: {result.n_subjects} subjects in the store"
     commits = result.commits
     walls = np.diff([start] + [c[2] for c in commits])  # wall time between commits (one subject each)
     start = time.perf_counter()
@@ -88,7 +89,8 @@ def measure_size(raw: Path, store: Path, loader_cache_gb: float) -> dict[str, An
     validate_s = time.perf_counter() - start
     stream = streaming_in_child(store, loader_cache_gb)
     return {
-        "subjects": len(result.ingested),
+        "subjects": result.n_subjects,
+        "added": len(result.ingested),
         "slices": result.n_slices,
         "ingest_s": round(ingest_s, 2),
         "commit_ms_first_100": round(1e3 * float(np.mean([c[1] for c in commits[:100]])), 2),
@@ -124,31 +126,21 @@ def power_fit(sizes: list[int], values: list[float]) -> dict[str, float]:
 
 
 def stage_costs(workdir: Path, n: int) -> dict[str, float]:
-    """Per-subject stage costs of ``n`` full-size phantom subjects (128 px, stored at 256) on 2 Ray workers."""
-    import ray
+    """Per-subject stage costs of ``n`` full-size phantom subjects (128 px, stored at 256) on 2 Ray
+    workers, measured as ``benchmarks/ingest.py`` does (workers warmed up before the clock)."""
+    from ingest import run  # benchmarks/ingest.py
 
-    from datastore.config import IngestConfig
-    from datastore.ingest import execute_ingest, plan_ingest
+    from datastore.store import SliceStore, store_size_bytes
     from datastore.synth import write_dataset
 
     raw = workdir / "stage-raw"
     write_dataset(raw, "mnms", n, seed=1, size=128)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        plan = plan_ingest({"mnms": raw}, workdir / "stage.zarr", IngestConfig(size=256))
-        start = time.perf_counter()
-        result = execute_ingest(plan, executor="ray", max_in_flight=4, progress=False)
-        seconds = time.perf_counter() - start
-    finally:
-        ray.shutdown()
-    from datastore.store import SliceStore, store_size_bytes
-
-    store = SliceStore.open(workdir / "stage.zarr")
-    costs = {k: v / n for k, v in result.stages.items() if k != "finalize"}
+    measured = run(2, raw, workdir / "stage.zarr", 256)
+    costs: dict[str, float] = dict(measured["stage_s_per_subject"])  # type: ignore[arg-type]
     costs["bytes"] = store_size_bytes(workdir / "stage.zarr") / n
     costs["files"] = file_count(workdir / "stage.zarr") / n
-    costs["slices"] = store.n_slices / n
-    costs["wall_2_workers"] = seconds / n
+    costs["slices"] = SliceStore.open(workdir / "stage.zarr").n_slices / n
+    costs["wall_2_workers"] = float(measured["seconds"]) / n  # type: ignore[arg-type]
     return {k: round(v, 4) for k, v in costs.items()}
 
 
@@ -171,11 +163,11 @@ def projection(stages: dict[str, float], per_subject: dict[str, float], subjects
     }
 
 
-def loader_part(workdir: Path, slices: int, cache_gb: float) -> dict[str, Any]:
+def loader_part(cache_dir: Path, slices: int, cache_gb: float) -> dict[str, Any]:
     """Raw decode ceiling and a budgeted streaming epoch on a ``slices``-slice 256 x 256 store."""
     from loader import build_store, sequential  # benchmarks/loader.py
 
-    store = build_store(workdir / f"loader-{slices}.zarr", slices)
+    store = build_store(cache_dir / f"store-{slices}.zarr", slices)
     raw = sequential(store, as_float32=False)
     stream = streaming_in_child(store, cache_gb)
     return {
@@ -198,6 +190,8 @@ def main() -> None:
     parser.add_argument("--stage-subjects", type=int, default=4, help="full-size subjects for the stage costs")
     parser.add_argument("--loader-slices", type=int, default=100_000, help="256x256 slices of the loader store (0: skip)")
     parser.add_argument("--cache-gb", type=float, default=1.0, help="loader memory budget (GB)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sspctl-bench-loader",
+                        help="where benchmarks/loader.py keeps its stores (the loader part reuses them)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the stores")
     args = parser.parse_args()
@@ -213,8 +207,8 @@ def main() -> None:
         by_size = {}
         for n in sizes:
             root = subset_root(full, workdir / f"raw-{n}", n)
-            by_size[str(n)] = measure_size(root, workdir / f"store-{n}.zarr", args.cache_gb)
-        metrics = ("ingest_s", "commit_ms_last_100", "store_bytes", "files", "noop_rerun_s", "validate_s", "root_zarr_json_bytes")
+            by_size[str(n)] = measure_size(root, workdir / "store.zarr", args.cache_gb)
+        metrics = ("commit_ms_last_100", "subject_ms_last_100", "store_bytes", "files", "noop_rerun_s", "validate_s", "root_zarr_json_bytes")
         fits = {m: power_fit(sizes, [by_size[str(n)][m] for n in sizes]) for m in metrics}
         largest = by_size[str(sizes[-1])]
         per_subject = {k: largest[k] / largest["subjects"] for k in ("noop_rerun_s", "validate_s")}
@@ -225,7 +219,7 @@ def main() -> None:
             "ingest": {"subject": {"size": SMALL["size"], "frames": 5, "slices": 4}, "by_size": by_size, "fits": fits},
             "stage_costs_per_subject": stages,
             "projection": projection(stages, per_subject),
-            "loader": loader_part(workdir, args.loader_slices, args.cache_gb) if args.loader_slices else None,
+            "loader": loader_part(args.cache_dir, args.loader_slices, args.cache_gb) if args.loader_slices else None,
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         }
         print(json.dumps(result, indent=2))
