@@ -48,6 +48,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/loader.py
 SMALL = {"size": 32, "frames": (5, 5), "slices": (4, 4), "trivial": True}
 
 
+def synth_pool(out: Path, n: int, batch: int = 100) -> None:
+    """``n`` small M&Ms subjects under ``out`` with one CSV, written in batches of ``batch``.
+
+    A phantom draw can break a reader invariant (e.g. ES labels larger than ED at 32 px); such a
+    batch is drawn again with the next seed.
+    """
+    import csv
+
+    from datastore.synth import MNMS_CSV, write_dataset
+
+    rows: list[list[str]] = []
+    header: list[str] = []
+    seed = 0
+    for first in range(0, n, batch):
+        part = out.parent / f"{out.name}-part{first}"
+        while True:
+            shutil.rmtree(part, ignore_errors=True)
+            try:
+                write_dataset(part, "mnms", min(batch, n - first), seed=seed, **SMALL)  # type: ignore[arg-type]
+                break
+            except RuntimeError:
+                seed += 1
+        seed += 1
+        with open(part / MNMS_CSV, newline="") as handle:
+            header, *body = list(csv.reader(handle))
+        rows.extend(body)
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in (p for p in part.iterdir() if p.is_dir()):
+            shutil.move(str(folder), out / folder.name)
+        shutil.rmtree(part)
+    with open(out / MNMS_CSV, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+
+
 def subset_root(full: Path, out: Path, n: int) -> Path:
     """A root holding copies of the first ``n`` subject folders of ``full`` and its CSV (discovery does not follow links)."""
     from datastore.synth import MNMS_CSV
@@ -196,13 +230,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the stores")
     args = parser.parse_args()
 
-    from datastore.synth import write_dataset
-
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sspctl-bench-scale-"))
     try:
         full = workdir / "raw"
         if not full.exists():
-            write_dataset(full, "mnms", max(args.sizes), seed=0, **SMALL)  # type: ignore[arg-type]
+            synth_pool(full, max(args.sizes))
         sizes = sorted(args.sizes)
         by_size = {}
         for n in sizes:
