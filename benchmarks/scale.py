@@ -178,6 +178,15 @@ def stage_costs(workdir: Path, n: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in costs.items()}
 
 
+def costs_from(path: Path, per_subject: dict[str, float]) -> dict[str, float]:
+    """Stage costs of the 2-worker run of a ``benchmarks/ingest.py`` JSON (bytes and files: this run's)."""
+    run = json.loads(path.read_text())["workers"]["2"]
+    costs = dict(run["stage_s_per_subject"])
+    costs.update(bytes=per_subject["bytes"], files=per_subject["files"], slices=run["slices"] / run["subjects"])
+    costs["wall_2_workers"] = run["seconds"] / run["subjects"]
+    return costs
+
+
 def projection(stages: dict[str, float], per_subject: dict[str, float], subjects: int = 50_000, workers: int = 16) -> dict[str, Any]:
     """Ingest of ``subjects`` on ``workers`` workers: workers bound vs driver bound, and the totals."""
     worker_s = stages["process"] + stages["write"]
@@ -222,6 +231,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000], help="subject counts")
     parser.add_argument("--stage-subjects", type=int, default=4, help="full-size subjects for the stage costs")
+    parser.add_argument("--stage-costs", type=Path, default=None,
+                        help="take the stage costs from this benchmarks/ingest.py JSON (its 2-worker run) instead")  # fmt: skip
     parser.add_argument("--loader-slices", type=int, default=100_000, help="256x256 slices of the loader store (0: skip)")
     parser.add_argument("--cache-gb", type=float, default=1.0, help="loader memory budget (GB)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sspctl-bench-loader",
@@ -243,8 +254,9 @@ def main() -> None:
         metrics = ("commit_ms_last_100", "subject_ms_last_100", "store_bytes", "files", "noop_rerun_s", "validate_s", "root_zarr_json_bytes")
         fits = {m: power_fit(sizes, [by_size[str(n)][m] for n in sizes]) for m in metrics}
         largest = by_size[str(sizes[-1])]
-        per_subject = {k: largest[k] / largest["subjects"] for k in ("noop_rerun_s", "validate_s")}
-        stages = stage_costs(workdir, args.stage_subjects)
+        per_subject = {k: largest[k] / largest["subjects"] for k in ("noop_rerun_s", "validate_s", "files")}
+        per_subject["bytes"] = largest["store_bytes"] / largest["subjects"]
+        stages = stage_costs(workdir, args.stage_subjects) if args.stage_costs is None else costs_from(args.stage_costs, per_subject)
         result = {
             "benchmark": "scale",
             "cpus": os.cpu_count(),
