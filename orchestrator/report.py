@@ -39,7 +39,9 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.arms import ARMS, SCRATCH, arm_order
-from orchestrator.stats import ALPHA, MIN_RUNS, arm_estimate, compare_arms, conclusion, control_verdict, holm
+from orchestrator.stats import (
+    ALPHA, MIN_RUNS, arm_estimate, compare_arms, conclusion, control_verdict, detectable_effect, holm,
+)
 from orchestrator.study_tracking import (
     COMPLETION_METRIC,
     KEY_TAG,
@@ -359,7 +361,9 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA, tests: pd.DataFr
     """Every arm against scratch per budget and class, runs as the unit (``stats.compare_arms``).
 
     Columns: ``method, budget, class, role, n_runs, n_runs_scratch, effect, ci_low, ci_high, df,
-    p_value, p_holm, family, conclusion, control, wilcoxon_p``: ``control`` says what a control
+    p_value, p_holm, detectable, family, conclusion, control, wilcoxon_p``: ``detectable`` is the
+    effect the comparison finds with 80% power at its family's Bonferroni level (Holm's first
+    step; ``stats.detectable_effect``), ``control`` says what a control
     arm's result means for the comparison itself (empty for methods), ``wilcoxon_p`` is the
     published per-subject test (secondary).
     ``family`` is ``primary`` for class ``mean`` (Holm over every arm and budget of the table) and
@@ -389,17 +393,21 @@ def comparison_table(table: pd.DataFrame, alpha: float = ALPHA, tests: pd.DataFr
             "note": result.note, "_result": result,
         })
     columns = ["method", "budget", "class", "role", "n_runs", "n_runs_scratch", "effect", "ci_low", "ci_high",
-               "df", "p_value", "p_holm", "family", "conclusion", "control", "wilcoxon_p"]
+               "df", "p_value", "p_holm", "detectable", "family", "conclusion", "control", "wilcoxon_p"]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
     frame["family"] = ["primary" if c == MEAN else "per-class" for c in frame["class"]]
     frame["p_holm"] = math.nan
+    frame["detectable"] = math.nan
     for family, part in frame.groupby("family"):
         frame.loc[part.index, "p_holm"] = holm(part["p_value"].tolist())
-    frame["conclusion"] = [conclusion(r, p, SCRATCH, alpha) for r, p in zip(frame["_result"], frame["p_holm"])]
-    frame["control"] = [control_verdict(role, r, p, alpha) or ""
-                        for role, r, p in zip(frame["role"], frame["_result"], frame["p_holm"])]
+        level = alpha / max(1, int(part["p_value"].notna().sum()))  # Holm's first step: Bonferroni
+        frame.loc[part.index, "detectable"] = [detectable_effect(r.se, r.df, level) for r in part["_result"]]
+    frame["conclusion"] = [conclusion(r, p, SCRATCH, alpha, d)
+                           for r, p, d in zip(frame["_result"], frame["p_holm"], frame["detectable"])]
+    frame["control"] = [control_verdict(role, r, p, alpha, d) or ""
+                        for role, r, p, d in zip(frame["role"], frame["_result"], frame["p_holm"], frame["detectable"])]
     tests = wilcoxon_table(table) if tests is None else tests  # the report passes the one it already has
     wilcoxon = tests.set_index(["method", "budget", "class"])["p_value"]
     frame["wilcoxon_p"] = [wilcoxon.get((m, b, c), math.nan) for m, b, c in zip(frame["method"], frame["budget"], frame["class"])]

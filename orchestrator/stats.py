@@ -219,6 +219,37 @@ def compare_arms(
     return Comparison(beta, beta - half, beta + half, se, float(df), t_value, p_value, n_a, n_r, True)
 
 
+#: Power at which ``detectable_effect`` states the smallest effect a comparison would find.
+POWER = 0.8
+
+
+def detectable_effect(se: float, df: float, alpha: float, power: float = POWER) -> float:
+    """The smallest true effect (Dice points, > 0) that a two-sided t-test at level ``alpha`` with
+    standard error ``se`` on ``df`` degrees of freedom finds with probability ``power``.
+
+    Exact under the t model: solves ``P(|T| > t_{1-alpha/2, df}) = power`` for the non-centrality
+    ``delta`` of a non-central t and returns ``delta * se``. Pass the family's Bonferroni level
+    (``alpha / m``: the level Holm applies to its first step) to state what the corrected table
+    could detect. NaN when ``se`` or ``df`` is not finite and positive.
+    """
+    from scipy.optimize import brentq
+    from scipy.stats import nct
+    from scipy.stats import t as student_t
+
+    if not (se > 0 and df > 0 and math.isfinite(se) and math.isfinite(df)):
+        return math.nan
+    crit = float(student_t.ppf(1 - alpha / 2, df))
+
+    def shortfall(delta: float) -> float:
+        lower_tail = float(nct.cdf(-crit, df, delta))  # negligible for delta > 0; scipy can return NaN there
+        return float(nct.sf(crit, df, delta)) + (lower_tail if math.isfinite(lower_tail) else 0.0) - power
+
+    upper = crit + 10.0
+    while shortfall(upper) < 0:
+        upper *= 2
+    return float(brentq(shortfall, 0.0, upper, xtol=1e-10)) * se
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (NaN entries stay NaN and do not count in the family)."""
     values = [float(p) for p in p_values]
@@ -232,8 +263,15 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def conclusion(comparison: Comparison, p_adjusted: float, reference: str = "scratch", alpha: float = ALPHA) -> str:
-    """One sentence on what can be concluded: better, worse, no detectable difference, not enough runs."""
+def conclusion(
+    comparison: Comparison, p_adjusted: float, reference: str = "scratch", alpha: float = ALPHA,
+    detectable: float = math.nan,
+) -> str:
+    """One sentence on what can be concluded: better, worse, no detectable difference, not enough runs.
+
+    ``detectable`` (``detectable_effect`` at the family's corrected level) is appended to "no
+    detectable difference", which says little without it.
+    """
     if not comparison.tested:
         effect = "" if math.isnan(comparison.effect) else f" (difference of means {comparison.effect:+.3f})"
         return f"not enough runs: {comparison.note}{effect}"
@@ -241,10 +279,19 @@ def conclusion(comparison: Comparison, p_adjusted: float, reference: str = "scra
     if not math.isnan(p_adjusted) and p_adjusted < alpha:
         word = "better than" if comparison.effect > 0 else "worse than"
         return f"{word} {reference}: {interval}, Holm-adjusted p = {p_adjusted:.2g}"
-    return f"no detectable difference from {reference}: {interval}, Holm-adjusted p = {p_adjusted:.2g}"
+    sentence = f"no detectable difference from {reference}: {interval}, Holm-adjusted p = {p_adjusted:.2g}"
+    return sentence + _detectable_clause(detectable)
 
 
-def control_verdict(role: str, comparison: Comparison, p_adjusted: float, alpha: float = ALPHA) -> str | None:
+def _detectable_clause(detectable: float) -> str:
+    if math.isnan(detectable):
+        return ""
+    return f"; this comparison detects about {detectable:.3f} Dice or more with {POWER:.0%} power"
+
+
+def control_verdict(
+    role: str, comparison: Comparison, p_adjusted: float, alpha: float = ALPHA, detectable: float = math.nan
+) -> str | None:
     """What a control arm's comparison with scratch says about the comparison itself, or ``None``
     for an arm that is not a control.
 
@@ -269,6 +316,7 @@ def control_verdict(role: str, comparison: Comparison, p_adjusted: float, alpha:
         return f"A/A control held: two sets of scratch runs were not called different ({interval})"
     if significant and comparison.effect > 0:
         return f"positive control detected: better than scratch ({interval})"
-    return (f"positive control NOT detected ({interval}): this grid did not show the benefit of a supervised "
-            f"initialisation, so \"no detectable difference\" for a method at this budget is no evidence of no effect")
+    return (f"positive control NOT detected ({interval}{_detectable_clause(detectable)}): this grid did not show "
+            f"the benefit of a supervised initialisation, so \"no detectable difference\" for a method at this "
+            f"budget is no evidence of no effect")
 

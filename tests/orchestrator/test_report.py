@@ -377,6 +377,14 @@ def test_controls_and_conclusions(replicated) -> None:
     assert any(line.startswith("scratch-b, budget 4: no detectable difference from scratch") for line in lines)
     assert any(line.startswith("simclr, budget 4: not enough runs") for line in lines)
     assert math.isnan(comp.loc[("simclr", "4", "mean")].p_value)
+    # the effect each tested comparison would find with 80% power at its family's first Holm step
+    from scipy.stats import t as student_t
+
+    from orchestrator.stats import detectable_effect
+
+    se = (aa.ci_high - aa.effect) / student_t.ppf(0.975, aa.df)
+    assert aa.detectable == pytest.approx(detectable_effect(se, aa.df, 0.05 / 2))
+    assert aa.detectable > abs(aa.effect) and math.isnan(comp.loc[("simclr", "4", "mean")].detectable)
     # what the controls say about the comparison itself, after the per-arm lines
     assert lines[-2:] == [
         f"budget 4: A/A control held: two sets of scratch runs were not called different "

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from orchestrator.stats import MIN_RUNS, arm_estimate, compare_arms, conclusion, control_verdict, holm
+from orchestrator.stats import (
+    MIN_RUNS, arm_estimate, compare_arms, conclusion, control_verdict, detectable_effect, holm,
+)
 
 statsmodels = pytest.importorskip("statsmodels", reason="statsmodels (dev extra) is the independent oracle")
 
@@ -153,6 +155,31 @@ def test_conclusion_sentences() -> None:
     assert conclusion(better, better.p_value).startswith("better than scratch: +0.")
     assert conclusion(worse, worse.p_value).startswith("worse than scratch: -0.")
     assert conclusion(better, 0.2).startswith("no detectable difference from scratch")
+    assert conclusion(better, 0.2, detectable=0.0634).endswith(
+        "; this comparison detects about 0.063 Dice or more with 80% power")
+
+
+@pytest.mark.parametrize(("runs", "alpha"), [(3, 0.05), (3, 0.05 / 12), (5, 0.01), (10, 0.05)])
+def test_detectable_effect_matches_statsmodels_power(runs: int, alpha: float) -> None:
+    from statsmodels.stats.power import TTestIndPower
+
+    sd = 0.02  # Dice sd of one run's mean
+    ours = detectable_effect(sd * math.sqrt(2 / runs), 2 * runs - 2, alpha)
+    d = TTestIndPower().solve_power(nobs1=runs, alpha=alpha, power=0.8, ratio=1.0, alternative="two-sided")
+    assert ours == pytest.approx(d * sd, rel=1e-6)
+    assert math.isnan(detectable_effect(0.0, 4, alpha)) and math.isnan(detectable_effect(math.nan, 4, alpha))
+
+
+def test_an_effect_of_the_detectable_size_is_found_four_times_in_five() -> None:
+    rng = np.random.default_rng(11)
+    sd, runs, trials = 0.02, 3, 1500
+    size = detectable_effect(sd * math.sqrt(2 / runs), 2 * runs - 2, 0.05)
+    found = 0
+    for _ in range(trials):
+        ref = rng.normal(0.8, sd, (runs, 1))
+        arm = rng.normal(0.8 + size, sd, (runs, 1))
+        found += compare_arms({0: arm}, {0: ref}).p_value < 0.05
+    assert found / trials == pytest.approx(0.8, abs=0.04)
 
 
 def test_control_verdicts() -> None:
@@ -170,6 +197,7 @@ def test_control_verdicts() -> None:
     assert control_verdict("positive control", better, better.p_value).startswith("positive control detected")
     # not significant after adjustment, or significantly worse: the grid did not show the known benefit
     assert control_verdict("positive control", better, 0.2).startswith("positive control NOT detected")
+    assert "detects about 0.300 Dice or more" in control_verdict("positive control", better, 0.2, detectable=0.3)
     assert control_verdict("positive control", worse, worse.p_value).startswith("positive control NOT detected")
     few = compare_arms({0: ref[:2]}, {0: ref})
     assert control_verdict("positive control", few, math.nan).startswith("positive control not checked: descriptive only: 2 vs 3")
