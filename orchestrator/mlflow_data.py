@@ -40,10 +40,12 @@ def store_profile(store: Any, subjects: list[str] | None = None) -> dict[str, An
     if subjects is None:
         n_slices, n_labelled = store.n_slices, store.n_labels
     else:
-        rows = np.zeros(store.n_slices, dtype=bool)
+        # Rows include the padding that ends each subject on a chunk boundary; labels' too (-1).
+        rows = np.zeros(store.n_rows, dtype=bool)
         for first, count in zip(table["first_row"], table["n_rows"]):
             rows[int(first): int(first) + int(count)] = True
-        n_slices, n_labelled = int(rows.sum()), int(rows[store.label_slice].sum())
+        label_slice = store.label_slice
+        n_slices, n_labelled = int(rows.sum()), int(rows[label_slice[label_slice >= 0]].sum())
     profile: dict[str, Any] = {
         "subjects": len(table), "slices": int(n_slices), "labelled_slices": int(n_labelled),
         "image_size": store.image_size, "store_subjects": len(store.subjects),
