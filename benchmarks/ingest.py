@@ -4,8 +4,16 @@
 
 Each worker count gets a fresh local Ray cluster and a fresh store. Ray start-up and the workers'
 first imports (torch) are excluded: one warm-up task per worker runs before the clock starts.
-The clock covers planning, every subject's read + preprocess (in Ray tasks) and the driver's
-writes and final commit: what ``sspctl ingest`` does after Ray is up.
+The clock covers planning, every subject's read + preprocess and write (in Ray tasks), the
+driver's allocations and commits, and the final compaction: what ``sspctl ingest`` does after
+Ray is up.
+
+Besides wall time it reports the cost of each stage per subject (``IngestResult.stages``):
+``process`` and ``write`` run in the workers, ``allocate`` and ``commit`` in the driver (serial).
+With ``w`` = worker seconds and ``d`` = driver seconds per subject, ``k`` workers on ``k`` free
+cores ingest about ``min(k / w, 1 / d)`` subjects/s, a speed-up over one worker of about
+``min(k, w / d)``: ``projection`` evaluates that for 16 and 64 workers from the stage costs of
+each run (they differ with the load on the machine).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ def _warm_up() -> int:
     return os.getpid()
 
 
-def run(workers: int, raw: Path, store: Path, store_size: int) -> dict[str, float]:
+def run(workers: int, raw: Path, store: Path, store_size: int) -> dict[str, object]:
     import ray
 
     from datastore.config import IngestConfig
@@ -39,19 +47,36 @@ def run(workers: int, raw: Path, store: Path, store_size: int) -> dict[str, floa
         pids: set[int] = set()
         while len(pids) < workers:  # make sure every worker process has imported torch
             pids.update(ray.get([warm.remote() for _ in range(4 * workers)]))
+        load_before = os.getloadavg()[0]
         start = time.perf_counter()
         plan = plan_ingest({"mnms": raw}, store, IngestConfig(size=store_size))
         result = execute_ingest(plan, executor="ray", max_in_flight=2 * workers, progress=False)
         seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
+    n = max(len(result.ingested), 1)
     return {
         "seconds": round(seconds, 2),
         "subjects": len(result.ingested),
         "slices": result.n_slices,
         "subjects_per_s": round(len(result.ingested) / seconds, 3),
         "slices_per_s": round(result.n_slices / seconds, 1),
+        "stage_s_per_subject": {k: round(v / n, 4) for k, v in result.stages.items() if k != "finalize"},
+        "finalize_s": round(result.stages["finalize"], 4),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "hash": result.hash,
+    }
+
+
+def projection(stages: dict[str, float], workers: tuple[int, ...] = (2, 16, 64)) -> dict[str, object]:
+    """Speed-up over one worker for ``workers``, from per-subject stage costs (see the module doc)."""
+    worker_s = stages["process"] + stages["write"]
+    driver_s = stages["allocate"] + stages["commit"]
+    return {
+        "worker_s_per_subject": round(worker_s, 4),
+        "driver_s_per_subject": round(driver_s, 4),
+        "driver_bound_speedup": round(worker_s / driver_s, 1) if driver_s else None,
+        "speedup": {str(k): round(min(k, worker_s / driver_s if driver_s else k), 1) for k in workers},
     }
 
 
@@ -81,9 +106,10 @@ def main() -> None:
                 "benchmark": "ingest",
                 "dataset": {"layout": "mnms", "subjects": args.subjects, "size": args.size, "store_size": args.store_size},
                 "cpus": os.cpu_count(),
-                "load_average_1m": round(os.getloadavg()[0], 2),
+                "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                 "workers": results,
                 "speedup_2_vs_1": round(results["2"]["subjects_per_s"] / results["1"]["subjects_per_s"], 2),
+                "projection": {k: projection(results[k]["stage_s_per_subject"]) for k in ("1", "2")},
                 "same_hash": same,
             },
             indent=2,

@@ -17,8 +17,12 @@ Design (measured in ``benchmarks/loader.py``, numbers in ``docs/benchmarks.md``)
 * **Epochs.** Every epoch a rank permutes its own slices with ``(seed, epoch, rank)`` and cuts
   ``len(loader)`` batches; the count is the same on every rank. With ``drop_last`` the few slices that
   do not fill a batch change from epoch to epoch (fewer than ``world_size * (batch_size + 1)``).
-* **Bounded memory.** ``cache=False`` streams instead: each epoch the rank reads its chunks in a
-  shuffled order into a shuffle buffer of ``buffer_slices`` and draws batches from it.
+* **Bounded memory.** ``cache=False`` streams instead: each epoch the rank decodes its chunks in a
+  shuffled order on background threads, gathers them into windows of about ``buffer_slices``
+  slices, and yields each window's slices in a fresh random order (one copy from the decoded
+  chunks into the window, one gather into the batch). ``cache_gb`` sets a memory budget and
+  chooses: the cache when the rank's share fits, else streaming with windows sized to the budget
+  (``memory_plan`` says which and why).
 
 Usage in a train loop (one loader per rank, built inside the worker)::
 
@@ -36,6 +40,7 @@ Batches (``docs/architecture.md``): ``image`` float32 ``(B, 1, H, W)``, ``label`
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -136,7 +141,8 @@ class _StoreSource:
 
     @property
     def n_slices(self) -> int:
-        return int(self._store.n_slices)
+        """Rows of the image array (schema 2: slices plus the padding that aligns subjects to chunks)."""
+        return int(getattr(self._store, "n_rows", self._store.n_slices))
 
     @property
     def chunk_slices(self) -> int:
@@ -218,8 +224,11 @@ def subject_rows(subjects: Any, subject_ids: Sequence[str]) -> np.ndarray:
 def select_indices(
     meta: Mapping[str, np.ndarray], rows: np.ndarray | None, labelled_only: bool
 ) -> np.ndarray:
-    """Sorted global slice indices whose subject row is in ``rows`` (all if None), int64 ``(n,)``."""
-    keep = np.ones(len(meta["subject"]), dtype=bool)
+    """Sorted global slice indices whose subject row is in ``rows`` (all if None), int64 ``(n,)``.
+
+    Padding rows (``meta["subject"] == -1``, schema 2) are never selected.
+    """
+    keep = np.asarray(meta["subject"]) >= 0
     if rows is not None:
         keep &= np.isin(np.asarray(meta["subject"]), rows)
     if labelled_only:
@@ -342,6 +351,10 @@ class SliceLoader:
             once at fill time instead (twice the memory, faster CPU batches).
         prefetch: batches prepared ahead on a background thread (0 = none).
         progress: show a progress bar while filling the cache (default: on rank 0).
+        cache_gb: memory budget of this rank's loader in GB (1e9 bytes). Given, it overrides
+            ``cache``: the cache when the share fits, else streaming with ``buffer_slices``
+            lowered so that the windows, the read-ahead and the batches in flight fit.
+            :func:`default_cache_gb` gives a default from the node's memory and ranks per node.
     """
 
     def __init__(
@@ -364,6 +377,7 @@ class SliceLoader:
         cache_dtype: str | None = None,
         prefetch: int = 2,
         progress: bool | None = None,
+        cache_gb: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
@@ -413,8 +427,38 @@ class SliceLoader:
         ).astype(np.float32)
         self._subject = np.asarray(meta["subject"])[self.indices].astype(np.int64)
         self._cache: _Cache | None = None
+        #: One line: cache or stream, and why (print it once per run).
+        self.memory_plan = f"{'cache' if self.cache else 'stream'} (chosen by the caller)"
+        if cache_gb is not None:
+            self._plan_memory(float(cache_gb), source)
         if self._store_ref is not None:
             self._source = None  # reopened by the process that iterates (handles are not fork-safe)
+
+    def _plan_memory(self, cache_gb: float, source: SliceSource) -> None:
+        """Choose cache or streaming for a budget of ``cache_gb`` GB (see ``cache_gb``)."""
+        budget = int(cache_gb * 1e9)
+        first = source.read_image_range(0, 1)
+        per_slice = int(first[0].nbytes) + (int(first[0].size) if self.labelled_only else 0)  # + uint8 label
+        share = per_slice * len(self.indices)
+        if share <= budget:
+            self.cache = True
+            self.memory_plan = f"cache: this rank's {len(self.indices)} slices take {share / 1e9:.2f} GB <= budget {cache_gb:g} GB"
+            return
+        self.cache = False
+        fixed = (self.prefetch + 2) * self.batch_size + 2 * self.read_threads * self.chunk_slices
+        # Live: the window in use, the read-ahead, the parts and the next window (4 windows); the
+        # rest is margin for what the allocator keeps (resident memory measured 1.4x the live peak).
+        window = (budget // per_slice - fixed) // 6
+        if window < self.batch_size:
+            raise LoaderError(
+                f"cache_gb={cache_gb:g} is too small to stream batches of {self.batch_size} "
+                f"({per_slice * (3 * self.batch_size + fixed) / 1e9:.3f} GB needed at least)"
+            )
+        self.buffer_slices = int(min(self.buffer_slices, window))
+        self.memory_plan = (
+            f"stream: this rank's {len(self.indices)} slices take {share / 1e9:.2f} GB > budget {cache_gb:g} GB; "
+            f"shuffle windows of {self.buffer_slices} slices"
+        )
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -510,7 +554,7 @@ class SliceLoader:
             yield self._batch(pos, cache.images[pos], None if cache.labels is None else cache.labels[pos])
 
     def _iter_streaming(self) -> Iterator[dict[str, Any]]:
-        """Read this rank's chunks in a shuffled order through a shuffle buffer (bounded memory)."""
+        """Decode this rank's chunks in a shuffled order; yield each window's slices shuffled."""
         source = self._src()
         rng = np.random.default_rng([self.seed, self._epoch, self.rank, 0x5793])
         runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.chunk_slices)
@@ -520,27 +564,42 @@ class SliceLoader:
 
         def read(run: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             start, stop = run
-            lo, hi = np.searchsorted(self.indices, [start, stop])
-            img = source.read_image_range(start, stop)[self.indices[lo:hi] - start]
+            lo, hi = (int(i) for i in np.searchsorted(self.indices, [start, stop]))
+            img = source.read_image_range(start, stop)
+            if hi - lo != stop - start:  # only part of the chunk is ours (subject filter, padding rows)
+                img = img[self.indices[lo:hi] - start]
             lab = source.read_labels(self.indices[lo:hi]) if self.labelled_only else None
             return np.arange(lo, hi), img, lab
 
-        buffer = _ShuffleBuffer(self.buffer_slices + self.chunk_slices)
+        carry: list[np.ndarray | None] | None = None  # the last window's rows short of a batch
         emitted = 0
         with ThreadPoolExecutor(self.read_threads) as pool:
-            pending = _bounded_map(pool, read, runs, ahead=2 * self.read_threads)
-            exhausted = False
-            while emitted < total:
-                while not exhausted and buffer.size < self.buffer_slices:
-                    part = next(pending, None)
-                    exhausted = part is None
-                    if part is not None:
-                        buffer.add(*part)
-                if buffer.size == 0:  # drop_last=False: a rank one slice short repeats one slice
-                    buffer.add(*buffer.first)
-                take = min(self.batch_size, total - emitted, buffer.size)
-                yield self._batch(*buffer.take(take, rng if self.shuffle else None))
-                emitted += take
+            ahead = max(2 * self.read_threads, self.buffer_slices // self.chunk_slices)
+            for window in _windows(_bounded_map(pool, read, runs, ahead=ahead), self.buffer_slices):
+                order = rng.permutation(len(window[0])) if self.shuffle else np.arange(len(window[0]))
+                start = 0
+                while emitted < total and start < len(order):
+                    need = min(self.batch_size, total - emitted) - (0 if carry is None else len(carry[0]))  # type: ignore[arg-type]
+                    pick = order[start : start + need]
+                    start += len(pick)
+                    rows = [None if w is None else w[pick] for w in window]
+                    if carry is not None:
+                        rows = [None if r is None else np.concatenate([c, r]) for c, r in zip(carry, rows)]  # type: ignore[list-item]
+                        carry = None
+                    if len(pick) < need:  # the window ran out: these rows lead the next one's first batch
+                        carry = rows
+                        break
+                    yield self._batch(*rows)  # type: ignore[arg-type]
+                    emitted += len(rows[0])  # type: ignore[arg-type]
+                del window
+        while emitted < total:  # drop_last=False: the rows left over, then repeats of one row
+            if carry is None or not len(carry[0]):  # type: ignore[arg-type]
+                first = read(runs[0])
+                carry = [None if r is None else r[:1] for r in first]
+            take = min(self.batch_size, total - emitted, len(carry[0]))  # type: ignore[arg-type]
+            yield self._batch(*(None if r is None else r[:take] for r in carry))  # type: ignore[arg-type]
+            carry = [None if r is None else r[take:] for r in carry]
+            emitted += take
 
     def _batch(self, pos: np.ndarray, images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
         """Assemble one batch dict from cache positions and their rows."""
@@ -581,54 +640,31 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Sequence[Any], ahead:
         yield pending.popleft().result()
 
 
-class _ShuffleBuffer:
-    """Fixed-capacity pool of (position, image, label) rows; ``take`` removes rows at random."""
+def _windows(
+    parts: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]], size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Concatenate decoded runs ``(positions, images, labels)`` into windows of at least ``size`` rows."""
+    batch: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    rows = 0
+    for part in parts:
+        batch.append(part)
+        rows += len(part[0])
+        if rows >= size:
+            yield _concat(batch)
+            batch, rows = [], 0
+    if batch:
+        yield _concat(batch)
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self.size = capacity, 0
-        self._pos: np.ndarray | None = None
-        self._img: np.ndarray | None = None
-        self._lab: np.ndarray | None = None
-        self.first: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
-    def add(self, pos: np.ndarray, img: np.ndarray, lab: np.ndarray | None) -> None:
-        if self._img is None:
-            self._pos = np.empty(self.capacity, dtype=np.int64)
-            self._img = np.empty((self.capacity, *img.shape[1:]), dtype=img.dtype)
-            if lab is not None:
-                self._lab = np.empty((self.capacity, *lab.shape[1:]), dtype=lab.dtype)
-        if self.first is None and len(pos):
-            self.first = (pos[:1].copy(), img[:1].copy(), None if lab is None else lab[:1].copy())
-        assert self._pos is not None and self.size + len(pos) <= self.capacity
-        end = self.size + len(pos)
-        self._pos[self.size : end], self._img[self.size : end] = pos, img
-        if self._lab is not None and lab is not None:
-            self._lab[self.size : end] = lab
-        self.size = end
+def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])  # type: ignore[misc]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), labels
 
-    def take(
-        self, k: int, rng: np.random.Generator | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Remove ``k`` rows (random with ``rng``, else the oldest) and return copies of them."""
-        assert self._pos is not None and self._img is not None
-        n = self.size
-        if rng is None:  # keep stream order: shift the rest down
-            pick, src, dst = np.arange(k), np.arange(k, n), np.arange(n - k)
-        else:  # fill the holes below n - k with the unpicked rows of the tail
-            pick = rng.choice(n, k, replace=False)
-            taken = np.zeros(n, dtype=bool)
-            taken[pick] = True
-            src, dst = np.flatnonzero(~taken[n - k :]) + (n - k), np.flatnonzero(taken[: n - k])
-        out = (self._pos[pick], self._img[pick], None if self._lab is None else self._lab[pick])
-        self._move(src, dst)
-        self.size = n - k
-        return out
 
-    def _move(self, src: np.ndarray, dst: np.ndarray) -> None:
-        assert self._pos is not None and self._img is not None
-        self._pos[dst], self._img[dst] = self._pos[src], self._img[src]
-        if self._lab is not None:
-            self._lab[dst] = self._lab[src]
+def default_cache_gb(ranks_per_node: int = 1, fraction: float = 0.5) -> float:
+    """A loader memory budget per rank: ``fraction`` of the node's physical memory over its ranks (GB)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return round(fraction * total / max(int(ranks_per_node), 1) / 1e9, 2)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -685,6 +721,7 @@ __all__: list[str] = [
     "SliceSource",
     "as_source",
     "batches_per_epoch",
+    "default_cache_gb",
     "epoch_order",
     "partition",
     "select_indices",

@@ -29,7 +29,7 @@ def ingest(
     manifest: list[Path] = typer.Option([], "--manifest", help="CSV or YAML manifest, one row per subject (subject_id, cine or ed/es, optional ed_label/es_label, ed_frame/es_frame, label_map, vendor, centre, group, dataset); paths relative to it. Rows without labels are pretraining-only. Repeatable."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Target in-plane spacing in mm (default 1.25, or the --config value)."),
     size: Optional[int] = typer.Option(None, "--size", help="Stored slice height and width in pixels (default 256, or the --config value)."),
-    workers: int = typer.Option(2, "--workers", min=1, help="Ray tasks (CPUs) that read and preprocess subjects in parallel; one driver writes."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray tasks (CPUs) that read, preprocess and write subjects in parallel (each subject into its own chunks; the driver only allocates and commits). 1 runs everything in this process, without Ray."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with IngestConfig keys (spacing, size, chunk_slices, center_on_heart, image_interpolation); flags override it."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -68,13 +68,13 @@ def ingest(
         f"({plan.already} already there, {len(plan.skipped)} unusable) with {workers} worker(s)"
     )
     try:
-        if plan.todo:
+        if plan.todo and workers > 1:
             from orchestrator.ray_session import ray_session
 
             with ray_session(num_cpus=workers):
                 result = execute_ingest(plan, executor="ray", max_in_flight=2 * workers, progress=progress)
         else:
-            result = execute_ingest(plan, executor="serial", progress=False)
+            result = execute_ingest(plan, executor="serial", progress=progress and bool(plan.todo))
     except (IngestError, StoreError) as exc:  # e.g. another writer took the store in the meantime
         fail(str(exc), code=2)
     except KeyboardInterrupt as exc:

@@ -113,8 +113,8 @@ def test_tensorstore_opens_the_ingested_images(store: Path) -> None:
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / "images")}}
     array = tensorstore.open(spec, read=True).result()
     opened = SliceStore.open(store)
-    assert tuple(array.shape) == (opened.n_slices, SIZE, SIZE)
-    idx = np.array([0, 7, opened.n_slices - 1])
+    assert tuple(array.shape) == (opened.n_rows, SIZE, SIZE)
+    idx = np.array([0, 7, opened.n_rows - 1])
     np.testing.assert_array_equal(array[idx].read().result().astype(np.float32), opened.read_images(idx))
 
 

@@ -87,26 +87,29 @@ def test_read_api_returns_what_was_written(tmp_path: Path) -> None:
     assert store.n_slices == 12 + 6 and store.image_size == SIZE and store.hash == digest
     assert list(store.subjects["subject_id"]) == ["A01", "B02"]
     assert list(store.subjects["dataset"]) == ["mnms", "mnms2"]
-    np.testing.assert_array_equal(store.meta["subject"], [0] * 12 + [1] * 6)
+    # Each subject starts on a chunk boundary (8 rows); padding rows belong to nobody (-1).
+    assert store.n_rows == 16 + 8 and store.subject_slices("B02") == slice(16, 22)
+    np.testing.assert_array_equal(store.meta["subject"], [0] * 12 + [-1] * 4 + [1] * 6 + [-1] * 2)
     np.testing.assert_array_equal(store.meta["labelled"], store.meta["phase"] > 0)
     # Reads in any order, with duplicates, float32 exactly equal to the float16 written.
-    got = store.read_images([13, 2, 2])
+    got = store.read_images([17, 2, 2])
     assert got.dtype == np.float32 and got.shape == (3, SIZE, SIZE)
     np.testing.assert_array_equal(got[0], records[1].images[1].astype(np.float32))
     np.testing.assert_array_equal(got[1:], records[0].images[[2, 2]].astype(np.float32))
-    np.testing.assert_array_equal(store.read_image_range(8, 16)[4:], np.concatenate([r.images for r in records])[12:16])
-    labels = store.read_labels([9, 0, 12])  # slice rows: ES of A01, ED of A01, ED of B02
+    np.testing.assert_array_equal(store.read_image_range(8, 16)[:4], records[0].images[8:12])
+    np.testing.assert_array_equal(store.read_image_range(8, 16)[4:], 0)  # padding
+    labels = store.read_labels([9, 0, 16])  # slice rows: ES of A01, ED of A01, ED of B02
     np.testing.assert_array_equal(labels[0], records[0].labels[5])
     np.testing.assert_array_equal(labels[1], records[0].labels[0])
     np.testing.assert_array_equal(labels[2], records[1].labels[0])
     with pytest.raises(IndexError, match="no label"):
         store.read_labels([4])
     with pytest.raises(IndexError, match="out of range"):
-        store.read_images([18])
+        store.read_images([24])
     volume = store.native("A01", "ES")
     np.testing.assert_array_equal(volume.label, records[0].native["ES"][1])
+    np.testing.assert_array_equal(store.native("B02", "ED", dataset="mnms2").image, records[1].native["ED"][0])
     assert volume.flip_z and volume.spacing_zyx == (8.0, 1.5, 1.5) and volume.geometry.shape_zyx == (4, 10, 12)
-    assert store.subject_slices("B02") == slice(12, 18)
     assert store.chunk_slices == 8
     clone = pickle.loads(pickle.dumps(store))  # pickles by path, reopens lazily
     assert clone._group is None and clone.n_slices == 18
@@ -127,7 +130,7 @@ def test_uncommitted_rows_are_invisible_and_overwritten(tmp_path: Path) -> None:
     writer.close()  # the crashed writer's process is gone, and its lock with it
     partial = SliceStore.open(path)
     assert partial.n_slices == 12 and not partial.complete and list(partial.subjects.subject_id) == ["A"]
-    assert zarr.open_group(str(path), mode="r")["images"].shape[0] == 24  # garbage beyond the commit
+    assert zarr.open_group(str(path), mode="r")["images"].shape[0] >= 32  # garbage beyond the commit
     resumed = StoreWriter.open(path, CONFIG, SIZE, 1.25, chunk_slices=8)
     assert resumed.done == {("mnms", "A")}
     resumed.append(make_record("B", seed=2))
@@ -179,20 +182,24 @@ def test_validate_detects_each_kind_of_damage(tmp_path: Path) -> None:
     assert any("outside {0, 1, 2, 3}" in p for p in validate_store(path, progress=False))
     group["labels"][3, 0, 0] = 0
 
-    original = group["images"][14]
-    group["images"][14] = original + 1
+    original = group["images"][18]  # B starts at the chunk boundary 16
+    group["images"][18] = original + 1
     problems = validate_store(path, progress=False)
     assert any("subject mnms/B content hash" in p for p in problems)
     assert any("dataset hash" in p for p in problems)
-    group["images"][14] = original
+    group["images"][18] = original
+
+    group["meta/subject"][13] = 0  # a padding row claimed by subject A
+    assert any("padding rows" in p for p in validate_store(path, progress=False))
+    group["meta/subject"][13] = -1
 
     phase = group["meta/phase"][:]
     group["meta/phase"][5] = 1
     assert any("meta/phase" in p for p in validate_store(path, progress=False))
     group["meta/phase"][:] = phase
 
-    group["images"].resize((23, SIZE, SIZE))
-    assert any("images has shape (23" in p for p in validate_store(path, progress=False))
+    group["images"].resize((31, SIZE, SIZE))
+    assert any("images has shape (31" in p for p in validate_store(path, progress=False))
 
 
 def test_validate_reports_an_unfinished_ingest(tmp_path: Path) -> None:

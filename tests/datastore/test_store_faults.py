@@ -27,7 +27,7 @@ def damaged(tmp_path: Path) -> Path:
     store = tmp_path / "s.zarr"
     write(store, [make_record("A01", seed=1), make_record("B02", seed=2)])
     _corrupt(store / "images" / "c" / "1" / "0" / "0")
-    _corrupt(store / "native" / "mnms-B02" / "ES" / "label" / "c" / "0" / "0" / "0")
+    _corrupt(store / "native" / "label" / "c" / "1")  # B02's native volumes: the second native chunk
     return store
 
 
@@ -35,7 +35,7 @@ def test_validate_reports_every_damaged_chunk_in_one_line(damaged: Path) -> None
     problems = validate_store(damaged, progress=False)
     assert len(problems) == 2, problems
     assert any("array images chunk 1.0.0 (rows [8, 16)) unreadable" in p for p in problems), problems
-    assert any("array native/mnms-B02/ES/label chunk 0.0.0" in p for p in problems), problems
+    assert any("array native/label chunk 1 (rows [1048576, 2097152)) unreadable" in p for p in problems), problems
     assert all("\n" not in p and str(damaged) in p for p in problems)
 
 
@@ -54,8 +54,9 @@ def test_reads_name_the_store_the_array_and_the_rows(damaged: Path) -> None:
         store.read_image_range(4, 12)
     with pytest.raises(CorruptChunkError, match=r"array images rows \[9, 10\)"):
         store.read_images([9])
-    with pytest.raises(CorruptChunkError, match=r"array native/mnms-B02/ES"):
+    with pytest.raises(CorruptChunkError, match=r"array native/label rows \[1049056, 1049536\) unreadable"):
         store.native("B02", "ES")
+    assert store.native("A01", "ES").label.shape == (4, 10, 12)  # another subject's chunk still reads
     with pytest.raises(CorruptChunkError, match=rf"store {damaged}: array images rows \[8, 16\)"):
         as_source(store).read_image_range(8, 16)  # the training loader's path
 
@@ -76,9 +77,9 @@ def test_ingest_on_a_full_disk_fails_in_one_line_and_resumes(tmp_path: Path, mon
     image_writes = []
 
     async def full_after_one_subject(self: LocalStore, key: str, value: object) -> None:
-        if key.startswith("native/") and key.endswith("/c/0/0/0"):
+        if key.startswith("native/image/c/"):
             image_writes.append(key)
-            if len(image_writes) > 4:  # the second subject's first native chunk
+            if len(image_writes) > 1:  # the second subject's native chunk
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         await original(self, key, value)
 
