@@ -52,6 +52,7 @@ from trainers.augment import augment_pair
 from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.finetune_config import FinetuneConfig
 from trainers.jobs import FinetuneJob
+from trainers.loading import shard, worker_read
 from trainers.losses.segmentation import segmentation_loss
 from trainers.optimizers import sgd
 from trainers.runtime import WorkerContext, autocast, per_rank_batch, resolve_precision, wrap_model
@@ -231,7 +232,7 @@ class CellData:
         from datastore.splits import load_split
         from datastore.store import SliceStore
 
-        config, cache = job.config, job.runtime.cache
+        config, read = job.config, worker_read(job.read)
         store = SliceStore.open(job.store)
         image_size = store.image_size
         spacing_mm = float(store.attrs.get("spacing", 1.25))
@@ -240,13 +241,12 @@ class CellData:
         split = load_split(job.split)
         train_ids, valid_ids = split.budget(config.budget, config.seed), split.subjects("valid")
         batch = per_rank_batch(config.batch_size, ctx.world_size)
-        train = SliceLoader(job.store, train_ids, labelled_only=True, batch_size=batch, rank=ctx.rank,
-                            world_size=ctx.world_size, seed=config.training_seed, cache=cache, progress=False)
+        train = SliceLoader(job.store, train_ids, labelled_only=True, batch_size=batch,
+                            shard=shard(ctx, config.training_seed), read=read)
         valid = None
         if valid_ids:
             valid = SliceLoader(job.store, valid_ids, labelled_only=True, batch_size=max(1, config.valid_batch_size // ctx.world_size),
-                                rank=ctx.rank, world_size=ctx.world_size, seed=config.seed, shuffle=False, drop_last=False,
-                                cache=cache, progress=False)
+                                shard=shard(ctx, config.seed, shuffle=False, drop_last=False), read=read)
         return cls(store, image_size, spacing_mm, split, train_ids, valid_ids, batch, train, valid)
 
 

@@ -48,6 +48,7 @@ import torch
 
 from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.jobs import PretrainJob
+from trainers.loading import shard, worker_read
 from trainers.methods.config import PretrainConfig
 from trainers.optimizers import build_optimizer
 from trainers.pretrain_outputs import (
@@ -82,8 +83,8 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     tracker, device, chief = job.tracker_for(ctx.rank), ctx.device, ctx.is_chief
 
     batch = per_rank_batch(config.batch_size, ctx.world_size)
-    loader = SliceLoader(job.store, job.subjects, labelled_only=False, batch_size=batch, rank=ctx.rank,
-                         world_size=ctx.world_size, seed=config.seed, cache=options.cache, progress=False)
+    loader = SliceLoader(job.store, job.subjects, labelled_only=False, batch_size=batch,
+                         shard=shard(ctx, config.seed), read=worker_read(job.read))
     steps_per_epoch = min(len(loader), config.steps_per_epoch or len(loader))
     valid_loader, skipped = open_validation(job, ctx.rank, ctx.world_size)
 

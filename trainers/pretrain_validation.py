@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 import torch
 
+from datastore.loader_options import ReadOptions, Shard
+from trainers.loading import worker_read
+
 BEST_SUFFIX = "_best"
 
 log = logging.getLogger("sspctl.pretrain")
@@ -54,26 +57,27 @@ def open_validation(job: Any, rank: int, world_size: int) -> tuple[Any | None, s
     config = job.config
     loader, skipped = None, skip_reason(config, job.valid_subjects)
     if skipped is None:
-        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, job.runtime.cache)
+        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, read=job.read)
     if skipped is not None and rank == 0:
         (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
     return loader, skipped
 
 
 def build_valid_loader(
-    store: str, valid_subjects: list[str], config: Any, rank: int, world_size: int, cache: bool
+    store: str, valid_subjects: list[str], config: Any, rank: int, world_size: int, read: ReadOptions = ReadOptions()
 ) -> tuple[Any | None, str | None]:
     """This rank's validation ``SliceLoader`` (all frames, full batches, shuffled once), or ``(None, reason)``.
 
-    The global ``config.valid_batch_size`` is split over the ranks like the training batch.
+    The global ``config.valid_batch_size`` is split over the ranks like the training batch; ``read`` is
+    the job's read options (used as a worker uses them: ``trainers.loading.worker_read``).
     """
     from datastore.loader import LoaderError, SliceLoader
     from trainers.runtime import per_rank_batch
 
     batch = per_rank_batch(config.valid_batch_size, world_size, key="valid_batch_size")
     try:
-        loader = SliceLoader(store, valid_subjects, labelled_only=False, batch_size=batch, rank=rank,
-                             world_size=world_size, seed=config.seed, cache=cache, progress=False)
+        loader = SliceLoader(store, valid_subjects, labelled_only=False, batch_size=batch,
+                             shard=Shard(rank=rank, world_size=world_size, seed=config.seed), read=worker_read(read))
     except LoaderError as exc:
         return None, f"validation subjects unusable ({exc}): no best checkpoint"
     return loader, None

@@ -107,7 +107,7 @@ def _run_dir(workspace: Path) -> Path:
 
 def _fixed_batch_losses(ray_run: Path, store: str) -> tuple[float, float]:
     """Loss of one fixed, identically augmented batch under the initial and the last-checkpoint weights."""
-    from datastore.loader import SliceLoader
+    from datastore.loader import Shard, SliceLoader
     from trainers.checkpoint import load_checkpoint
     from trainers.methods.config import PretrainConfig
     from trainers.pretrain import build_method
@@ -118,7 +118,7 @@ def _fixed_batch_losses(ray_run: Path, store: str) -> tuple[float, float]:
     initial = build_method(config)
     trained = build_method(config)
     trained.modules.load_state_dict(state.model)
-    batch = next(iter(SliceLoader(store, None, labelled_only=False, batch_size=32, seed=123)))
+    batch = next(iter(SliceLoader(store, None, labelled_only=False, batch_size=32, shard=Shard(seed=123))))
 
     def loss(method: object) -> float:
         generator = torch.Generator().manual_seed(0)
