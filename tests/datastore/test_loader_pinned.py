@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from datastore.loader import ArraySource, ReadOptions, Shard, SliceLoader
+from test_loader import _memory_source
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "loader_orders.json").read_text())
 IDS = ["P0", "P2", "P3", "P5", "P7", "P8", "P9"]
@@ -37,19 +37,9 @@ CASES: dict[str, tuple[list[str] | None, int, dict[str, Any], dict[str, Any], di
 
 
 def _source() -> ArraySource:
-    """10 subjects x 50 slices of 4x4 with deterministic values, every 5th slice labelled, chunks of 16."""
-    n_subjects, per_subject = 10, 50
-    n = n_subjects * per_subject
-    meta = {
-        "subject": np.repeat(np.arange(n_subjects), per_subject),
-        "slice": np.tile(np.arange(10), n // 10),
-        "slice_count": np.full(n, 10),
-        "labelled": np.arange(n) % 5 == 0,
-    }
-    subjects = pd.DataFrame({"subject_id": [f"P{i}" for i in range(n_subjects)], "dataset": "mnms"})
-    images = (np.arange(n * 16) % 251).astype(np.float16).reshape(n, 4, 4)
-    labels = (np.arange(n * 16) % 4).astype(np.uint8).reshape(n, 4, 4)
-    return ArraySource(images, meta, subjects, labels=labels, chunk_slices=16)
+    """10 subjects x 50 slices of 4x4, every 5th slice labelled, chunks of 16 (as recorded; the values do not
+    enter the order)."""
+    return _memory_source(n_subjects=10, per_subject=50, chunk=16)
 
 
 def test_recording_covers_every_case() -> None:
@@ -83,7 +73,7 @@ def test_options_are_frozen_typed_groups() -> None:
     assert ReadOptions.model_validate(read.model_dump(mode="json")) == read  # crosses into a worker as JSON
     with pytest.raises(ValidationError):
         read.cache_gb = 1.0  # type: ignore[misc]
-    for bad in ({"cache_gb": 0}, {"cache_gb": -1}, {"read_threads": 0}, {"cache_dtype": "int8"}, {"rank": 0}):
+    for bad in ({"cache_gb": 0}, {"cache_gb": -1}, {"cache_gb": float("inf")}, {"read_threads": 0}, {"cache_dtype": "int8"}, {"rank": 0}):
         with pytest.raises(ValidationError):
             ReadOptions(**bad)
     with pytest.raises(ValidationError):
