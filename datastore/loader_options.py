@@ -50,7 +50,7 @@ class ReadOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cache_gb: float | None = Field(
-        None, gt=0,
+        None, gt=0, allow_inf_nan=False,
         description="memory budget of this rank's loader in GB (1e9 bytes): cache the share when it fits, else "
         "stream in windows sized to the budget; None: `cache` decides (training workers default it from the node)",
     )

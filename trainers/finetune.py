@@ -52,7 +52,7 @@ from trainers.augment import augment_pair
 from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.finetune_config import FinetuneConfig
 from trainers.jobs import FinetuneJob
-from trainers.loading import shard, worker_read
+from trainers.loading import for_worker, loader_params, loader_record, shard
 from trainers.losses.segmentation import segmentation_loss
 from trainers.optimizers import sgd
 from trainers.runtime import WorkerContext, autocast, per_rank_batch, resolve_precision, wrap_model
@@ -220,6 +220,7 @@ class CellData:
     batch: int
     train: Any
     valid: Any | None
+    loading: dict[str, Any]  # trainers.loading.loader_record of the training loader
 
     @classmethod
     def open(cls, job: FinetuneJob, ctx: WorkerContext) -> CellData:
@@ -232,7 +233,8 @@ class CellData:
         from datastore.splits import load_split
         from datastore.store import SliceStore
 
-        config, read = job.config, worker_read(job.read)
+        config = job.config
+        read, budget_from = for_worker(job.read, ctx.in_ray)
         store = SliceStore.open(job.store)
         image_size = store.image_size
         spacing_mm = float(store.attrs.get("spacing", 1.25))
@@ -247,7 +249,8 @@ class CellData:
         if valid_ids:
             valid = SliceLoader(job.store, valid_ids, labelled_only=True, batch_size=max(1, config.valid_batch_size // ctx.world_size),
                                 shard=shard(ctx, config.seed, shuffle=False, drop_last=False), read=read)
-        return cls(store, image_size, spacing_mm, split, train_ids, valid_ids, batch, train, valid)
+        return cls(store, image_size, spacing_mm, split, train_ids, valid_ids, batch, train, valid,
+                   loader_record(train, budget_from))
 
 
 def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
@@ -355,7 +358,8 @@ def _log_start(
     tracker: Tracker, config: FinetuneConfig, ctx: WorkerContext, data: CellData, resolved: dict[str, Any],
     steps_per_epoch: int, load_report: dict[str, Any] | None, *, fresh: bool,
 ) -> None:
-    """Rank 0: the cell's tags, and on a fresh start its params."""
+    """Rank 0: the loader's line, the cell's tags, and on a fresh start its params."""
+    print(data.loading["line"], flush=True)
     tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
                       "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
                       "sspctl.train_seed": str(config.training_seed),
@@ -365,7 +369,7 @@ def _log_start(
                             "per_worker_batch": data.batch, "steps_per_epoch": steps_per_epoch,
                             "train_subjects": len(data.train_ids), "train_slices": data.train.n_selected,
                             "valid_subjects": len(data.valid_ids), "store_hash": data.store.hash or "",
-                            "pretrained_keys": (load_report or {}).get("matched", 0)})
+                            "pretrained_keys": (load_report or {}).get("matched", 0), **loader_params(data.loading)})
 
 
 def _finish(
@@ -387,6 +391,7 @@ def _finish(
         "checkpoint": which, "epochs": config.epochs, "config": resolved, "store": str(job.store),
         "store_hash": data.store.hash, "split": str(job.split),
         "best_valid_loss": best_valid if math.isfinite(best_valid) else None, "valid": valid_metrics,
+        "loader": data.loading,
     })
     tracker.log_artifact(output / MODEL_META, "model")
     if not job.evaluate:

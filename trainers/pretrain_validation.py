@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 
 from datastore.loader_options import ReadOptions, Shard
-from trainers.loading import worker_read
 
 BEST_SUFFIX = "_best"
 
@@ -49,15 +48,18 @@ def skip_reason(config: Any, valid_subjects: list[str] | None) -> str | None:
     return None
 
 
-def open_validation(job: Any, rank: int, world_size: int) -> tuple[Any | None, str | None]:
+def open_validation(job: Any, rank: int, world_size: int, read: ReadOptions) -> tuple[Any | None, str | None]:
     """This rank's validation loader for a ``trainers.jobs.PretrainJob``, or ``(None, why there is none)``.
+
+    ``read`` is the worker's read options (``trainers.loading.for_worker``): the validation loader
+    plans against the same budget as the training loader, on its own.
 
     Rank 0 logs the reason (DINO's, which is by design, at info level; any other as a warning).
     """
     config = job.config
     loader, skipped = None, skip_reason(config, job.valid_subjects)
     if skipped is None:
-        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, read=job.read)
+        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, read=read)
     if skipped is not None and rank == 0:
         (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
     return loader, skipped
@@ -68,8 +70,7 @@ def build_valid_loader(
 ) -> tuple[Any | None, str | None]:
     """This rank's validation ``SliceLoader`` (all frames, full batches, shuffled once), or ``(None, reason)``.
 
-    The global ``config.valid_batch_size`` is split over the ranks like the training batch; ``read`` is
-    the job's read options (used as a worker uses them: ``trainers.loading.worker_read``).
+    The global ``config.valid_batch_size`` is split over the ranks like the training batch.
     """
     from datastore.loader import LoaderError, SliceLoader
     from trainers.runtime import per_rank_batch
@@ -77,7 +78,7 @@ def build_valid_loader(
     batch = per_rank_batch(config.valid_batch_size, world_size, key="valid_batch_size")
     try:
         loader = SliceLoader(store, valid_subjects, labelled_only=False, batch_size=batch,
-                             shard=Shard(rank=rank, world_size=world_size, seed=config.seed), read=worker_read(read))
+                             shard=Shard(rank=rank, world_size=world_size, seed=config.seed), read=read)
     except LoaderError as exc:
         return None, f"validation subjects unusable ({exc}): no best checkpoint"
     return loader, None
