@@ -62,10 +62,15 @@ def loader_record(loader: Any, origin: str) -> dict[str, Any]:
     return {**plan.model_dump(mode="json"), "budget_from": origin, "line": f"loader: {plan.line} ({origin})"}
 
 
-def loader_params(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as flat MLflow params (``loader_mode``, ``loader_budget_gb``, ...)."""
+def loader_tags(record: dict[str, Any]) -> dict[str, str]:
+    """The record as MLflow tags ``sspctl.loader.<field>`` (``mode``, ``budget_gb``, ..., ``plan``: the line).
+
+    Tags, not params: a restart on a node with other memory may choose differently, and MLflow refuses
+    to change a param (the job's ``read`` options, which do not change, are logged as params).
+    """
     keys = ("mode", "budget_gb", "share_gb", "window_slices", "budget_from")
-    return {f"loader_{key}": record[key] for key in keys if record.get(key) is not None}
+    tags = {f"sspctl.loader.{key}": str(record[key]) for key in keys if record.get(key) is not None}
+    return {**tags, "sspctl.loader.plan": record["line"]}
 
 
-__all__ = ["budget_origin", "for_worker", "loader_params", "loader_record", "ranks_on_this_node", "shard", "worker_read"]
+__all__ = ["budget_origin", "for_worker", "loader_tags", "loader_record", "ranks_on_this_node", "shard", "worker_read"]

@@ -48,7 +48,7 @@ import torch
 
 from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.jobs import PretrainJob
-from trainers.loading import for_worker, loader_params, loader_record, shard
+from trainers.loading import for_worker, loader_record, loader_tags, shard
 from trainers.methods.config import PretrainConfig
 from trainers.optimizers import build_optimizer
 from trainers.pretrain_outputs import (
@@ -200,10 +200,10 @@ def _log_start(
                  validation_skipped=skipped, loader=loading)
     if start_epoch == 0:
         tracker.log_params({**config.model_dump(mode="json"), "runtime": job.runtime.model_dump(mode="json"),
-                            "world_size": ctx.world_size, "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch,
-                            **loader_params(loading)})
+                            "read": job.read.model_dump(mode="json"), "world_size": ctx.world_size,
+                            "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
     tracker.set_tags({"sspctl.stage": "pretrain", "sspctl.method": config.method.name,
-                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size)})
+                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size), **loader_tags(loading)})
 
 
 def train_epoch(

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 CACHE_GB_HELP = (
     "Loader memory budget per worker, in GB: a worker keeps its share of the slices in memory when it fits, else "
     "streams it in shuffled windows within the budget; the run says which (rank 0's 'loader:' line, events.jsonl, "
-    "MLflow params loader_*). Default: half of the node's memory over the run's workers on that node."
+    "MLflow tags sspctl.loader.*). Default: half of the node's memory over the run's workers on that node."
 )
 
 

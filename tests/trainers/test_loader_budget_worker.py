@@ -1,4 +1,5 @@
-"""The loader memory budget through the real workers: a rank caches or streams, says which once, and records it.
+"""The loader memory budget through the real workers: a rank caches or streams, says which once, and records it
+(events.jsonl or model.json, MLflow tags ``sspctl.loader.*``; the job's ``read`` options as params).
 
 Outside Ray a worker is rank 0 of 1 on this node (``trainers.runtime``); MLflow is a real sqlite backend.
 """
@@ -53,9 +54,11 @@ def test_a_budget_below_the_share_streams_and_says_so(cell_data: dict[str, Path]
     assert loader["line"] == ("loader: stream: this rank's 96 slices take 0.00 GB > budget 4e-05 GB; "
                               "shuffle windows of 5 slices (cache_gb given)")
     assert capsys.readouterr().out.count("loader: stream: ") == 1  # rank 0 says it once
-    params = client.get_run(run_id).data.params
-    assert params["loader_mode"] == "stream" and float(params["loader_budget_gb"]) == budget
-    assert params["loader_window_slices"] == "5" and params["loader_budget_from"] == "cache_gb given"
+    run = client.get_run(run_id).data
+    assert run.tags["sspctl.loader.mode"] == "stream" and float(run.tags["sspctl.loader.budget_gb"]) == budget
+    assert run.tags["sspctl.loader.window_slices"] == "5" and run.tags["sspctl.loader.budget_from"] == "cache_gb given"
+    assert run.tags["sspctl.loader.plan"] == loader["line"]
+    assert float(run.params["read.cache_gb"]) == budget  # what the job asked for, as a param
 
 
 def test_without_a_budget_the_node_default_caches_and_says_why(cell_data: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -67,7 +70,8 @@ def test_without_a_budget_the_node_default_caches_and_says_why(cell_data: dict[s
     assert loader["mode"] == "cache" and loader["budget_gb"] == default_cache_gb(1) > SHARE_GB
     assert loader["line"].startswith("loader: cache: this rank's 96 slices take 0.00 GB <= budget ")
     assert "default budget: 50% of this node's" in loader["line"] and "over 1 rank(s)" in loader["line"]
-    assert client.get_run(run_id).data.params["loader_mode"] == "cache"
+    run = client.get_run(run_id).data
+    assert run.tags["sspctl.loader.mode"] == "cache" and run.params["read.cache_gb"] == "null"
     # A fine-tuning cell records its plan in model.json (and says it on rank 0).
     config = {"method": "scratch", "budget": 2, "seed": 0, "epochs": 1, "iterations_per_epoch": 1, "batch_size": 2,
               "valid_batch_size": 8, "model_width": 4}
