@@ -99,9 +99,9 @@ def _rate(n: int, seconds: float) -> float:
 
 def loader_epochs(path: Path, epochs: int, batch_size: int, cache: bool) -> tuple[list[float], float]:
     """Slices/s of each epoch of a fresh ``SliceLoader`` over the whole store; cache size in GiB."""
-    from datastore.loader import SliceLoader
+    from datastore.loader import ReadOptions, SliceLoader
 
-    loader = SliceLoader(str(path), None, batch_size=batch_size, seed=0, cache=cache, progress=False)
+    loader = SliceLoader(str(path), None, batch_size=batch_size, read=ReadOptions(cache=cache, progress=False))
     rates = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -116,12 +116,12 @@ def streaming_epoch(path: str, batch_size: int, cache_gb: float) -> dict[str, ob
     """One streaming epoch under a ``cache_gb`` budget (run in a child process): rate, peak memory, order."""
     import resource
 
-    from datastore.loader import SliceLoader
+    from datastore.loader import ReadOptions, SliceLoader
 
     import torch
 
     torch.from_numpy(np.zeros((1, 1), np.float16)).unsqueeze(1).float()  # first torch call: load its kernels now
-    loader = SliceLoader(path, None, batch_size=batch_size, seed=0, cache_gb=cache_gb, progress=False)
+    loader = SliceLoader(path, None, batch_size=batch_size, read=ReadOptions(cache_gb=cache_gb, progress=False))
     baseline = _rss_bytes()
     start, n, subjects = time.perf_counter(), 0, []
     for batch in loader:
@@ -148,9 +148,9 @@ def shuffle_quality(batches: list[np.ndarray]) -> dict[str, float]:
 
 def cached_order_quality(path: Path, batch_size: int) -> dict[str, float]:
     """``shuffle_quality`` of a full shuffle: the cached mode's epoch order (no decoding needed)."""
-    from datastore.loader import SliceLoader
+    from datastore.loader import ReadOptions, SliceLoader
 
-    loader = SliceLoader(str(path), None, batch_size=batch_size, seed=0, progress=False)
+    loader = SliceLoader(str(path), None, batch_size=batch_size, read=ReadOptions(progress=False))
     subjects = np.asarray(loader._subject)[loader._order(0)]
     return shuffle_quality([subjects[i : i + batch_size] for i in range(0, len(subjects), batch_size)])
 

@@ -76,7 +76,7 @@ def plain_loop(store: str, config_dict: dict[str, Any], cpus: int) -> dict[str, 
     """Bare single-process loop with ``cpus`` torch threads; per-epoch slices/s."""
     import torch
 
-    from datastore.loader import SliceLoader
+    from datastore.loader import ReadOptions, Shard, SliceLoader
     from trainers.methods.config import PretrainConfig
     from trainers.optimizers import build_optimizer
     from trainers.pretrain import build_method
@@ -84,7 +84,8 @@ def plain_loop(store: str, config_dict: dict[str, Any], cpus: int) -> dict[str, 
 
     config = PretrainConfig.model_validate(config_dict)
     torch.set_num_threads(cpus)  # what the Ray worker gets (Ray sets its threads to its CPUs)
-    loader = SliceLoader(store, None, batch_size=config.batch_size, seed=config.seed, progress=False)
+    loader = SliceLoader(store, None, batch_size=config.batch_size, shard=Shard(seed=config.seed),
+                         read=ReadOptions(progress=False))
     torch.manual_seed(config.seed)
     method = build_method(config)
     model = method.modules

@@ -17,17 +17,22 @@ Design (measured in ``benchmarks/loader.py``, numbers in ``docs/benchmarks.md``)
 * **Epochs.** Every epoch a rank permutes its own slices with ``(seed, epoch, rank)`` and cuts
   ``len(loader)`` batches; the count is the same on every rank. With ``drop_last`` the few slices that
   do not fill a batch change from epoch to epoch (fewer than ``world_size * (batch_size + 1)``).
-* **Bounded memory.** ``cache=False`` streams instead: each epoch the rank decodes its chunks in a
+* **Bounded memory.** ``ReadOptions(cache=False)`` streams instead: each epoch the rank decodes its chunks in a
   shuffled order on background threads, gathers them into windows of about ``buffer_slices``
   slices, and yields each window's slices in a fresh random order (one copy from the decoded
-  chunks into the window, one gather into the batch). ``cache_gb`` sets a memory budget and
-  chooses: the cache when the rank's share fits, else streaming with windows sized to the budget
-  (``memory_plan`` says which and why).
+  chunks into the window, one gather into the batch). ``ReadOptions.cache_gb`` sets a memory
+  budget and chooses: the cache when the rank's share fits, else streaming with windows sized to
+  the budget (``plan`` / ``memory_plan`` say which and why).
+
+Options come in two frozen groups (``datastore/loader_options.py``): ``Shard`` (rank, world size,
+seed, shuffle, drop_last: which slices a rank owns and the order of each epoch) and ``ReadOptions``
+(memory budget or mode, window, threads, read sizes, cache dtype, prefetch, progress bar).
 
 Usage in a train loop (one loader per rank, built inside the worker)::
 
     loader = SliceLoader(store_path, split.budget(10, seed=0), labelled_only=True, batch_size=32 // world,
-                         rank=rank, world_size=world, seed=0)
+                         shard=Shard(rank=rank, world_size=world, seed=0), read=ReadOptions(cache_gb=4))
+    print(loader.memory_plan)  # cache or stream, and why
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:   # len(loader) batches, the same on every rank
@@ -40,7 +45,6 @@ Batches (``docs/architecture.md``): ``image`` float32 ``(B, 1, H, W)``, ``label`
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -52,10 +56,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-#: Default number of consecutive slices read in one call when filling the cache (16 MiB of float16
-#: at 256x256): long enough to decode at sequential speed; blocks this small are reused by the
-#: allocator instead of being mapped (and page-faulted) afresh, which measured faster than 512.
-DEFAULT_READ_SLICES = 128
+from datastore.loader_options import DEFAULT_READ_SLICES, MemoryPlan, ReadOptions, Shard, default_cache_gb
+
 
 
 class LoaderError(ValueError):
@@ -336,25 +338,20 @@ class SliceLoader:
         subject_ids: subject ids (``subjects.subject_id``) to draw from; ``None`` = every subject.
         labelled_only: keep only labelled (ED/ES) slices and add ``label`` to each batch.
         batch_size: slices per batch on this rank; the global batch is ``batch_size * world_size``.
-        rank, world_size: this rank and the number of ranks.
-        seed: drives ownership (fixed for the run) and, with the epoch, the order of every epoch.
-        drop_last: drop the slices that do not fill a batch (default); otherwise the last batch is
-            partial.
-        shuffle: ``False`` gives each rank a contiguous block in store order (validation).
+        shard: this rank, the number of ranks, the seed (ownership for the run; with the epoch, the
+            order of every epoch), ``shuffle`` (False: contiguous blocks in store order) and
+            ``drop_last`` (False: the last batch is partial).
+        read: how the share is read. ``cache_gb`` (a budget in GB, 1e9 bytes) decides: the cache
+            when the share fits, else streaming with ``buffer_slices`` lowered so that the windows,
+            the read-ahead and the batches in flight fit (:func:`default_cache_gb` gives a default
+            from the node's memory and ranks per node). Without a budget ``cache`` decides.
+            ``cache_dtype`` ``"float32"`` converts once at fill time instead of after the move to
+            ``device`` (twice the memory, faster CPU batches).
         device: move batches there (``image`` is converted to float32 after the transfer).
-        cache: keep the rank's slices in memory (default); ``False`` streams with bounded memory.
-        buffer_slices: shuffle-buffer size of the streaming mode.
-        read_threads: threads decoding store chunks in parallel.
-        read_slices: slices per read call when filling the cache (rounded to whole chunks).
-        cache_dtype: dtype of the cache; default: the stored dtype (float16). Batches are converted
-            to float32 after the move to ``device`` (on the GPU for CUDA). ``"float32"`` converts
-            once at fill time instead (twice the memory, faster CPU batches).
-        prefetch: batches prepared ahead on a background thread (0 = none).
-        progress: show a progress bar while filling the cache (default: on rank 0).
-        cache_gb: memory budget of this rank's loader in GB (1e9 bytes). Given, it overrides
-            ``cache``: the cache when the share fits, else streaming with ``buffer_slices``
-            lowered so that the windows, the read-ahead and the batches in flight fit.
-            :func:`default_cache_gb` gives a default from the node's memory and ranks per node.
+
+    Attributes:
+        plan: the ``MemoryPlan`` chosen (``memory_plan`` is its one line; print it once per run).
+        cache, buffer_slices: the mode and streaming window in effect (the plan may change them).
     """
 
     def __init__(
@@ -364,38 +361,24 @@ class SliceLoader:
         *,
         labelled_only: bool = False,
         batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        drop_last: bool = True,
-        shuffle: bool = True,
+        shard: Shard = Shard(),
+        read: ReadOptions = ReadOptions(),
         device: Any = None,
-        cache: bool = True,
-        buffer_slices: int = 4096,
-        read_threads: int = 2,
-        read_slices: int = DEFAULT_READ_SLICES,
-        cache_dtype: str | None = None,
-        prefetch: int = 2,
-        progress: bool | None = None,
-        cache_gb: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise LoaderError(f"rank {rank} is not in [0, world_size={world_size})")
+        if not shard.rank < shard.world_size:
+            raise LoaderError(f"rank {shard.rank} is not in [0, world_size={shard.world_size})")
         self._store_ref = store if isinstance(store, (str, Path)) else None
         self._source: SliceSource | None = as_source(store)
         self.labelled_only = labelled_only
         self.batch_size = int(batch_size)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.seed, self.drop_last, self.shuffle = int(seed), drop_last, shuffle
+        self.shard, self.read = shard, read
         self.device = device
-        self.cache, self.buffer_slices = cache, max(int(buffer_slices), self.batch_size)
-        self.read_threads, self.read_slices = max(1, int(read_threads)), int(read_slices)
-        self.cache_dtype = cache_dtype
-        self.prefetch = int(prefetch)
-        self.progress = (rank == 0) if progress is None else progress
+        self.cache, self.buffer_slices = read.cache, max(read.buffer_slices, self.batch_size)
+        self.progress = (shard.rank == 0) if read.progress is None else read.progress
         self._epoch = 0
+        world_size = shard.world_size
 
         source = self._source
         where = _describe(store)
@@ -413,39 +396,39 @@ class SliceLoader:
         self.n_selected = len(selected)
         self.chunk_slices = int(source.chunk_slices)
         self.n_store_slices = int(source.n_slices)
-        self._n_batches = batches_per_epoch(len(selected), self.batch_size, world_size, drop_last)
+        self._n_batches = batches_per_epoch(len(selected), self.batch_size, world_size, shard.drop_last)
         if self._n_batches == 0 or len(selected) < world_size:
             raise LoaderError(
                 f"{len(selected)} {what} cannot give every one of {world_size} rank(s) a batch of "
                 f"{batch_size}; lower batch_size or world_size"
             )
         #: Sorted global slice indices this rank owns.
-        self.indices = partition(selected, self.chunk_slices, world_size, self.seed, shuffle)[rank]
+        self.indices = partition(selected, self.chunk_slices, world_size, shard.seed, shard.shuffle)[shard.rank]
         # conventions.slice_position, vectorised: slice_index / slice_count (0-based from the base).
         self._position = (
             np.asarray(meta["slice"])[self.indices] / np.asarray(meta["slice_count"])[self.indices]
         ).astype(np.float32)
         self._subject = np.asarray(meta["subject"])[self.indices].astype(np.int64)
         self._cache: _Cache | None = None
-        #: One line: cache or stream, and why (print it once per run).
-        self.memory_plan = f"{'cache' if self.cache else 'stream'} (chosen by the caller)"
-        if cache_gb is not None:
-            self._plan_memory(float(cache_gb), source)
+        self.plan = MemoryPlan(mode="cache" if self.cache else "stream", slices=len(self.indices))
+        if read.cache_gb is not None:
+            self._plan_memory(read.cache_gb, source)
         if self._store_ref is not None:
             self._source = None  # reopened by the process that iterates (handles are not fork-safe)
 
     def _plan_memory(self, cache_gb: float, source: SliceSource) -> None:
-        """Choose cache or streaming for a budget of ``cache_gb`` GB (see ``cache_gb``)."""
+        """Choose cache or streaming for a budget of ``cache_gb`` GB (see ``ReadOptions.cache_gb``)."""
         budget = int(cache_gb * 1e9)
         first = source.read_image_range(0, 1)
         per_slice = int(first[0].nbytes) + (int(first[0].size) if self.labelled_only else 0)  # + uint8 label
         share = per_slice * len(self.indices)
+        plan = {"slices": len(self.indices), "share_gb": share / 1e9, "budget_gb": cache_gb}
         if share <= budget:
             self.cache = True
-            self.memory_plan = f"cache: this rank's {len(self.indices)} slices take {share / 1e9:.2f} GB <= budget {cache_gb:g} GB"
+            self.plan = MemoryPlan(mode="cache", **plan)
             return
         self.cache = False
-        fixed = (self.prefetch + 2) * self.batch_size + 2 * self.read_threads * self.chunk_slices
+        fixed = (self.read.prefetch + 2) * self.batch_size + 2 * self.read.read_threads * self.chunk_slices
         # Live: the window in use, the read-ahead, the parts and the next window (4 windows); the
         # rest is margin for what the allocator keeps (resident memory measured 1.4x the live peak).
         window = (budget // per_slice - fixed) // 6
@@ -455,12 +438,14 @@ class SliceLoader:
                 f"({per_slice * (3 * self.batch_size + fixed) / 1e9:.3f} GB needed at least)"
             )
         self.buffer_slices = int(min(self.buffer_slices, window))
-        self.memory_plan = (
-            f"stream: this rank's {len(self.indices)} slices take {share / 1e9:.2f} GB > budget {cache_gb:g} GB; "
-            f"shuffle windows of {self.buffer_slices} slices"
-        )
+        self.plan = MemoryPlan(mode="stream", window_slices=self.buffer_slices, **plan)
 
     # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def memory_plan(self) -> str:
+        """One line: cache or stream, and why (``plan.line``)."""
+        return self.plan.line
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (equal on every rank)."""
@@ -481,8 +466,8 @@ class SliceLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._iter_cached() if self.cache else self._iter_streaming()
-        if self.prefetch > 0:
-            return _prefetched(batches, self.prefetch)
+        if self.read.prefetch > 0:
+            return _prefetched(batches, self.read.prefetch)
         return batches
 
     def __getstate__(self) -> dict[str, Any]:
@@ -495,9 +480,10 @@ class SliceLoader:
     # -- internals ----------------------------------------------------------------------------
 
     def _order(self, epoch: int) -> np.ndarray:
+        shard = self.shard
         return epoch_order(
-            len(self.indices), self._n_batches, self.batch_size, seed=self.seed, epoch=epoch,
-            rank=self.rank, shuffle=self.shuffle, drop_last=self.drop_last,
+            len(self.indices), self._n_batches, self.batch_size, seed=shard.seed, epoch=epoch,
+            rank=shard.rank, shuffle=shard.shuffle, drop_last=shard.drop_last,
         )  # fmt: skip
 
     def _src(self) -> SliceSource:
@@ -506,16 +492,16 @@ class SliceLoader:
         return self._source
 
     def _cache_dtype(self, stored: np.dtype) -> np.dtype:
-        """``cache_dtype`` if given, else the stored dtype (float16 for our store)."""
-        return np.dtype(self.cache_dtype) if self.cache_dtype is not None else np.dtype(stored)
+        """``read.cache_dtype`` if given, else the stored dtype (float16 for our store)."""
+        return np.dtype(self.read.cache_dtype) if self.read.cache_dtype is not None else np.dtype(stored)
 
     def _fill_cache(self) -> _Cache:
         """Decode every chunk this rank owns once and keep its rows (rows follow ``indices``).
 
-        Runs are decoded on ``read_threads`` threads, each casting its rows straight into the cache.
+        Runs are decoded on ``read.read_threads`` threads, each casting its rows straight into the cache.
         """
         source = self._src()
-        runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.read_slices)
+        runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.read.read_slices)
         bar = _progress(len(self.indices), "caching slices", self.progress)
         images: np.ndarray | None = None
 
@@ -532,7 +518,7 @@ class SliceLoader:
 
         first = source.read_image_range(runs[0][0], min(runs[0][0] + 1, runs[0][1]))
         images = np.empty((len(self.indices), *first.shape[1:]), dtype=self._cache_dtype(first.dtype))
-        with ThreadPoolExecutor(self.read_threads) as pool:
+        with ThreadPoolExecutor(self.read.read_threads) as pool:
             for count in pool.map(read, runs):
                 bar.update(count)
         labels = None
@@ -556,9 +542,9 @@ class SliceLoader:
     def _iter_streaming(self) -> Iterator[dict[str, Any]]:
         """Decode this rank's chunks in a shuffled order; yield each window's slices shuffled."""
         source = self._src()
-        rng = np.random.default_rng([self.seed, self._epoch, self.rank, 0x5793])
+        rng = np.random.default_rng([self.shard.seed, self._epoch, self.shard.rank, 0x5793])
         runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.chunk_slices)
-        if self.shuffle:
+        if self.shard.shuffle:
             runs = [runs[i] for i in rng.permutation(len(runs))]
         total = len(self._order(self._epoch))  # includes drop_last=False padding
 
@@ -573,10 +559,10 @@ class SliceLoader:
 
         carry: list[np.ndarray | None] | None = None  # the last window's rows short of a batch
         emitted = 0
-        with ThreadPoolExecutor(self.read_threads) as pool:
-            ahead = max(2 * self.read_threads, self.buffer_slices // self.chunk_slices)
+        with ThreadPoolExecutor(self.read.read_threads) as pool:
+            ahead = max(2 * self.read.read_threads, self.buffer_slices // self.chunk_slices)
             for window in _windows(_bounded_map(pool, read, runs, ahead=ahead), self.buffer_slices):
-                order = rng.permutation(len(window[0])) if self.shuffle else np.arange(len(window[0]))
+                order = rng.permutation(len(window[0])) if self.shard.shuffle else np.arange(len(window[0]))
                 start = 0
                 while emitted < total and start < len(order):
                     need = min(self.batch_size, total - emitted) - (0 if carry is None else len(carry[0]))  # type: ignore[arg-type]
@@ -661,12 +647,6 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> tu
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), labels
 
 
-def default_cache_gb(ranks_per_node: int = 1, fraction: float = 0.5) -> float:
-    """A loader memory budget per rank: ``fraction`` of the node's physical memory over its ranks (GB)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return round(fraction * total / max(int(ranks_per_node), 1) / 1e9, 2)
-
-
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -717,6 +697,9 @@ def _prefetched(batches: Iterator[dict[str, Any]], depth: int) -> Iterator[dict[
 __all__: list[str] = [
     "ArraySource",
     "LoaderError",
+    "MemoryPlan",
+    "ReadOptions",
+    "Shard",
     "SliceLoader",
     "SliceSource",
     "as_source",

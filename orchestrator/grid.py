@@ -522,7 +522,7 @@ def plan_grid(request: GridRequest) -> GridPlan:
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
-        job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output))
+        job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output), read=spec.read)
         pending.append(_trial(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash}, spec, job,
                               workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)

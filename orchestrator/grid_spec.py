@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, field_validator
 
+from datastore.loader_options import ReadOptions
 from orchestrator.arms import ARMS, SCRATCH, arm_order, unknown_arms
 from orchestrator.workspace import Workspace
 from trainers.methods.names import Budget
@@ -48,6 +49,10 @@ class GridAxes(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
     max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
     system_metrics: bool = Field(False, description="log MLflow system/* metrics from rank 0 of each cell")
+    read: ReadOptions = Field(
+        ReadOptions(), description="how each cell's workers read the store (cache_gb: their loader memory budget; "
+        "default: half of the node's memory over the cell's workers on it)",
+    )
 
     @field_validator("budgets", "seeds", "train_seeds")
     @classmethod
@@ -112,6 +117,7 @@ class CellJob(BaseModel):
     split: str
     config: dict[str, Any] = Field(description="the cell's resolved FinetuneConfig")
     output: str = Field(description="the cell's directory")
+    read: ReadOptions = ReadOptions()
 
 
 class CellTrial(BaseModel):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from datastore.loader_options import ReadOptions
 from orchestrator.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class PretrainRequest:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     runtime: dict[str, Any] = field(default_factory=dict)
+    read: ReadOptions = field(default_factory=ReadOptions)  # the workers' loader options (--cache-gb)
     fault_inject: str | None = None
     study: str | None = None
     system_metrics: bool = False  # MLflow system/* metrics from rank 0 (orchestrator/system_metrics.py)
@@ -202,20 +204,28 @@ def ensure_mlflow_run(
 
 
 class ProgressMonitor:
-    """Polls rank 0's ``progress.json`` and shows a tqdm bar: epoch, loss, slices/s, ETA."""
+    """Polls rank 0's ``progress.json`` and shows a tqdm bar: epoch, loss, slices/s, ETA.
 
-    def __init__(self, run_dir: Path, interval_s: float = 0.5, enabled: bool = True) -> None:
+    With ``echo`` it also prints, once, the ``loader:`` line of rank 0's start (or resume) event:
+    whether the workers cache or stream their share, and why (the workers' own output stays in Ray's logs).
+    """
+
+    def __init__(
+        self, run_dir: Path, interval_s: float = 0.5, enabled: bool = True, echo: Callable[[str], None] | None = None
+    ) -> None:
         from trainers.pretrain_outputs import PROGRESS_FILE
 
         self.path = run_dir / PROGRESS_FILE
+        self.run_dir = run_dir
         self.interval_s = interval_s
         self.enabled = enabled
+        self.echo = echo
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sspctl-progress", daemon=True)
         self._started_at = time.time()
 
     def __enter__(self) -> ProgressMonitor:
-        if self.enabled:
+        if self.enabled or self.echo is not None:
             self._thread.start()
         return self
 
@@ -231,14 +241,40 @@ class ProgressMonitor:
             return None
         return data if data.get("time", 0) >= self._started_at - 1 else None  # ignore an earlier attempt's file
 
+    def _loader_line(self) -> str | None:
+        """The ``loader:`` line of this attempt's latest start/resume event, if rank 0 wrote it yet."""
+        from trainers.pretrain_outputs import read_events
+
+        try:
+            events = read_events(self.run_dir)
+        except (OSError, ValueError):
+            return None
+        for event in reversed(events):
+            if event.get("loader") and event.get("time", 0) >= self._started_at - 1:
+                return str(event["loader"]["line"])
+        return None
+
+    def _announce(self, bar: Any) -> bool:
+        """Echo the loader line once it exists (above the bar); True once done."""
+        line = self._loader_line() if self.echo is not None else None
+        if line is None:
+            return self.echo is None
+        if bar is not None:
+            bar.write(line)
+        else:
+            self.echo(line)  # type: ignore[misc]
+        return True
+
     def _run(self) -> None:
         from tqdm.auto import tqdm
 
         bar = None
         last_loss: float | None = None
         last_time = None
+        announced = False
         while not self._stop.wait(self.interval_s):
-            data = self._read()
+            announced = announced or self._announce(bar)
+            data = self._read() if self.enabled else None
             if data is None:
                 continue
             if bar is None:
@@ -251,6 +287,8 @@ class ProgressMonitor:
             if data.get("loss") is not None:
                 last_loss = data["loss"]
             bar.set_description_str(format_progress(data, last_loss), refresh=True)
+        if not announced:
+            self._announce(bar)
         if bar is not None:
             data = self._read()
             if data is not None and data["time"] != last_time:
@@ -410,7 +448,7 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
 
     job = PretrainJob(
         store=str(request.store), subjects=plan.subjects, valid_subjects=plan.valid, config=plan.resolved,
-        runtime=plan.runtime, run_name=run_name, output=run_dir, dataset_hash=plan.dataset_hash, tracker=tracker,
+        runtime=plan.runtime, read=request.read, run_name=run_name, output=run_dir, dataset_hash=plan.dataset_hash, tracker=tracker,
         mlflow_run_id=run_id, fault_inject=request.fault_inject or os.environ.get("SSPCTL_FAULT_INJECT"),
     )
     from orchestrator.ray_session import ray_session
@@ -418,7 +456,7 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
     status = "FAILED"
     try:
         with ray_session(num_cpus=local_cluster_cpus(request)):
-            result = _fit(request, run_name, job, run_dir, progress)
+            result = _fit(request, run_name, job, run_dir, progress, echo)
         if run_id is not None:  # the weights as registered MLflow models, before the run ends
             from orchestrator.mlflow_models import register_pretrained
 
@@ -449,8 +487,10 @@ def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:
             f"{', '.join(best['files'].values())}")
 
 
-def _fit(request: PretrainRequest, run_name: str, job: PretrainJob, run_dir: Path, progress: bool) -> Any:
-    """Build the ``TorchTrainer`` and fit it while the progress monitor runs."""
+def _fit(
+    request: PretrainRequest, run_name: str, job: PretrainJob, run_dir: Path, progress: bool, echo: Callable[[str], None]
+) -> Any:
+    """Build the ``TorchTrainer`` and fit it while the progress monitor runs (it echoes the loader's line)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -470,5 +510,5 @@ def _fit(request: PretrainRequest, run_name: str, job: PretrainJob, run_dir: Pat
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    with ProgressMonitor(run_dir, enabled=progress):
+    with ProgressMonitor(run_dir, enabled=progress, echo=echo):
         return trainer.fit()

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from datastore.loader_options import ReadOptions
 from orchestrator.arms import ARMS, SSP_METHODS
 from orchestrator.grid_spec import GridAxes
 from orchestrator.workspace import Workspace
@@ -60,6 +61,9 @@ class PretrainSection(_Section):
     workers: int = Field(1, ge=1, description="Ray Train workers per method")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker (default: 1 if GPUs exist)")
     epochs: int | None = Field(None, ge=1, description="override every method's epochs")
+    read: ReadOptions = Field(
+        ReadOptions(), description="how the workers read the store (cache_gb: their loader memory budget, as --cache-gb)"
+    )
 
     @field_validator("methods")
     @classmethod
@@ -211,7 +215,7 @@ def pretrain_all(
         request = PretrainRequest(
             method=method, store=config.store, workspace=workspace, config_file=config_file,
             overrides={"epochs": section.epochs}, split=split, workers=section.workers,
-            gpus_per_worker=section.gpus_per_worker, study=config.name,
+            gpus_per_worker=section.gpus_per_worker, read=section.read, study=config.name,
         )
         runs[method] = launch_pretrain(request, echo=echo, progress=progress).run_dir
     return runs

@@ -52,6 +52,7 @@ from trainers.augment import augment_pair
 from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.finetune_config import FinetuneConfig
 from trainers.jobs import FinetuneJob
+from trainers.loading import for_worker, loader_record, loader_tags, shard
 from trainers.losses.segmentation import segmentation_loss
 from trainers.optimizers import sgd
 from trainers.runtime import WorkerContext, autocast, per_rank_batch, resolve_precision, wrap_model
@@ -219,6 +220,7 @@ class CellData:
     batch: int
     train: Any
     valid: Any | None
+    loading: dict[str, Any]  # trainers.loading.loader_record of the training loader
 
     @classmethod
     def open(cls, job: FinetuneJob, ctx: WorkerContext) -> CellData:
@@ -231,7 +233,8 @@ class CellData:
         from datastore.splits import load_split
         from datastore.store import SliceStore
 
-        config, cache = job.config, job.runtime.cache
+        config = job.config
+        read, budget_from = for_worker(job.read, ctx.in_ray)
         store = SliceStore.open(job.store)
         image_size = store.image_size
         spacing_mm = float(store.attrs.get("spacing", 1.25))
@@ -240,14 +243,14 @@ class CellData:
         split = load_split(job.split)
         train_ids, valid_ids = split.budget(config.budget, config.seed), split.subjects("valid")
         batch = per_rank_batch(config.batch_size, ctx.world_size)
-        train = SliceLoader(job.store, train_ids, labelled_only=True, batch_size=batch, rank=ctx.rank,
-                            world_size=ctx.world_size, seed=config.training_seed, cache=cache, progress=False)
+        train = SliceLoader(job.store, train_ids, labelled_only=True, batch_size=batch,
+                            shard=shard(ctx, config.training_seed), read=read)
         valid = None
         if valid_ids:
             valid = SliceLoader(job.store, valid_ids, labelled_only=True, batch_size=max(1, config.valid_batch_size // ctx.world_size),
-                                rank=ctx.rank, world_size=ctx.world_size, seed=config.seed, shuffle=False, drop_last=False,
-                                cache=cache, progress=False)
-        return cls(store, image_size, spacing_mm, split, train_ids, valid_ids, batch, train, valid)
+                                shard=shard(ctx, config.seed, shuffle=False, drop_last=False), read=read)
+        return cls(store, image_size, spacing_mm, split, train_ids, valid_ids, batch, train, valid,
+                   loader_record(train, budget_from))
 
 
 def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
@@ -291,7 +294,8 @@ def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
         best_valid = float(state.metrics.get("best_valid_loss", math.inf))
         valid_metrics = {k: v for k, v in state.metrics.items() if k.startswith("valid_")}
     if ctx.is_chief:
-        _log_start(tracker, config, ctx, data, resolved, steps_per_epoch, load_report, fresh=state is None)
+        _log_start(tracker, config, ctx, data, resolved, steps_per_epoch, load_report, fresh=state is None,
+                   read=job.read.model_dump(mode="json"))
 
     frozen_params = _encoder_params(modules) if config.pretrained and config.frozen_encoder_epochs else []
     from tqdm.auto import tqdm
@@ -353,19 +357,22 @@ def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
 
 def _log_start(
     tracker: Tracker, config: FinetuneConfig, ctx: WorkerContext, data: CellData, resolved: dict[str, Any],
-    steps_per_epoch: int, load_report: dict[str, Any] | None, *, fresh: bool,
+    steps_per_epoch: int, load_report: dict[str, Any] | None, *, fresh: bool, read: dict[str, Any],
 ) -> None:
-    """Rank 0: the cell's tags, and on a fresh start its params."""
+    """Rank 0: the loader's line, the cell's tags (with the loader's plan), and on a fresh start its params
+    (with the job's ``read`` options)."""
+    print(data.loading["line"], flush=True)
     tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
                       "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
                       "sspctl.train_seed": str(config.training_seed),
-                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size)})
+                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size),
+                      **loader_tags(data.loading)})
     if fresh:
         tracker.log_params({**resolved, "learning_rate": config.learning_rate, "world_size": ctx.world_size,
                             "per_worker_batch": data.batch, "steps_per_epoch": steps_per_epoch,
                             "train_subjects": len(data.train_ids), "train_slices": data.train.n_selected,
                             "valid_subjects": len(data.valid_ids), "store_hash": data.store.hash or "",
-                            "pretrained_keys": (load_report or {}).get("matched", 0)})
+                            "pretrained_keys": (load_report or {}).get("matched", 0), "read": read})
 
 
 def _finish(
@@ -387,6 +394,7 @@ def _finish(
         "checkpoint": which, "epochs": config.epochs, "config": resolved, "store": str(job.store),
         "store_hash": data.store.hash, "split": str(job.split),
         "best_valid_loss": best_valid if math.isfinite(best_valid) else None, "valid": valid_metrics,
+        "loader": data.loading,
     })
     tracker.log_artifact(output / MODEL_META, "model")
     if not job.evaluate:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf
 
+from datastore.loader_options import ReadOptions
+
 from trainers.finetune_config import FinetuneConfig
 from trainers.methods.config import PretrainConfig
 from trainers.runtime import RuntimeOptions
@@ -25,6 +27,7 @@ class _Job(BaseModel):
     store: str = Field(description="slice store path or fsspec URL")
     output: Path = Field(description="absolute run (or cell) directory the worker writes into")
     runtime: RuntimeOptions = RuntimeOptions()
+    read: ReadOptions = Field(ReadOptions(), description="how each rank's slice loaders read the store (datastore.loader_options)")
     tracker: InstanceOf[Tracker] | None = Field(None, description="picklable tracker used by rank 0; None = no tracking")
 
     def tracker_for(self, rank: int) -> Tracker:

@@ -48,6 +48,7 @@ import torch
 
 from trainers.checkpoint import TrainState, capture_rng, restore
 from trainers.jobs import PretrainJob
+from trainers.loading import for_worker, loader_record, loader_tags, shard
 from trainers.methods.config import PretrainConfig
 from trainers.optimizers import build_optimizer
 from trainers.pretrain_outputs import (
@@ -82,10 +83,11 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     tracker, device, chief = job.tracker_for(ctx.rank), ctx.device, ctx.is_chief
 
     batch = per_rank_batch(config.batch_size, ctx.world_size)
-    loader = SliceLoader(job.store, job.subjects, labelled_only=False, batch_size=batch, rank=ctx.rank,
-                         world_size=ctx.world_size, seed=config.seed, cache=options.cache, progress=False)
+    read, budget_from = for_worker(job.read, ctx.in_ray)
+    loader = SliceLoader(job.store, job.subjects, labelled_only=False, batch_size=batch,
+                         shard=shard(ctx, config.seed), read=read)
     steps_per_epoch = min(len(loader), config.steps_per_epoch or len(loader))
-    valid_loader, skipped = open_validation(job, ctx.rank, ctx.world_size)
+    valid_loader, skipped = open_validation(job, ctx.rank, ctx.world_size, read)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     method = build_method(config)
@@ -112,7 +114,7 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     resolved = config.model_dump(mode="json")
     if chief:
         _log_start(job, ctx, tracker, resumed=state is not None, start_epoch=start_epoch, batch=batch,
-                   steps_per_epoch=steps_per_epoch, skipped=skipped)
+                   steps_per_epoch=steps_per_epoch, skipped=skipped, loading=loader_record(loader, budget_from))
     progress = ProgressWriter(output, config.epochs, steps_per_epoch, options.progress_interval_s, config.batch_size)
 
     for epoch in range(start_epoch, config.epochs):
@@ -185,18 +187,23 @@ def _finish(
 
 def _log_start(
     job: PretrainJob, ctx: WorkerContext, tracker: Any, *, resumed: bool, start_epoch: int, batch: int,
-    steps_per_epoch: int, skipped: str | None,
+    steps_per_epoch: int, skipped: str | None, loading: dict[str, Any],
 ) -> None:
-    """Rank 0: the start (or resume) event, the params on a fresh run, and the run's tags."""
+    """Rank 0: the loader's line, the start (or resume) event, the params on a fresh run, and the run's tags.
+
+    ``loading`` is ``trainers.loading.loader_record`` of the training loader (cache or stream, and why).
+    """
     config = job.config
+    print(loading["line"], flush=True)
     append_event(job.output, event="resume" if resumed else "start", epoch=start_epoch,
                  world_size=ctx.world_size, device=str(ctx.device), torch_threads=torch.get_num_threads(),
-                 validation_skipped=skipped)
+                 validation_skipped=skipped, loader=loading)
     if start_epoch == 0:
         tracker.log_params({**config.model_dump(mode="json"), "runtime": job.runtime.model_dump(mode="json"),
-                            "world_size": ctx.world_size, "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
+                            "read": job.read.model_dump(mode="json"), "world_size": ctx.world_size,
+                            "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
     tracker.set_tags({"sspctl.stage": "pretrain", "sspctl.method": config.method.name,
-                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size)})
+                      "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size), **loader_tags(loading)})
 
 
 def train_epoch(

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import torch
 
+from datastore.loader_options import ReadOptions, Shard
+
 BEST_SUFFIX = "_best"
 
 log = logging.getLogger("sspctl.pretrain")
@@ -46,22 +48,25 @@ def skip_reason(config: Any, valid_subjects: list[str] | None) -> str | None:
     return None
 
 
-def open_validation(job: Any, rank: int, world_size: int) -> tuple[Any | None, str | None]:
+def open_validation(job: Any, rank: int, world_size: int, read: ReadOptions) -> tuple[Any | None, str | None]:
     """This rank's validation loader for a ``trainers.jobs.PretrainJob``, or ``(None, why there is none)``.
+
+    ``read`` is the worker's read options (``trainers.loading.for_worker``): the validation loader
+    plans against the same budget as the training loader, on its own.
 
     Rank 0 logs the reason (DINO's, which is by design, at info level; any other as a warning).
     """
     config = job.config
     loader, skipped = None, skip_reason(config, job.valid_subjects)
     if skipped is None:
-        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, job.runtime.cache)
+        loader, skipped = build_valid_loader(job.store, job.valid_subjects, config, rank, world_size, read=read)
     if skipped is not None and rank == 0:
         (log.info if config.best_metric == "train_loss" else log.warning)("validation: %s", skipped)
     return loader, skipped
 
 
 def build_valid_loader(
-    store: str, valid_subjects: list[str], config: Any, rank: int, world_size: int, cache: bool
+    store: str, valid_subjects: list[str], config: Any, rank: int, world_size: int, read: ReadOptions = ReadOptions()
 ) -> tuple[Any | None, str | None]:
     """This rank's validation ``SliceLoader`` (all frames, full batches, shuffled once), or ``(None, reason)``.
 
@@ -72,8 +77,8 @@ def build_valid_loader(
 
     batch = per_rank_batch(config.valid_batch_size, world_size, key="valid_batch_size")
     try:
-        loader = SliceLoader(store, valid_subjects, labelled_only=False, batch_size=batch, rank=rank,
-                             world_size=world_size, seed=config.seed, cache=cache, progress=False)
+        loader = SliceLoader(store, valid_subjects, labelled_only=False, batch_size=batch,
+                             shard=Shard(rank=rank, world_size=world_size, seed=config.seed), read=read)
     except LoaderError as exc:
         return None, f"validation subjects unusable ({exc}): no best checkpoint"
     return loader, None

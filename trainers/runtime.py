@@ -56,7 +56,6 @@ class RuntimeOptions(BaseModel):
         5, ge=1, description="pretraining: log the method's epoch figures (MIM: reconstructions) every N epochs (and the last)"
     )
     progress_interval_s: float = Field(1.0, gt=0, description="seconds between progress-file writes")
-    cache: bool = Field(True, description="hold the rank's slices in memory (SliceLoader cache)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from datastore.loader_options import ReadOptions
+
+#: ``--help`` of ``--cache-gb`` (pretrain, finetune).
+CACHE_GB_HELP = (
+    "Loader memory budget per worker, in GB: a worker keeps its share of the slices in memory when it fits, else "
+    "streams it in shuffled windows within the budget; the run says which (rank 0's 'loader:' line, events.jsonl, "
+    "MLflow tags sspctl.loader.*). Default: half of the node's memory over the run's workers on that node."
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -53,6 +64,15 @@ def path_arg(value: Path | str | None, flag: str, must_exist: bool = True, kind:
         return user_path(value, flag, must_exist=must_exist, kind=kind)
     except PathCheckError as exc:
         fail(str(exc), code=2)
+
+
+def read_options(cache_gb: float | None, flag: str = "--cache-gb") -> ReadOptions:
+    """The loader's ``ReadOptions`` for a ``--cache-gb`` value (``None``: the workers' node default); exit 2 if not > 0."""
+    from datastore.loader_options import ReadOptions
+
+    if cache_gb is not None and not 0 < cache_gb < math.inf:
+        fail(f"{flag}: the loader memory budget must be a positive number of GB, got {cache_gb:g}", code=2)
+    return ReadOptions(cache_gb=cache_gb)
 
 
 def name_arg(value: str | None, flag: str) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from orchestrator.arms import init_kinds
-from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
+from orchestrator.commands._common import CACHE_GB_HELP, fail, interrupted, name_arg, path_arg, read_options, root_cause
 from trainers.methods.names import Budget
 
 
@@ -115,6 +115,7 @@ def finetune(
         None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
     ),
     max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
+    cache_gb: float | None = typer.Option(None, "--cache-gb", help=CACHE_GB_HELP),
     system_metrics: bool = typer.Option(
         False, "--system-metrics",
         help="Log MLflow system metrics (system/*: CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) from "
@@ -135,6 +136,7 @@ def finetune(
     from orchestrator.run_lock import RunLockedError
     from orchestrator.workspace import Workspace
 
+    read = read_options(cache_gb)
     try:  # flag syntax first, then the paths, then the work
         budget_list, seed_list, runs = parse_budgets(budgets), parse_seeds(seeds), parse_pretrained(pretrained)
         train_seed_list = parse_seeds(train_seeds, "--train-seeds")
@@ -158,7 +160,7 @@ def finetune(
                 store, split_file, pretrained=runs, config=base, study=study, workspace=workspace,
                 methods=method_list, budgets=budget_list, seeds=seed_list, train_seeds=train_seed_list,
                 workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
-                max_failures=max_failures, system_metrics=system_metrics,
+                max_failures=max_failures, system_metrics=system_metrics, read=read,
             )
             outcome = run_grid(request, num_cpus=num_cpus)
         except RunLockedError as exc:

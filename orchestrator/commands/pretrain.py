@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.commands._common import fail, interrupted, name_arg, path_arg, root_cause
+from orchestrator.commands._common import CACHE_GB_HELP, fail, interrupted, name_arg, path_arg, read_options, root_cause
 from trainers.methods.names import METHOD_NAMES
 
 
@@ -29,6 +29,7 @@ def pretrain(
     max_failures: int = typer.Option(1, "--max-failures", min=-1, help="Worker-group restarts from the last checkpoint before giving up (-1: unlimited)."),
     split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test and valid parts (all frames, labelled or not) and compute the validation loss on its valid subjects each epoch (best checkpoint = lowest valid_loss; DINO: lowest training loss). Default: every subject in the store, no validation."),
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
+    cache_gb: float | None = typer.Option(None, "--cache-gb", help=CACHE_GB_HELP),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
     system_metrics: bool = typer.Option(
@@ -50,6 +51,7 @@ def pretrain(
     from orchestrator.run_lock import RunLockedError
     from orchestrator.workspace import Workspace
 
+    read = read_options(cache_gb)
     store = path_arg(store, "--store", kind="dir")
     config_file = path_arg(config, "--config", kind="file")
     split_file = path_arg(split, "--split", kind="file")
@@ -62,7 +64,7 @@ def pretrain(
         overrides={k: v for k, v in overrides.items() if v is not None},
         split=Path(split_file) if split_file else None, workers=workers,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        runtime={"sync_batchnorm": not no_sync_bn}, study=study, system_metrics=system_metrics,
+        runtime={"sync_batchnorm": not no_sync_bn}, read=read, study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):
         try:

@@ -14,6 +14,8 @@ import torch
 from datastore.loader import (
     ArraySource,
     LoaderError,
+    ReadOptions,
+    Shard,
     SliceLoader,
     batches_per_epoch,
     epoch_order,
@@ -94,8 +96,8 @@ def test_ranks_are_disjoint_and_cover_the_epoch(cache: bool, world_size: int, ba
     source = _memory_source()
     ids = [f"P{i}" for i in (0, 2, 3, 5, 7, 8, 9)]
     loaders = [
-        SliceLoader(source, ids, batch_size=batch_size, rank=r, world_size=world_size, seed=3, cache=cache,
-                    buffer_slices=40, prefetch=1)
+        SliceLoader(source, ids, batch_size=batch_size, shard=Shard(rank=r, world_size=world_size, seed=3),
+                    read=ReadOptions(cache=cache, buffer_slices=40, prefetch=1))
         for r in range(world_size)
     ]  # fmt: skip
     selected = set(np.flatnonzero(np.isin(source.meta["subject"], [0, 2, 3, 5, 7, 8, 9])).tolist())
@@ -119,7 +121,8 @@ def test_order_is_deterministic_per_seed_and_epoch() -> None:
     source = _memory_source()
 
     def order(seed: int, epoch: int, rank: int = 0) -> np.ndarray:
-        loader = SliceLoader(source, None, batch_size=8, rank=rank, world_size=2, seed=seed, prefetch=0)
+        loader = SliceLoader(source, None, batch_size=8, shard=Shard(rank=rank, world_size=2, seed=seed),
+                             read=ReadOptions(prefetch=0))
         return _indices(_epoch(loader, epoch))
 
     assert np.array_equal(order(0, 0), order(0, 0))
@@ -127,12 +130,12 @@ def test_order_is_deterministic_per_seed_and_epoch() -> None:
     assert not np.array_equal(order(0, 0), order(0, 1))
     assert not np.array_equal(order(0, 0), order(1, 0))
     # Ownership is fixed for a run: a rank draws from the same slices in every epoch.
-    loader = SliceLoader(source, None, batch_size=8, rank=1, world_size=2, seed=0)
+    loader = SliceLoader(source, None, batch_size=8, shard=Shard(rank=1, world_size=2, seed=0))
     assert set(loader.epoch_indices(0).tolist()) | set(loader.epoch_indices(7).tolist()) <= set(loader.indices.tolist())
 
 
 def test_abandoned_epoch_does_not_disturb_the_next() -> None:
-    loader = SliceLoader(_memory_source(), None, batch_size=8, seed=1, prefetch=2)
+    loader = SliceLoader(_memory_source(), None, batch_size=8, shard=Shard(seed=1), read=ReadOptions(prefetch=2))
     loader.set_epoch(4)
     for _ in zip(range(2), loader):  # a loop that stops early (steps_per_epoch < len(loader))
         pass
@@ -142,7 +145,8 @@ def test_abandoned_epoch_does_not_disturb_the_next() -> None:
 def test_drop_last_false_yields_every_slice_once_with_equal_batch_counts() -> None:
     source = _memory_source(n_subjects=3, per_subject=50)
     loaders = [
-        SliceLoader(source, None, batch_size=5, rank=r, world_size=4, drop_last=False, seed=2) for r in range(4)
+        SliceLoader(source, None, batch_size=5, shard=Shard(rank=r, world_size=4, drop_last=False, seed=2))
+        for r in range(4)
     ]
     assert {len(loader) for loader in loaders} == {8}  # shares 38/38/37/37 -> ceil(38 / 5)
     per_rank = [_indices(_epoch(loader, 0)) for loader in loaders]
@@ -167,7 +171,8 @@ def test_values_filters_and_fields_match_the_store(store_path: str) -> None:
     meta, subjects = store.meta, store.subjects
     budget = ["S1", "S3", "004"]
     rows = [int(np.flatnonzero(subjects["subject_id"] == s)[0]) for s in budget]
-    loader = SliceLoader(store_path, budget, labelled_only=True, batch_size=4, seed=1, prefetch=1)
+    loader = SliceLoader(store_path, budget, labelled_only=True, batch_size=4, shard=Shard(seed=1),
+                         read=ReadOptions(prefetch=1))
     expected = np.flatnonzero(np.isin(meta["subject"], rows) & meta["labelled"])
     assert loader.n_selected == len(expected)
     batches = _epoch(loader, 0)
@@ -184,7 +189,7 @@ def test_values_filters_and_fields_match_the_store(store_path: str) -> None:
         position = torch.from_numpy((meta["slice"][i] / meta["slice_count"][i]).astype(np.float32))
         assert torch.equal(batch["position"], position)
     # Unlabelled loaders see every frame and carry no label.
-    every = SliceLoader(SliceStore.open(store_path), ["S1"], batch_size=3, prefetch=0)
+    every = SliceLoader(SliceStore.open(store_path), ["S1"], batch_size=3, read=ReadOptions(prefetch=0))
     assert every.n_selected == int((meta["subject"] == rows[0]).sum())
     first = next(iter(every))
     assert "label" not in first
@@ -193,13 +198,15 @@ def test_values_filters_and_fields_match_the_store(store_path: str) -> None:
 
 def test_streaming_mode_matches_cached_values(store_path: str) -> None:
     store = SliceStore.open(store_path)
-    streamed = SliceLoader(store_path, None, batch_size=5, seed=4, cache=False, buffer_slices=12, prefetch=0)
+    streaming = ReadOptions(cache=False, buffer_slices=12)
+    streamed = SliceLoader(store_path, None, batch_size=5, shard=Shard(seed=4),
+                           read=streaming.model_copy(update={"prefetch": 0}))
     batches = _epoch(streamed, 2)
     idx = _indices(batches)
     assert len(batches) == len(streamed) and len(set(idx.tolist())) == len(idx)
     for batch in batches:
         assert torch.equal(batch["image"][:, 0], torch.from_numpy(store.read_images(batch["index"].numpy())))
-    again = _indices(_epoch(SliceLoader(store_path, None, batch_size=5, seed=4, cache=False, buffer_slices=12), 2))
+    again = _indices(_epoch(SliceLoader(store_path, None, batch_size=5, shard=Shard(seed=4), read=streaming), 2))
     assert np.array_equal(idx, again)
 
 
@@ -211,20 +218,20 @@ def test_plain_zarr_array_source(tmp_path: Path) -> None:
     images[:] = source.images
     on_disk = ArraySource(images, source.meta, source.subjects)
     assert on_disk.chunk_slices == 8
-    loader = SliceLoader(on_disk, ["P1", "P2"], batch_size=6, seed=0)
+    loader = SliceLoader(on_disk, ["P1", "P2"], batch_size=6, shard=Shard(seed=0))
     for batch in _epoch(loader, 0):
         expected = source.images[batch["index"].numpy()].astype(np.float32)
         assert np.array_equal(batch["image"][:, 0].numpy(), expected)
 
 
 def test_pickled_loader_reopens_its_store(store_path: str) -> None:
-    loader = SliceLoader(store_path, ["S0", "S2"], batch_size=4, world_size=2, rank=1, seed=9)
+    loader = SliceLoader(store_path, ["S0", "S2"], batch_size=4, shard=Shard(world_size=2, rank=1, seed=9))
     first = _indices(_epoch(loader, 1))
     clone = pickle.loads(pickle.dumps(loader))
     assert clone.cache_bytes == 0
     assert np.array_equal(_indices(_epoch(clone, 1)), first)
     assert loader.cache_bytes == len(loader.indices) * SIZE * SIZE * 2  # float16 rows, as stored
-    full = SliceLoader(store_path, ["S0"], batch_size=2, cache_dtype="float32", prefetch=0)
+    full = SliceLoader(store_path, ["S0"], batch_size=2, read=ReadOptions(cache_dtype="float32", prefetch=0))
     batch = next(iter(full))
     assert batch["image"].dtype == torch.float32 and full.cache_bytes == len(full.indices) * SIZE * SIZE * 4
     assert torch.equal(batch["image"][:, 0], torch.from_numpy(SliceStore.open(store_path).read_images(batch["index"])))
@@ -236,7 +243,7 @@ def test_clear_errors(store_path: str) -> None:
     with pytest.raises(LoaderError, match="lower batch_size"):
         SliceLoader(store_path, ["S1"], labelled_only=True, batch_size=1000)
     with pytest.raises(LoaderError, match="rank 2"):
-        SliceLoader(store_path, None, batch_size=2, rank=2, world_size=2)
+        SliceLoader(store_path, None, batch_size=2, shard=Shard(rank=2, world_size=2))
     both = pd.DataFrame({"subject_id": ["X", "X"], "dataset": ["mnms", "mnms2"]})
     meta = {"subject": np.array([0, 1]), "slice": np.zeros(2), "slice_count": np.ones(2), "labelled": np.ones(2, bool)}
     ambiguous = ArraySource(np.zeros((2, 2, 2), np.float16), meta, both, chunk_slices=1)
@@ -258,7 +265,7 @@ def _gloo_rank(rank: int, world_size: int, port: int, store_path: str, out_dir: 
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        loader = SliceLoader(store_path, None, batch_size=4, rank=rank, world_size=world_size, seed=11)
+        loader = SliceLoader(store_path, None, batch_size=4, shard=Shard(rank=rank, world_size=world_size, seed=11))
         counts = torch.tensor([len(loader)])
         gathered_counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
         dist.all_gather(gathered_counts, counts)

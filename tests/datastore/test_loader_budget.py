@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datastore.loader import LoaderError, SliceLoader, default_cache_gb
+from datastore.loader import LoaderError, ReadOptions, Shard, SliceLoader, default_cache_gb
 from datastore.store import StoreWriter
 from test_loader import _record
 
@@ -36,7 +36,8 @@ def big_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_a_budget_smaller_than_the_share_streams_and_peak_memory_stays_within_it(big_store: str) -> None:
     budget_gb = 0.004  # 4 MB: about a quarter of the 14.7 MB share
-    loader = SliceLoader(big_store, None, batch_size=16, seed=0, cache_gb=budget_gb, prefetch=0, progress=False)
+    loader = SliceLoader(big_store, None, batch_size=16, shard=Shard(seed=0),
+                         read=ReadOptions(cache_gb=budget_gb, prefetch=0, progress=False))
     assert not loader.cache and loader.memory_plan.startswith("stream: ") and "> budget" in loader.memory_plan
     assert loader.buffer_slices < len(loader.indices)
     tracemalloc.start()  # numpy's buffers (zarr's decoded chunks, windows, batches) are traced
@@ -53,14 +54,15 @@ def test_a_budget_smaller_than_the_share_streams_and_peak_memory_stays_within_it
 
 
 def test_a_budget_that_holds_the_share_caches(big_store: str) -> None:
-    loader = SliceLoader(big_store, None, batch_size=16, seed=0, cache=False, cache_gb=0.02, progress=False)
+    loader = SliceLoader(big_store, None, batch_size=16, shard=Shard(seed=0),
+                         read=ReadOptions(cache=False, cache_gb=0.02, progress=False))
     assert loader.cache and loader.memory_plan.startswith("cache: ")
     assert len(list(loader)) == len(loader) and 0 < loader.cache_bytes <= 0.02 * 1e9
 
 
 def test_a_budget_too_small_for_one_batch_is_one_line(big_store: str) -> None:
     with pytest.raises(LoaderError, match=r"cache_gb=1e-06 is too small to stream batches of 16"):
-        SliceLoader(big_store, None, batch_size=16, cache_gb=1e-6, progress=False)
+        SliceLoader(big_store, None, batch_size=16, read=ReadOptions(cache_gb=1e-6, progress=False))
 
 
 def test_default_budget_splits_the_node_memory_over_its_ranks() -> None:

@@ -107,7 +107,7 @@ def _run_dir(workspace: Path) -> Path:
 
 def _fixed_batch_losses(ray_run: Path, store: str) -> tuple[float, float]:
     """Loss of one fixed, identically augmented batch under the initial and the last-checkpoint weights."""
-    from datastore.loader import SliceLoader
+    from datastore.loader import Shard, SliceLoader
     from trainers.checkpoint import load_checkpoint
     from trainers.methods.config import PretrainConfig
     from trainers.pretrain import build_method
@@ -118,7 +118,7 @@ def _fixed_batch_losses(ray_run: Path, store: str) -> tuple[float, float]:
     initial = build_method(config)
     trained = build_method(config)
     trained.modules.load_state_dict(state.model)
-    batch = next(iter(SliceLoader(store, None, labelled_only=False, batch_size=32, seed=123)))
+    batch = next(iter(SliceLoader(store, None, labelled_only=False, batch_size=32, shard=Shard(seed=123))))
 
     def loss(method: object) -> float:
         generator = torch.Generator().manual_seed(0)
@@ -204,11 +204,15 @@ def test_relative_paths_a_second_command_and_a_stale_run_lock(store, ray_cluster
     work.mkdir()
     _config_file(work, "mim")
     clean_env.chdir(work)
-    args = ["--method", "mim", "--store", os.path.relpath(store, work), "--config", "mim.yaml", "--output", "ws", *COMMON]
+    args = ["--method", "mim", "--store", os.path.relpath(store, work), "--config", "mim.yaml", "--output", "ws",
+            "--cache-gb", "1", *COMMON]
     code, out = _pretrain(*args)
     assert code == 0, out
     run_dir = _run_dir(work / "ws")
     assert read_manifest(run_dir).epochs == 2
+    # --cache-gb reached the worker's loader, which said (through the driver) that its share fits
+    (line,) = [line for line in out.splitlines() if line.startswith("loader: ")]
+    assert line.startswith("loader: cache: this rank's ") and line.endswith(" <= budget 1 GB (cache_gb given)"), out
 
     script = ("import sys; from pathlib import Path; from orchestrator.run_lock import RunLock; "
               "lock = RunLock(Path(sys.argv[1]), 'x'); lock.acquire(); print('locked', flush=True); sys.stdin.read()")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from datastore.loader_options import ReadOptions
 from trainers.methods.config import PretrainConfig
 from trainers.pretrain import build_method, pretrain_worker
 from trainers.pretrain_outputs import read_events
@@ -51,7 +52,7 @@ def test_validation_scores_the_same_views_every_epoch_and_leaves_the_weights_alo
     config = _config()
     torch.manual_seed(0)
     method = build_method(config)
-    loader, reason = build_valid_loader(data["store"], data["valid"], config, 0, 1, cache=True)
+    loader, reason = build_valid_loader(data["store"], data["valid"], config, 0, 1, read=ReadOptions(progress=False))
     assert reason is None and len(loader) >= 2
     before = {k: v.clone() for k, v in method.modules.state_dict().items()}
 
@@ -78,7 +79,7 @@ def _gloo_worker(rank: int, port: int, store: str, valid: list[str], out_dir: st
         config = _config("mim")
         torch.manual_seed(0)
         method = build_method(config)
-        loader, _ = build_valid_loader(store, valid, config, rank, 2, cache=True)
+        loader, _ = build_valid_loader(store, valid, config, rank, 2, read=ReadOptions(progress=False))
         kwargs = {"seed": 0, "rank": rank, "steps": None, "amp_dtype": None}
         local = validation_loss(method, method.modules, loader, torch.device("cpu"), world_size=1, **kwargs)
         reduced = validation_loss(method, method.modules, loader, torch.device("cpu"), world_size=2, **kwargs)
