@@ -18,7 +18,12 @@ Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)  # type
 def pretrain(
     method: Method = typer.Option(..., "--method", help=f"SSP method: {', '.join(METHOD_NAMES[:-1])} or {METHOD_NAMES[-1]} (paper defaults per method)."),
     store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) written by 'sspctl ingest'."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel workers (DDP ranks). The GLOBAL batch stays the configured value: each worker gets batch/N, so N must divide it."),
+    workers: str = typer.Option(
+        "1", "--workers",
+        help="Data-parallel workers (DDP ranks): N, or MIN-MAX for elastic training (starts with MIN, grows to MAX, "
+        "goes on with fewer after a lost worker or node; needs --max-failures >= 1). The GLOBAL batch stays the "
+        "configured value: each worker gets batch/count, so every count must divide it.",
+    ),
     gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0, help="GPUs per worker (fractions allowed). Default: 1 if the Ray cluster has a GPU per worker, else 0 (CPU, fp32)."),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", min=0.0, help="Logical CPUs Ray reserves per worker (data loading and augmentation threads)."),
     config: Path | None = typer.Option(None, "--config", help="YAML PretrainConfig overriding the paper defaults (keys: epochs, batch_size, optimizer, schedule, method.*, ...)."),
@@ -48,8 +53,13 @@ def pretrain(
     from orchestrator.pretrain_launch import LaunchError, PretrainRequest, launch_pretrain
     from orchestrator.paths import removed_if_left_empty
     from orchestrator.run_lock import RunLockedError
+    from orchestrator.worker_range import WorkerRangeError, parse_workers
     from orchestrator.workspace import Workspace
 
+    try:
+        worker_range = parse_workers(workers, "--workers")
+    except WorkerRangeError as exc:
+        fail(str(exc), code=2)
     store = path_arg(store, "--store", kind="dir")
     config_file = path_arg(config, "--config", kind="file")
     split_file = path_arg(split, "--split", kind="file")
@@ -60,7 +70,7 @@ def pretrain(
         method=method.value, store=store, workspace=workspace,
         config_file=Path(config_file) if config_file else None,
         overrides={k: v for k, v in overrides.items() if v is not None},
-        split=Path(split_file) if split_file else None, workers=workers,
+        split=Path(split_file) if split_file else None, workers=worker_range,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
         runtime={"sync_batchnorm": not no_sync_bn}, study=study, system_metrics=system_metrics,
     )
