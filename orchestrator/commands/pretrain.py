@@ -35,6 +35,16 @@ def pretrain(
     split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test and valid parts (all frames, labelled or not) and compute the validation loss on its valid subjects each epoch (best checkpoint = lowest valid_loss; DINO: lowest training loss). Default: every subject in the store, no validation."),
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
+    checkpoint_every_steps: int | None = typer.Option(
+        None, "--checkpoint-every-steps", min=1,
+        help="Also checkpoint every N optimiser (global) steps inside epochs, so a lost node or a preemption loses "
+        "at most N steps; a resumed run continues at that step of the epoch (docs/pretraining.md).",
+    ),
+    preemption_grace: float = typer.Option(
+        25.0, "--preemption-grace", min=0.0,
+        help="On SIGTERM a worker checkpoints at its next optimiser step and exits after at most this many seconds "
+        "(keep it below the pod's terminationGracePeriodSeconds); 0 turns the handler off.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
     system_metrics: bool = typer.Option(
         False, "--system-metrics",
@@ -72,7 +82,9 @@ def pretrain(
         overrides={k: v for k, v in overrides.items() if v is not None},
         split=Path(split_file) if split_file else None, workers=worker_range,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        runtime={"sync_batchnorm": not no_sync_bn}, study=study, system_metrics=system_metrics,
+        runtime={"sync_batchnorm": not no_sync_bn, "checkpoint_every_steps": checkpoint_every_steps,
+                 "preempt_grace_s": preemption_grace or None},
+        study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):
         try:
