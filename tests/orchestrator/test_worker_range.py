@@ -93,3 +93,16 @@ def test_study_config_reads_ranges(tmp_path: Path):
 
     assert PretrainSection.model_validate({"workers": "1-2"}).workers == WorkerRange(min=1, max=2)
     assert FinetuneSection.model_validate({"workers_per_trial": "2-4"}).workers_per_trial.num_workers == (2, 4)
+
+
+def test_grid_refuses_an_elastic_range_that_does_not_divide_a_cells_batch():
+    from orchestrator.grid import build_cells
+    from orchestrator.grid_spec import GridSpec
+
+    spec = GridSpec(methods=("scratch",), budgets=(10,), seeds=(0,), workers_per_trial="1-3")
+    with pytest.raises(GridError, match=r"cell scratch/b10/s0/t0: workers_per_trial 1-3: batch_size: the global batch 4 "
+                                        r"is not divisible by 3 workers"):
+        build_cells(spec, {"batch_size": 4}, {}, "hash", "split")
+    cells = build_cells(spec.model_copy(update={"workers_per_trial": WorkerRange(min=1, max=2)}),
+                        {"batch_size": 4}, {}, "hash", "split")
+    assert len(cells) == 1
