@@ -167,6 +167,7 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     def after_step(epoch: int, batch_done: int, step: int, loss_sum: torch.Tensor) -> None:
         checkpoints.after_step(epoch, batch_done, step, loss_sum)
         maybe_inject_fault(fault, None, ctx.rank, output, step=step)
+
     for epoch in range(start_epoch, config.epochs):
         maybe_inject_fault(fault, epoch, ctx.rank, output)
         loader.set_epoch(epoch)
@@ -273,7 +274,7 @@ def train_epoch(
     total_loss = torch.full((), loss_sum, device=device, dtype=torch.float64)
     started = time.perf_counter()
     total = total_steps(config, steps_per_epoch)
-    lr = lr_at(config, global_step, steps_per_epoch)
+    lr = lr_at(config, max(global_step - 1, 0), steps_per_epoch)  # the last step's, if every step was done before a resume
     batches = device_batches(loader, device, config.channels_last, steps_per_epoch, skip=skip)
     for step, batch in enumerate(batches, start=skip):
         lr = apply_schedule(config, optimizer, global_step, steps_per_epoch)
