@@ -1,9 +1,10 @@
 """Elastic, preemption-tolerant pretraining on real Ray: SIGTERM, mid-epoch resume on another worker
 count, and a real two-node cluster that loses a node mid-epoch.
 
-Every ``fit()`` here is expensive on 2 shared cores, so the module runs four: a 2-worker run stopped
+Every ``fit()`` here is expensive on 2 shared cores, so the module runs three: a 2-worker run stopped
 by SIGTERM and its 1-worker resume (one private local Ray), and on a ``ray.cluster_utils.Cluster`` of
-two 1-CPU worker nodes an uninterrupted elastic run and the same run losing a node's raylet.
+two 1-CPU worker nodes an elastic run losing a node's raylet (plus, with ``SSPCTL_MEASURE_ELASTIC=1``,
+the same run uninterrupted, for the figures in docs/pretraining.md).
 Images are 64 px, the U-Net 8 channels wide, and epochs a handful of steps.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,6 +102,7 @@ def _run_status(workspace: Path, run_id: str) -> str:
     return MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(run_id).info.status
 
 
+@pytest.mark.timeout(1200)  # two sspctl commands, each with its own Ray
 def test_sigterm_checkpoints_and_a_one_worker_rerun_continues_the_same_schedule(store, config_file, tmp_path):
     """SIGTERM to rank 0 of a 2-worker run: a checkpoint at the next step, exit 143; the run has no
     restarts left, so it fails. Rerun with 1 worker: it resumes inside the epoch at that step and
@@ -144,17 +147,28 @@ def test_sigterm_checkpoints_and_a_one_worker_rerun_continues_the_same_schedule(
 
 
 @pytest.fixture
-def two_node_cluster():
+def two_node_cluster(monkeypatch: pytest.MonkeyPatch):
     """A head without CPUs (driver, Train controller) and two 1-CPU worker nodes; fast node-death detection."""
     from ray.cluster_utils import Cluster
 
+    # On a loaded machine a raylet gives up waiting for its metrics agent: no metrics here.
+    monkeypatch.setenv("RAY_enable_metrics_collection", "0")
+    # Other Ray clusters on this machine hold the fixed default ports (dashboard 8265, agent 52365).
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                                          "health_check_failure_threshold": 3}})
-    nodes = [cluster.add_node(num_cpus=1, resources={f"node_{i}": 1}) for i in range(2)]
+        "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
+    nodes = [cluster.add_node(num_cpus=1, resources={f"node_{i}": 1}, dashboard_agent_listen_port=_free_port())
+             for i in range(2)]
     cluster.wait_for_nodes()
     yield cluster, nodes
     cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _raylet_pid(node) -> int:
@@ -163,21 +177,25 @@ def _raylet_pid(node) -> int:
     return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
+@pytest.mark.timeout(1200)  # the restart alone waits 60 s for a worker group Ray still counts the dead node in
 def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, config_file, tmp_path, two_node_cluster):
     """``--workers 1-2`` on two nodes; the raylet of one is killed mid-epoch; training goes on with one
     worker from the last step checkpoint and finishes; MLflow shows the worker count drop.
-    The figures (time to train again, steps lost, final loss against an uninterrupted run with the
-    same seed) are written to ``elastic-figures.json`` in the test's folder and printed."""
+    The figures (time to train again, steps lost, and with ``SSPCTL_MEASURE_ELASTIC=1`` the final
+    loss of an uninterrupted run with the same seed) are written to ``elastic-figures.json`` in the
+    test's folder and printed."""
     cluster, nodes = two_node_cluster
     env = _env(RAY_ADDRESS=cluster.address)
     common = ["--method", "simclr", "--store", store, "--config", str(config_file), "--epochs", "4",
               "--batch-size", "4", "--steps-per-epoch", "8", "--workers", "1-2", "--max-failures", "-1",
               "--checkpoint-every-steps", "3"]
 
-    baseline_ws = tmp_path / "baseline"
-    baseline = _start([*common, "--output", str(baseline_ws)], env, tmp_path / "baseline.log")
-    assert baseline.wait(timeout=600) == 0, (tmp_path / "baseline.log").read_text()[-3000:]
-    baseline_manifest = json.loads((_run_dir(baseline_ws) / "manifest.json").read_text())
+    baseline_loss = None
+    if os.environ.get("SSPCTL_MEASURE_ELASTIC"):  # the uninterrupted run for docs/pretraining.md (one more fit)
+        baseline_ws = tmp_path / "baseline"
+        baseline = _start([*common, "--output", str(baseline_ws)], env, tmp_path / "baseline.log")
+        assert baseline.wait(timeout=600) == 0, (tmp_path / "baseline.log").read_text()[-3000:]
+        baseline_loss = json.loads((_run_dir(baseline_ws) / "manifest.json").read_text())["final_loss"]
 
     ws = tmp_path / "ws"
     run = _start([*common, "--output", str(ws)], env, tmp_path / "elastic.log")
@@ -197,8 +215,12 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
     events = read_events(run_dir)
     resumes = [e for e in events if e["event"] == "resume" and e["time"] > killed_at]
     assert resumes and resumes[0]["world_size"] == 1 and resumes[0]["saved_world_size"] == 2
-    assert resumes[0]["global_step"] >= 3  # not started over
-    assert [e["global_step"] for e in events if e["event"] == "epoch"] == [8, 16, 24, 32]  # no step repeated or skipped
+    resume = resumes[0]
+    assert resume["global_step"] >= 3  # not started over
+    # after the resume no step is repeated or skipped (the lost node's worker may have run on for a
+    # moment, but only checkpoints every rank reported count)
+    assert [e["global_step"] for e in events if e["event"] == "epoch" and e["time"] > resume["time"]] == [
+        s for s in (8, 16, 24, 32) if s > resume["global_step"]]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     run_id = manifest["mlflow_run_id"]
     assert _run_status(ws, run_id) == "FINISHED"
@@ -206,15 +228,16 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
     assert workers[0] == (0, 2) and workers[-1] == (32, 1)
     assert [count for _, count in workers] == sorted((count for _, count in workers), reverse=True)  # 2s then 1s
 
-    done_at_kill = at_kill["epoch"] * 8 + at_kill["step"]
+    done_before = max(e.get("global_step", 0) for e in events if e["time"] < resume["time"])
     figures = {
-        "seconds_from_node_loss_to_training_again": round(resumes[0]["time"] - killed_at, 1),
-        "steps_done_when_killed": done_at_kill,
-        "resumed_at_step": resumes[0]["global_step"],
-        "optimizer_steps_lost": done_at_kill - resumes[0]["global_step"],
+        "seconds_from_node_loss_to_training_again": round(resume["time"] - killed_at, 1),
+        "steps_done_at_kill": at_kill["done_steps"] if at_kill else None,  # progress.json, written every second
+        "steps_done_before_the_restart": done_before,
+        "resumed_at_step": resume["global_step"],
+        "optimizer_steps_lost": done_before - resume["global_step"],
         "final_loss": manifest["final_loss"],
-        "final_loss_uninterrupted": baseline_manifest["final_loss"],
+        "final_loss_uninterrupted": baseline_loss,
     }
     (tmp_path / "elastic-figures.json").write_text(json.dumps(figures, indent=2))
     print("elastic figures:", json.dumps(figures))
-    assert figures["optimizer_steps_lost"] >= 0
+    assert 0 <= figures["optimizer_steps_lost"] <= 8
