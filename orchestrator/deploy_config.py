@@ -140,8 +140,35 @@ class HeadConfig(_Frozen):
     _v_c = field_validator("cpu")(classmethod(lambda cls, v: _cpu(v)))
 
 
+class Toleration(_Frozen):
+    """A pod toleration (e.g. of a spot/preemptible node pool's taint)."""
+
+    key: str | None = Field(None, description="Taint key; None with operator Exists tolerates every taint.")
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    @model_validator(mode="after")
+    def _value(self) -> "Toleration":
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.operator == "Equal" and self.key is None:
+            raise ValueError("a toleration with operator Equal needs a key")
+        return self
+
+    def manifest(self) -> dict[str, str]:
+        """The Kubernetes ``Toleration`` object."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class GpuWorkerConfig(_Frozen):
-    """The autoscaling GPU worker group (one Ray Train worker per GPU)."""
+    """The autoscaling GPU worker group (one Ray Train worker per GPU).
+
+    On spot/preemptible GPU nodes: ``node_selector`` picks the pool, ``tolerations`` tolerate its
+    taint, ``termination_grace_period_s`` gives a preempted worker time to checkpoint (the pod's
+    ``preStop`` hook SIGTERMs the Ray Train workers, which checkpoint at their next step), and
+    ``jobs.elastic`` makes the pretrain jobs' worker range follow ``min_replicas``-``max_replicas``.
+    """
 
     gpus_per_pod: int = Field(1, ge=1, le=16, description="nvidia.com/gpu per worker pod.")
     gpu_product: str | None = Field(
@@ -152,9 +179,25 @@ class GpuWorkerConfig(_Frozen):
     shm_size: str = Field("16Gi", description="/dev/shm (memory-backed; counts against the memory limit).")
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(4, ge=1)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the GPU pods must match (e.g. cloud.google.com/gke-spot: 'true')."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Extra tolerations, e.g. of a spot pool's taint (nvidia.com/gpu is always tolerated)."
+    )
+    termination_grace_period_s: int = Field(
+        60, ge=1, le=3600,
+        description="Pod terminationGracePeriodSeconds: time a preempted worker gets to write its checkpoint.",
+    )
 
     _v_q = field_validator("memory", "shm_size")(classmethod(lambda cls, v: _quantity(v)))
     _v_c = field_validator("cpu")(classmethod(lambda cls, v: _cpu(v)))
+    _v_l = field_validator("node_selector")(classmethod(lambda cls, v: _labels(v)))
+
+    @property
+    def checkpoint_grace_s(self) -> int:
+        """Seconds the preStop hook waits for the workers' checkpoint (the pod's grace minus 10 s for Ray to stop)."""
+        return max(1, self.termination_grace_period_s - 10)
 
     @model_validator(mode="after")
     def _bounds(self) -> "GpuWorkerConfig":
@@ -326,6 +369,10 @@ class JobsConfig(_Frozen):
     pretrain_workers: int | None = Field(
         None, ge=1, description="Ray Train workers (GPUs) per pretrain job; None = all GPUs of the group."
     )
+    elastic: bool = Field(
+        False, description="{workers} becomes the range MIN-MAX: min_replicas x gpus_per_pod (at least 1) to "
+        "pretrain_workers, so a job goes on with fewer GPUs when spot nodes are reclaimed (docs/pretraining.md).",
+    )
     study: str = "sspctl study --config {mount_path}/study.yaml"
     backoff_limit: int = Field(2, ge=0, description="Whole-job retries on a new cluster (each resumes).")
     submitter_backoff_limit: int = Field(2, ge=0, description="Retries of the submitter pod alone.")
@@ -434,6 +481,14 @@ class DeployConfig(_Frozen):
         return self.jobs.pretrain_workers or self.gpu_workers.max_replicas * self.gpu_workers.gpus_per_pod
 
     @property
+    def workers_arg(self) -> str:
+        """``{workers}`` of a job command: ``N``, or with ``jobs.elastic`` the range ``MIN-MAX`` of the GPU group."""
+        if not self.jobs.elastic:
+            return str(self.pretrain_workers)
+        low = min(max(1, self.gpu_workers.min_replicas * self.gpu_workers.gpus_per_pod), self.pretrain_workers)
+        return f"{low}-{self.pretrain_workers}"
+
+    @property
     def cpus_per_worker(self) -> int:
         """Whole CPUs of a GPU pod per GPU (what each Ray Train worker may reserve)."""
         cpu = self.gpu_workers.cpu
@@ -444,7 +499,7 @@ class DeployConfig(_Frozen):
         """A job command with its placeholders filled in."""
         return template.format(
             mount_path=self.storage.mount_path,
-            workers=self.pretrain_workers,
+            workers=self.workers_arg,
             cpus_per_worker=self.cpus_per_worker,
             method=method,
         )

@@ -176,13 +176,20 @@ def ray_cluster_spec(config: DeployConfig, cluster: str) -> dict[str, Any]:
 
     gpu = config.gpu_workers
     gpu_extra: dict[str, Any] = {
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        *(t.manifest() for t in gpu.tolerations)],
+        # a preempted pod's Ray Train workers checkpoint at their next step before SIGKILL (trainers/preemption.py)
+        "terminationGracePeriodSeconds": gpu.termination_grace_period_s,
     }
-    if gpu.gpu_product:
-        gpu_extra["nodeSelector"] = {"nvidia.com/gpu.product": gpu.gpu_product}
+    selector = {**gpu.node_selector, **({"nvidia.com/gpu.product": gpu.gpu_product} if gpu.gpu_product else {})}
+    if selector:
+        gpu_extra["nodeSelector"] = selector
+    gpu_container = _ray_container(config, "ray-worker", gpu.cpu, gpu.memory, gpu.gpus_per_pod)
+    gpu_container["lifecycle"] = {"preStop": {"exec": {"command": [
+        "python", "-m", "trainers.preemption", "--grace", str(gpu.checkpoint_grace_s)]}}}
     gpu_spec = _pod_spec(
         config,
-        _ray_container(config, "ray-worker", gpu.cpu, gpu.memory, gpu.gpus_per_pod),
+        gpu_container,
         shm_size=gpu.shm_size,
         automount_token=False,
         extra=gpu_extra,

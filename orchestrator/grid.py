@@ -219,6 +219,7 @@ def build_cells(
     from orchestrator.configio import format_validation_error
     from pydantic import ValidationError
 
+    from orchestrator.worker_range import WorkerRangeError, check_global_batch
     from trainers.finetune_config import FinetuneConfig
 
     cells = []
@@ -240,6 +241,10 @@ def build_cells(
                         resolved = FinetuneConfig.model_validate(config).model_dump(mode="json")
                     except ValidationError as exc:
                         raise GridError(format_validation_error(exc, label)) from None
+                    try:
+                        check_global_batch(spec.workers_per_trial, resolved["batch_size"], f"{label}: workers_per_trial")
+                    except WorkerRangeError as exc:
+                        raise GridError(str(exc)) from None
                     identity = {
                         "dataset": dataset_hash,
                         "split": split_digest,
@@ -264,7 +269,7 @@ def max_concurrent_trials(
     Raises:
         GridError: not even one cell fits (``strict`` only).
     """
-    cpu_need = spec.workers_per_trial * spec.cpus_per_worker + DRIVER_CPUS
+    cpu_need = spec.workers_per_trial.max * spec.cpus_per_worker + DRIVER_CPUS  # an elastic cell plans for its maximum
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     fit = math.floor(cpus / cpu_need + 1e-9)
     if spec.gpus_per_trial > 0:
@@ -330,14 +335,14 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     use_gpu = cell.gpus_per_trial > 0
     per_worker: dict[str, float] = {"CPU": cell.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = cell.gpus_per_trial / cell.workers
+        per_worker["GPU"] = cell.gpus_per_trial / cell.workers.max
     job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
     trainer = TorchTrainer(
         monitored(  # the typed job crosses into the workers as is
             functools.partial(worker_fn, job), settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
         ),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cell.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=cell.workers.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(
             name=cell.name,

@@ -19,10 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, field_validator, model_validator
 
 from datastore.loader_options import ReadOptions
 from orchestrator.arms import ARMS, SCRATCH, arm_order, unknown_arms
+from orchestrator.worker_range import WorkerRange
 from orchestrator.workspace import Workspace
 from trainers.methods.names import Budget
 
@@ -44,7 +45,9 @@ class GridAxes(BaseModel):
     replicated_budgets: tuple[Budget, ...] | None = Field(
         None, description="budgets that get every training seed; the others get the first only (None: all budgets)"
     )
-    workers_per_trial: int = Field(1, ge=1, description="Ray Train (DDP) workers per cell")
+    workers_per_trial: WorkerRange = Field(
+        WorkerRange(min=1, max=1), description="Ray Train (DDP) workers per cell: N, or MIN-MAX (elastic)"
+    )
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
     max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
@@ -62,6 +65,12 @@ class GridAxes(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("has duplicates")
         return value
+
+    @model_validator(mode="after")
+    def _elastic_restarts(self) -> GridAxes:
+        if self.workers_per_trial.elastic and self.max_failures == 0:
+            raise ValueError(f"workers_per_trial {self.workers_per_trial} (elastic) needs max_failures >= 1")
+        return self
 
     def axes(self) -> dict[str, Any]:
         """The ``GridAxes`` fields of this model (what a ``GridSpec`` takes from a study section)."""
@@ -142,7 +151,7 @@ class CellTrial(BaseModel):
     tags: dict[str, str] = {}
     planned_at: float = 0.0
     storage_path: str
-    workers: int = Field(1, ge=1)
+    workers: WorkerRange = Field(WorkerRange(min=1, max=1))
     gpus_per_trial: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=0)

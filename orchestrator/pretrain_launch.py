@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datastore.loader_options import ReadOptions
+from orchestrator.worker_range import WorkerRange, WorkerRangeError, check_failures, check_global_batch, parse_workers
 from orchestrator.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class PretrainRequest:
     config_file: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     split: Path | None = None
-    workers: int = 1
+    workers: int | str | WorkerRange = 1  # N or "MIN-MAX" (elastic; orchestrator/worker_range.py)
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
     max_failures: int = 1
@@ -316,23 +317,32 @@ def format_progress(data: dict[str, Any], loss: float | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Seconds between Ray Train's checks whether an elastic run can grow (Ray's default is 60).
+RESIZE_INTERVAL_ENV = "SSPCTL_RESIZE_INTERVAL_S"
+
+
 def _scaling(request: PretrainRequest) -> Any:
-    """``ScalingConfig``: GPUs if asked for (or, by default, if the cluster has any)."""
+    """``ScalingConfig``: GPUs if asked for (or, by default, if the cluster has any); elastic for a range."""
     import ray
     from ray.train import ScalingConfig
 
+    workers = parse_workers(request.workers, "--workers")
     gpus = request.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= request.workers else 0.0
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= workers.min else 0.0
     resources: dict[str, float] = {"CPU": request.cpus_per_worker}
     if gpus > 0:
         resources["GPU"] = gpus
-    return ScalingConfig(num_workers=request.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+    elastic: dict[str, Any] = {}
+    if workers.elastic and os.environ.get(RESIZE_INTERVAL_ENV):
+        elastic["elastic_resize_monitor_interval_s"] = float(os.environ[RESIZE_INTERVAL_ENV])
+    return ScalingConfig(num_workers=workers.num_workers, use_gpu=gpus > 0, resources_per_worker=resources, **elastic)
 
 
 def local_cluster_cpus(request: PretrainRequest) -> int:
     """Logical CPUs for a private local Ray: the machine's cores, at least the workers' plus one for the controller."""
-    return max(os.cpu_count() or 1, math.ceil(request.workers * request.cpus_per_worker) + 1)
+    workers = parse_workers(request.workers, "--workers")
+    return max(os.cpu_count() or 1, math.ceil(workers.max * request.cpus_per_worker) + 1)
 
 
 def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = print, progress: bool = True) -> PretrainOutcome:
@@ -344,10 +354,13 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
         ray.train.WorkerGroupError / ray.train.ControllerError: training failed after ``max_failures``.
     """
     from datastore.store import SliceStore, StoreError
-    from trainers.runtime import RuntimeOptions, per_rank_batch
+    from trainers.runtime import RuntimeOptions
 
-    if request.workers < 1:
-        raise LaunchError(f"--workers must be >= 1, got {request.workers}")
+    try:
+        workers = parse_workers(request.workers, "--workers")
+        check_failures(workers, request.max_failures, "--workers")
+    except WorkerRangeError as exc:
+        raise LaunchError(str(exc)) from None
     try:
         store = SliceStore.open(request.store)
         image_size, dataset_hash = store.image_size, store.hash
@@ -360,11 +373,11 @@ def launch_pretrain(request: PretrainRequest, echo: Callable[[str], None] = prin
     subjects = parts.train
     valid = parts.valid if config.validates else None
     try:
-        per_rank_batch(config.batch_size, request.workers)
+        check_global_batch(workers, config.batch_size, "--workers")
         if valid:
-            per_rank_batch(config.valid_batch_size, request.workers, key="valid_batch_size")
-    except ValueError as exc:
-        raise LaunchError(f"--workers {request.workers}: {exc}") from None
+            check_global_batch(workers, config.valid_batch_size, "--workers", key="valid_batch_size")
+    except WorkerRangeError as exc:
+        raise LaunchError(str(exc)) from None
     runtime = RuntimeOptions.model_validate(request.runtime).model_dump(mode="json")
     resolved = config.model_dump(mode="json")
     run_name = run_name_for(request.method, resolved, dataset_hash, subjects, valid)
@@ -423,8 +436,7 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
 
     n_subjects = len(plan.store.subjects) if plan.subjects is None else len(plan.subjects)
     echo(f"{run_name}: {request.method} on {n_subjects} subjects of {request.store} "
-         f"({config.epochs} epochs, global batch {config.batch_size} = {request.workers} x "
-         f"{config.batch_size // request.workers})")
+         f"({config.epochs} epochs, {describe_workers(parse_workers(request.workers, '--workers'), config.batch_size)})")
     from trainers.pretrain_validation import skip_reason
 
     skipped = skip_reason(config, plan.valid)
@@ -476,6 +488,14 @@ def _run_or_skip(plan: _RunPlan, echo: Callable[[str], None], progress: bool) ->
         echo(f"MLflow run {run_id} at {uri}")
     return PretrainOutcome(run_name, run_dir, manifest, run_id, uri, skipped=False,
                            resumed_from=returned.get("resumed_from") if isinstance(returned, dict) else None)
+
+
+def describe_workers(workers: WorkerRange, global_batch: int) -> str:
+    """``global batch 64 = 2 x 32`` (fixed) or ``global batch 64 = 1 x 64 ... 2 x 32 (elastic 1-2 workers)``."""
+    if not workers.elastic:
+        return f"global batch {global_batch} = {workers.min} x {global_batch // workers.min}"
+    return (f"global batch {global_batch} = {workers.min} x {global_batch // workers.min} ... "
+            f"{workers.max} x {global_batch // workers.max} (elastic {workers} workers)")
 
 
 def describe_best(manifest: dict[str, Any], skipped: str | None) -> str:

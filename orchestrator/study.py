@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from datastore.loader_options import ReadOptions
 from orchestrator.arms import ARMS, SSP_METHODS
 from orchestrator.grid_spec import GridAxes
+from orchestrator.worker_range import WorkerRange
 from orchestrator.workspace import Workspace
 
 #: Arms a study adds besides scratch and its pretrained methods (``orchestrator/arms.py``).
@@ -58,7 +59,7 @@ class SplitSection(_Section):
 class PretrainSection(_Section):
     methods: tuple[str, ...] = Field(SSP_METHODS, description="SSP methods to pretrain")
     config_dir: Path | None = Field(None, description="folder with <method>.yaml (default: paper defaults)")
-    workers: int = Field(1, ge=1, description="Ray Train workers per method")
+    workers: WorkerRange = Field(WorkerRange(min=1, max=1), description="Ray Train workers per method: N, or MIN-MAX (elastic)")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker (default: 1 if GPUs exist)")
     epochs: int | None = Field(None, ge=1, description="override every method's epochs")
     read: ReadOptions = Field(

@@ -12,11 +12,17 @@ Layout of ``state.pt``::
      "model": state_dict, "optimizer": state_dict, "scheduler": state_dict | None,
      "scaler": state_dict | None, "method_extra": dict[str, Tensor], "rng": dict[str, Tensor],
      "config": dict (JSON-able), "metrics": dict[str, float],
-     "best": None | {"epoch": int, "loss": float, "metric": str, "weights": {part: state_dict}}}
+     "best": None | {"epoch": int, "loss": float, "metric": str, "weights": {part: state_dict}},
+     "position": None | {"epoch": int, "batch": int, "world_size": int, "loss_sum": float}}
 
 ``best`` is the pretraining loop's best-so-far epoch with the exported weights of that epoch, so a
 resumed run keeps selecting over every epoch, the ones before the crash included (checkpoints written
 before it existed load with ``best=None``).
+
+``position`` marks a checkpoint written inside an epoch (``--checkpoint-every-steps``): ``batch``
+optimiser steps of epoch ``position.epoch`` are done (``epoch`` is then the last *finished* epoch,
+``position.epoch - 1``), on ``world_size`` workers, and ``loss_sum`` is the mean over ranks of their
+summed step losses so far in that epoch. ``None`` for a checkpoint at the end of an epoch.
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    position: dict[str, Any] | None = None
 
 
 def _to_cpu(value: Any) -> Any:
@@ -151,6 +158,7 @@ def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
         "config": state.config,
         "metrics": {k: float(v) for k, v in state.metrics.items()},
         "best": _to_cpu(state.best),
+        "position": state.position,
     }
     check_safe(payload)
     try:
@@ -159,7 +167,7 @@ def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
         raise CheckpointError(f"checkpoint key config: not JSON-able ({exc})") from None
     atomic_torch_save(payload, directory / STATE_FILE)
     meta = {"format": FORMAT_VERSION, "epoch": state.epoch, "global_step": state.global_step,
-            "metrics": payload["metrics"], "config": state.config}
+            "position": state.position, "metrics": payload["metrics"], "config": state.config}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
 
@@ -189,6 +197,7 @@ def load_checkpoint(directory: str | Path) -> TrainState:
         config=payload.get("config") or {},
         metrics=payload.get("metrics") or {},
         best=payload.get("best"),
+        position=payload.get("position"),
     )
 
 

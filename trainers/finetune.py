@@ -325,7 +325,7 @@ def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
         last = epoch + 1 == config.epochs
         do_validate = data.valid is not None and ((epoch + 1) % config.val_every == 0 or last)
         metrics: dict[str, float] = {"train_loss": train_loss, "lr": lr, "epoch": float(epoch),
-                                     "epoch_time_s": time.perf_counter() - started}
+                                     "epoch_time_s": time.perf_counter() - started, "workers": float(ctx.world_size)}
         if do_validate:
             valid_metrics = validate(net, data.valid, ctx)
             if ctx.is_chief and valid_metrics["valid_loss"] < best_valid:

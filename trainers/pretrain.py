@@ -40,8 +40,9 @@ reductions, resume and report, and ``trainers.pretrain_outputs`` the files rank 
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -54,8 +55,13 @@ from trainers.optimizers import build_optimizer
 from trainers.pretrain_outputs import (
     ProgressWriter, append_event, export_weights, log_epoch_figures, maybe_inject_fault, parse_fault,
 )
+from trainers import preemption
+from trainers.preemption import exit_now
+from trainers.pretrain_position import Position, StepCheckpoints, WorkerStopped
 from trainers.pretrain_validation import BestSoFar, best_file_name, open_validation, validation_loss
-from trainers.runtime import WorkerContext, autocast, device_batches, per_rank_batch, resolve_precision, wrap_model
+from trainers.runtime import (
+    WorkerContext, autocast, device_batches, per_rank_batch, resolve_precision, wait_for_committed_checkpoint, wrap_model,
+)
 from trainers.schedules import apply_schedule, lr_at, total_steps
 
 
@@ -101,6 +107,7 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     start_epoch, global_step, last_loss = 0, 0, float("nan")
     best = BestSoFar(config.best_metric)
     state = ctx.resume()
+    position = Position.fresh()
     if state is not None:
         restore(state, modules, optimizer, scaler=scaler)
         if state.method_extra:
@@ -110,25 +117,77 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
         best = BestSoFar.from_state(config.best_metric, state.best)
         if not chief:
             best.weights = None  # only rank 0 exports
+        position = Position.from_state(state.position, start_epoch)
+        start_epoch = position.epoch
 
     resolved = config.model_dump(mode="json")
     if chief:
         _log_start(job, ctx, tracker, resumed=state is not None, start_epoch=start_epoch, batch=batch,
-                   steps_per_epoch=steps_per_epoch, skipped=skipped, loading=loader_record(loader, budget_from))
+                   steps_per_epoch=steps_per_epoch, skipped=skipped, position=position, global_step=global_step,
+                   loading=loader_record(loader, budget_from))
     progress = ProgressWriter(output, config.epochs, steps_per_epoch, options.progress_interval_s, config.batch_size)
+
+    def train_state(epoch: int, step: int, metrics: dict[str, float], at: dict[str, Any] | None) -> TrainState | None:
+        """Rank 0's checkpoint after optimiser step ``step`` (``at``: the position inside an epoch, or None at its end)."""
+        if not chief:
+            return None
+        return TrainState(
+            epoch=epoch if at is None else epoch - 1, global_step=step, model=modules.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler={"kind": config.schedule.kind, "global_step": step, "steps_per_epoch": steps_per_epoch},
+            scaler=None if scaler is None else scaler.state_dict(), method_extra=method.extra_state(),
+            rng=capture_rng(), config=resolved, metrics={k: float(v) for k, v in metrics.items()},
+            best=best.to_state(), position=at,
+        )
+
+    def step_checkpoint(epoch: int, batch_done: int, step: int, loss_sum: torch.Tensor) -> None:
+        """Inside an epoch: every rank reports; rank 0 attaches a checkpoint at this position."""
+        mean_sum = ctx.mean(loss_sum, 1)  # the mean over ranks of their step-loss sums so far
+        at = {"epoch": epoch, "batch": batch_done, "world_size": ctx.world_size, "loss_sum": mean_sum}
+        metrics = {"epoch": epoch, "global_step": step, "step_in_epoch": batch_done, "workers": ctx.world_size,
+                   "loss": mean_sum / max(batch_done, 1)}
+        if chief:
+            tracker.log_metrics({"workers": ctx.world_size}, step=step)
+            append_event(output, event="step_checkpoint", epoch=epoch, batch=batch_done, global_step=step,
+                         world_size=ctx.world_size)
+        ctx.report(metrics, train_state(epoch, step, metrics, at), name=f"step_{step:09d}")
+
+    def stop(step: int) -> None:
+        """After the stop checkpoint: the signalled worker exits, the others end with an error naming it."""
+        wait_for_committed_checkpoint()
+        if preemption.requested():
+            exit_now()
+        raise WorkerStopped(f"rank {ctx.rank}: another worker got SIGTERM; checkpoint at step {step} written, "
+                            f"Ray Train restarts the group from it")
+
+    installed = ctx.in_ray and options.preempt_grace_s is not None and preemption.install(options.preempt_grace_s)
+    preemptible = ctx.in_ray and options.preempt_grace_s is not None and not ctx.any(not installed)  # same on every rank
+    checkpoints = StepCheckpoints(
+        options.checkpoint_every_steps, steps_per_epoch, step_checkpoint,
+        stop_requested=preemption.requested if preemptible else None, any_rank=ctx.any, on_stop=stop,
+    )
+
+    def after_step(epoch: int, batch_done: int, step: int, loss_sum: torch.Tensor) -> None:
+        checkpoints.after_step(epoch, batch_done, step, loss_sum)
+        maybe_inject_fault(fault, None, ctx.rank, output, step=step)
 
     for epoch in range(start_epoch, config.epochs):
         maybe_inject_fault(fault, epoch, ctx.rank, output)
         loader.set_epoch(epoch)
         started = time.perf_counter()
-        loss_sum, lr, global_step = train_epoch(ctx, config, method, model, modules, optimizer, scaler, amp_dtype,
-                                                loader, epoch, global_step, steps_per_epoch, progress)
+        skip = position.batch if epoch == position.epoch else 0
+        loss_sum, lr, global_step = train_epoch(
+            ctx, config, method, model, modules, optimizer, scaler, amp_dtype, loader, epoch, global_step,
+            steps_per_epoch, progress, skip=skip, loss_sum=position.loss_sum if skip else 0.0,
+            after_step=after_step,
+        )
         epoch_time = time.perf_counter() - started
+        done_here = steps_per_epoch - skip
         last_loss = ctx.mean(loss_sum, steps_per_epoch)
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"epoch {epoch}: training loss is {last_loss}; lower the learning rate or use fp32")
-        metrics = {"loss": last_loss, "lr": lr, "slices_per_s": steps_per_epoch * config.batch_size / epoch_time,
-                   "epoch_time_s": epoch_time, "epoch": epoch}
+        metrics = {"loss": last_loss, "lr": lr, "slices_per_s": done_here * config.batch_size / epoch_time,
+                   "epoch_time_s": epoch_time, "epoch": epoch, "workers": ctx.world_size}
         if valid_loader is not None:
             metrics["valid_loss"] = validation_loss(
                 method, modules, valid_loader, device, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
@@ -139,31 +198,27 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
                        method.export if chief else None)
         is_last = epoch + 1 == config.epochs
         checkpoint = None
-        if chief and ((epoch + 1) % config.checkpoint_every == 0 or is_last):
-            checkpoint = TrainState(
-                epoch=epoch, global_step=global_step, model=modules.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler={"kind": config.schedule.kind, "global_step": global_step, "steps_per_epoch": steps_per_epoch},
-                scaler=None if scaler is None else scaler.state_dict(), method_extra=method.extra_state(),
-                rng=capture_rng(), config=resolved, metrics={k: float(v) for k, v in metrics.items()},
-                best=best.to_state(),
-            )
+        if (epoch + 1) % config.checkpoint_every == 0 or is_last:
+            checkpoint = train_state(epoch, global_step, metrics, None)
         if chief:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "workers")}, step=epoch)
+            tracker.log_metrics({"workers": ctx.world_size}, step=global_step)
             progress.update(epoch=epoch + 1, step=0, loss=last_loss, slices_per_s=metrics["slices_per_s"], force=True)
             append_event(output, event="epoch", epoch=epoch, loss=last_loss, slices_per_s=metrics["slices_per_s"],
-                         epoch_time_s=epoch_time, started=time.time() - epoch_time,
-                         valid_loss=metrics.get("valid_loss"), best_epoch=best.epoch if best.found else None)
+                         epoch_time_s=epoch_time, started=time.time() - epoch_time, global_step=global_step,
+                         world_size=ctx.world_size, valid_loss=metrics.get("valid_loss"),
+                         best_epoch=best.epoch if best.found else None)
             if (epoch + 1) % options.recon_every == 0 or is_last:
                 log_epoch_figures(method, modules, loader, device, epoch, output, tracker, config.seed)
         ctx.report(metrics, checkpoint)
 
     return _finish(job, chief, method, tracker, progress, best, last_loss, skipped,
-                   resumed_from=None if state is None else state.epoch)
+                   resumed_from=None if state is None else state.epoch, resumed_at_step=None if state is None else state.global_step)
 
 
 def _finish(
     job: PretrainJob, chief: bool, method: Any, tracker: Any, progress: ProgressWriter, best: BestSoFar,
-    last_loss: float, skipped: str | None, *, resumed_from: int | None,
+    last_loss: float, skipped: str | None, *, resumed_from: int | None, resumed_at_step: int | None,
 ) -> dict[str, Any]:
     """Rank 0 exports the weights and the manifest and marks the run done; every rank returns the summary."""
     config, output = job.config, job.output
@@ -182,23 +237,27 @@ def _finish(
         best_summary = {"epoch": best.epoch, "loss": best.loss, "metric": best.metric,
                         "files": {part: best_file_name(part) for part in files}}
     return {"final_loss": last_loss, "epochs": config.epochs, "run_dir": str(output), "files": files,
-            "resumed_from": resumed_from, "best": best_summary, "validation_skipped": skipped}
+            "resumed_from": resumed_from, "resumed_at_step": resumed_at_step, "best": best_summary,
+            "validation_skipped": skipped}
 
 
 def _log_start(
     job: PretrainJob, ctx: WorkerContext, tracker: Any, *, resumed: bool, start_epoch: int, batch: int,
-    steps_per_epoch: int, skipped: str | None, loading: dict[str, Any],
+    steps_per_epoch: int, skipped: str | None, position: Position, global_step: int, loading: dict[str, Any],
 ) -> None:
-    """Rank 0: the loader's line, the start (or resume) event, the params on a fresh run, and the run's tags.
+    """Rank 0: the loader's line, the start (or resume) event, the worker count now, the params on a fresh
+    run, and the run's tags.
 
     ``loading`` is ``trainers.loading.loader_record`` of the training loader (cache or stream, and why).
     """
     config = job.config
     print(loading["line"], flush=True)
-    append_event(job.output, event="resume" if resumed else "start", epoch=start_epoch,
+    append_event(job.output, event="resume" if resumed else "start", epoch=start_epoch, global_step=global_step,
+                 batch=position.batch if position.epoch == start_epoch else 0, saved_world_size=position.world_size,
                  world_size=ctx.world_size, device=str(ctx.device), torch_threads=torch.get_num_threads(),
-                 validation_skipped=skipped, loader=loading)
-    if start_epoch == 0:
+                 validation_skipped=skipped, pid=os.getpid(), loader=loading)
+    tracker.log_metrics({"workers": ctx.world_size}, step=global_step)
+    if not resumed:
         tracker.log_params({**config.model_dump(mode="json"), "runtime": job.runtime.model_dump(mode="json"),
                             "read": job.read.model_dump(mode="json"), "world_size": ctx.world_size,
                             "per_worker_batch": batch, "steps_per_epoch": steps_per_epoch})
@@ -209,21 +268,26 @@ def _log_start(
 def train_epoch(
     ctx: WorkerContext, config: PretrainConfig, method: Any, model: torch.nn.Module, modules: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scaler: Any | None, amp_dtype: torch.dtype | None, loader: Any, epoch: int,
-    global_step: int, steps_per_epoch: int, progress: ProgressWriter,
+    global_step: int, steps_per_epoch: int, progress: ProgressWriter, *, skip: int = 0, loss_sum: float = 0.0,
+    after_step: Callable[[int, int, int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, float, int]:
     """One epoch of SSP steps (LR and weight decay set per step); returns ``(loss sum, last lr, global step)``.
 
+    ``skip`` steps of the epoch are already done (a run resumed inside it): their batches are drawn and
+    dropped and ``loss_sum`` carries their summed loss. ``after_step(epoch, steps done in the epoch,
+    global step, loss sum)`` runs after every optimiser step (step checkpoints, preemption).
     ``loss sum`` is this rank's float64 sum of step losses, on the device.
     """
     device = ctx.device
-    generator = ctx.generator(config.seed, epoch)
     modules.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    total_loss = torch.full((), loss_sum, device=device, dtype=torch.float64)
     started = time.perf_counter()
     total = total_steps(config, steps_per_epoch)
-    lr = lr_at(config, global_step, steps_per_epoch)
-    for step, batch in enumerate(device_batches(loader, device, config.channels_last, steps_per_epoch)):
+    lr = lr_at(config, max(global_step - 1, 0), steps_per_epoch)  # the last step's, if every step was done before a resume
+    batches = device_batches(loader, device, config.channels_last, steps_per_epoch, skip=skip)
+    for step, batch in enumerate(batches, start=skip):
         lr = apply_schedule(config, optimizer, global_step, steps_per_epoch)
+        generator = ctx.generator(config.seed, epoch, step)  # per step: a resume inside the epoch replays it
         with autocast(device, amp_dtype):
             loss = method.training_step(batch, model, epoch, step, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -239,11 +303,13 @@ def train_epoch(
             optimizer.step()
         global_step += 1
         method.after_optimizer_step(epoch, global_step, total)
-        loss_sum += loss.detach().double()
+        total_loss += loss.detach().double()
         if ctx.is_chief:
-            rate = (step + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
+            rate = (step + 1 - skip) * config.batch_size / max(time.perf_counter() - started, 1e-9)
             progress.update(epoch=epoch, step=step + 1, loss=None, slices_per_s=rate)
-    return loss_sum, lr, global_step
+        if after_step is not None:
+            after_step(epoch, step + 1, global_step, total_loss)
+    return total_loss, lr, global_step
 
 
 __all__ = ["build_method", "pretrain_worker", "train_epoch"]

@@ -16,9 +16,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from trainers.runtime import LoopError, write_json_atomic
+from trainers.runtime import LoopError, wait_for_committed_checkpoint, write_json_atomic
 from trainers.tracking import Tracker
 from trainers.weights import WeightsManifest, save_weights, write_manifest
 
@@ -70,8 +70,16 @@ class ProgressWriter:
         })
 
 
-def parse_fault(spec: str | None) -> tuple[int, int] | None:
-    """``"epoch=E,rank=R"`` -> ``(E, R)``; ``None``/empty -> ``None``.
+class Fault(NamedTuple):
+    """Test-only fault: rank ``rank`` exits at the start of epoch ``epoch``, or after global step ``step``."""
+
+    epoch: int | None
+    rank: int
+    step: int | None = None
+
+
+def parse_fault(spec: str | None) -> Fault | None:
+    """``"epoch=E,rank=R"`` or ``"step=S,rank=R"`` -> ``Fault``; ``None``/empty -> ``None``.
 
     Raises:
         LoopError: on any other text.
@@ -80,29 +88,30 @@ def parse_fault(spec: str | None) -> tuple[int, int] | None:
         return None
     try:
         parts = dict(item.split("=", 1) for item in spec.replace(" ", "").split(","))
-        return int(parts["epoch"]), int(parts.get("rank", 0))
+        if set(parts) - {"epoch", "rank", "step"} or ("epoch" in parts) == ("step" in parts):
+            raise KeyError
+        step = int(parts["step"]) if "step" in parts else None
+        return Fault(None if step is not None else int(parts["epoch"]), int(parts.get("rank", 0)), step)
     except (ValueError, KeyError):
-        raise LoopError(f"{FAULT_ENV}: expected 'epoch=E,rank=R', got {spec!r}") from None
+        raise LoopError(f"{FAULT_ENV}: expected 'epoch=E,rank=R' or 'step=S,rank=R', got {spec!r}") from None
 
 
-def maybe_inject_fault(spec: tuple[int, int] | None, epoch: int, rank: int, output: Path) -> None:
-    """Test-only: kill this process once (a marker file in the run dir makes it fire only once)."""
-    if spec is None or spec != (epoch, rank):
+def maybe_inject_fault(
+    spec: Fault | None, epoch: int | None, rank: int, output: Path, step: int | None = None,
+) -> None:
+    """Test-only: kill this process once (a marker file in the run dir makes it fire only once).
+
+    Called at the start of every epoch (``epoch``) and after every optimiser step (``step``).
+    """
+    if spec is None or spec.rank != rank or (spec.step, spec.epoch) != (step, None if step is not None else epoch):
         return
     marker = output / FAULT_MARKER
     if marker.exists():
         return
-    marker.write_text(json.dumps({"epoch": epoch, "rank": rank, "time": time.time()}))
-    try:  # wait until the controller has committed the last checkpoint, so the test is not a race
-        import ray.train
-
-        ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60
-        )
-    except Exception:  # noqa: BLE001 - outside Ray there is nothing to wait for
-        pass
-    append_event(output, event="fault_injected", epoch=epoch, rank=rank)
-    log.warning("fault injection: rank %d exits at the start of epoch %d", rank, epoch)
+    marker.write_text(json.dumps({"epoch": epoch, "step": step, "rank": rank, "time": time.time()}))
+    wait_for_committed_checkpoint()  # so the test is not a race with the last checkpoint
+    append_event(output, event="fault_injected", epoch=epoch, step=step, rank=rank)
+    log.warning("fault injection: rank %d exits (epoch %s, step %s)", rank, epoch, step)
     os._exit(1)
 
 
@@ -168,6 +177,6 @@ def log_epoch_figures(
 
 
 __all__ = [
-    "EVENTS_FILE", "FAULT_ENV", "FAULT_MARKER", "PROGRESS_FILE", "ProgressWriter", "append_event", "export_weights",
+    "EVENTS_FILE", "FAULT_ENV", "FAULT_MARKER", "PROGRESS_FILE", "Fault", "ProgressWriter", "append_event", "export_weights",
     "log_epoch_figures", "maybe_inject_fault", "parse_fault", "read_events",
 ]

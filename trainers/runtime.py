@@ -56,6 +56,12 @@ class RuntimeOptions(BaseModel):
         5, ge=1, description="pretraining: log the method's epoch figures (MIM: reconstructions) every N epochs (and the last)"
     )
     progress_interval_s: float = Field(1.0, gt=0, description="seconds between progress-file writes")
+    preempt_grace_s: float | None = Field(
+        25.0, gt=0, description="pretraining: on SIGTERM checkpoint at the next step, exit after at most this (None: off)"
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="pretraining: also checkpoint every N optimiser steps (global steps), inside epochs"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,9 +83,11 @@ def per_rank_batch(global_batch: int, world_size: int, key: str = "batch_size") 
     return global_batch // world_size
 
 
-def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
-    """A 63-bit seed from ``(seed, rank, epoch)``: distinct streams per rank and epoch, stable across runs."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}".encode(), digest_size=8).digest()
+def augmentation_seed(seed: int, rank: int, epoch: int, step: int | None = None) -> int:
+    """A 63-bit seed from ``(seed, rank, epoch[, step])``: distinct streams per rank and epoch (and step),
+    stable across runs. Seeding per step lets a run resumed inside an epoch replay the same draws."""
+    key = f"{seed}/{rank}/{epoch}" if step is None else f"{seed}/{rank}/{epoch}/{step}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -170,15 +178,36 @@ def wrap_model(
     return model, modules
 
 
-def device_batches(loader: Any, device: torch.device, channels_last: bool, limit: int) -> Iterator[dict[str, torch.Tensor]]:
-    """At most ``limit`` batches of ``loader`` on ``device`` (``image`` NHWC if ``channels_last``)."""
+def device_batches(
+    loader: Any, device: torch.device, channels_last: bool, limit: int, skip: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches ``skip`` to ``limit - 1`` of ``loader`` on ``device`` (``image`` NHWC if ``channels_last``).
+
+    The first ``skip`` batches are drawn and dropped without moving them: a run resumed inside an
+    epoch continues at the position of its deterministic epoch order.
+    """
     for i, batch in enumerate(loader):
         if i >= limit:
             return
+        if i < skip:
+            continue
         batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         yield batch
+
+
+def wait_for_committed_checkpoint(timeout_s: float = 60) -> None:
+    """Inside Ray Train: block until the controller has committed every reported checkpoint, so a
+    worker that exits next is resumed from the checkpoint it just reported. Outside Ray: nothing."""
+    try:
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s
+        )
+    except Exception:  # noqa: BLE001 - outside Ray there is nothing to wait for
+        pass
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -236,9 +265,9 @@ class WorkerContext:
         """Rank 0: the one rank that tracks, writes files and exports."""
         return self.rank == 0
 
-    def generator(self, seed: int, epoch: int) -> torch.Generator:
-        """This rank's augmentation generator for ``epoch`` (``augmentation_seed(seed, rank, epoch)``)."""
-        return torch.Generator(device=self.device).manual_seed(augmentation_seed(seed, self.rank, epoch))
+    def generator(self, seed: int, epoch: int, step: int | None = None) -> torch.Generator:
+        """This rank's augmentation generator for ``epoch`` (and ``step``): ``augmentation_seed(seed, rank, epoch, step)``."""
+        return torch.Generator(device=self.device).manual_seed(augmentation_seed(seed, self.rank, epoch, step))
 
     def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a float64 CPU vector over ranks; the identity for one rank or no process group."""
@@ -254,6 +283,10 @@ class WorkerContext:
         dist.all_reduce(out)
         return out.cpu()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a collective: every rank calls it equally often)."""
+        return bool(self.reduce_sum(torch.tensor([float(flag)], dtype=torch.float64))[0] > 0)
+
     def mean(self, total: torch.Tensor, count: int | float) -> float:
         """Mean of per-rank sums ``total`` over ``count`` items per rank, over all ranks (same on every rank)."""
         pair = torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64)])
@@ -264,11 +297,12 @@ class WorkerContext:
         """The last checkpoint Ray Train reported for this run (``None`` outside Ray or on a fresh run)."""
         return resume_state(self.in_ray)
 
-    def report(self, metrics: dict[str, Any], state: TrainState | None = None) -> None:
+    def report(self, metrics: dict[str, Any], state: TrainState | None = None, name: str | None = None) -> None:
         """Report ``metrics`` of epoch ``metrics["epoch"]`` (every rank must call it equally often).
 
         On rank 0 a given ``state`` is written as a checkpoint and attached to the report; other
         ranks' states are ignored. The temporary checkpoint copy is removed once Ray has taken it.
+        ``name`` is the checkpoint's directory name (unique per checkpoint; default ``epoch_<EEEE>``).
         """
         epoch = int(metrics["epoch"])
         directory = Path(tempfile.mkdtemp(prefix="sspctl-ckpt-")) if state is not None and self.is_chief else None
@@ -279,7 +313,7 @@ class WorkerContext:
                 import ray.train
 
                 checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name or f"epoch_{epoch:04d}")
         finally:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -287,6 +321,6 @@ class WorkerContext:
 
 __all__ = [
     "LoopError", "RuntimeOptions", "WorkerContext", "augmentation_seed", "autocast", "convert_sync_batchnorm", "device_batches",
-    "per_rank_batch", "resolve_precision", "select_device", "sync_batchnorm_applies", "wrap_model",
+    "per_rank_batch", "resolve_precision", "select_device", "sync_batchnorm_applies", "wait_for_committed_checkpoint", "wrap_model",
     "write_json_atomic",
 ]

@@ -100,7 +100,11 @@ def finetune(
         "scratch-b (A/A: scratch with other training seeds) and supervised (trained on the training pool's labels; "
         "made automatically). Default: scratch plus every --pretrained method. scratch is always included.",
     ),
-    workers_per_trial: int = typer.Option(1, "--workers-per-trial", min=1, help="Ray Train DDP workers per cell."),
+    workers_per_trial: str = typer.Option(
+        "1", "--workers-per-trial",
+        help="Ray Train DDP workers per cell: N, or MIN-MAX (elastic: a cell goes on with fewer workers after a lost "
+        "node; every count must divide the batch).",
+    ),
     gpus_per_trial: float = typer.Option(
         0.0, "--gpus-per-trial", min=0.0, help="GPUs per cell; a fraction (e.g. 0.25) packs small cells onto one GPU."
     ),
@@ -134,15 +138,19 @@ def finetune(
     from orchestrator.grid_spec import GridError, grid_request
     from orchestrator.paths import removed_if_left_empty
     from orchestrator.run_lock import RunLockedError
+    from orchestrator.worker_range import WorkerRangeError, parse_workers
     from orchestrator.workspace import Workspace
 
     read = read_options(cache_gb)
     try:  # flag syntax first, then the paths, then the work
         budget_list, seed_list, runs = parse_budgets(budgets), parse_seeds(seeds), parse_pretrained(pretrained)
         train_seed_list = parse_seeds(train_seeds, "--train-seeds")
+        worker_range = parse_workers(workers_per_trial, "--workers-per-trial")
         split = named_split_path(path_arg(split, "--split", must_exist=False), split_name)
     except (FlagError, SplitError) as exc:
         fail(str(exc))
+    except WorkerRangeError as exc:
+        fail(str(exc), code=2)
     store = path_arg(store, "--store", kind="dir")
     split_file = path_arg(split, "--split", kind="file")
     config_file = path_arg(config, "--config", kind="file")
@@ -159,7 +167,7 @@ def finetune(
             request = grid_request(
                 store, split_file, pretrained=runs, config=base, study=study, workspace=workspace,
                 methods=method_list, budgets=budget_list, seeds=seed_list, train_seeds=train_seed_list,
-                workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
+                workers_per_trial=worker_range, gpus_per_trial=gpus_per_trial, cpus_per_worker=cpus_per_worker,
                 max_failures=max_failures, system_metrics=system_metrics, read=read,
             )
             outcome = run_grid(request, num_cpus=num_cpus)

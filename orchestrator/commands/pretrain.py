@@ -18,7 +18,12 @@ Method = Enum("Method", {name: name for name in METHOD_NAMES}, type=str)  # type
 def pretrain(
     method: Method = typer.Option(..., "--method", help=f"SSP method: {', '.join(METHOD_NAMES[:-1])} or {METHOD_NAMES[-1]} (paper defaults per method)."),
     store: str = typer.Option(..., "--store", help="Slice store (path or fsspec URL) written by 'sspctl ingest'."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel workers (DDP ranks). The GLOBAL batch stays the configured value: each worker gets batch/N, so N must divide it."),
+    workers: str = typer.Option(
+        "1", "--workers",
+        help="Data-parallel workers (DDP ranks): N, or MIN-MAX for elastic training (starts with MIN, grows to MAX, "
+        "goes on with fewer after a lost worker or node; needs --max-failures >= 1). The GLOBAL batch stays the "
+        "configured value: each worker gets batch/count, so every count must divide it.",
+    ),
     gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0.0, help="GPUs per worker (fractions allowed). Default: 1 if the Ray cluster has a GPU per worker, else 0 (CPU, fp32)."),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", min=0.0, help="Logical CPUs Ray reserves per worker (data loading and augmentation threads)."),
     config: Path | None = typer.Option(None, "--config", help="YAML PretrainConfig overriding the paper defaults (keys: epochs, batch_size, optimizer, schedule, method.*, ...)."),
@@ -31,6 +36,16 @@ def pretrain(
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     cache_gb: float | None = typer.Option(None, "--cache-gb", help=CACHE_GB_HELP),
     no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
+    checkpoint_every_steps: int | None = typer.Option(
+        None, "--checkpoint-every-steps", min=1,
+        help="Also checkpoint every N optimiser (global) steps inside epochs, so a lost node or a preemption loses "
+        "at most N steps; a resumed run continues at that step of the epoch (docs/pretraining.md).",
+    ),
+    preemption_grace: float = typer.Option(
+        25.0, "--preemption-grace", min=0.0,
+        help="On SIGTERM a worker checkpoints at its next optimiser step and exits after at most this many seconds "
+        "(keep it below the pod's terminationGracePeriodSeconds); 0 turns the handler off.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show the live progress bar."),
     system_metrics: bool = typer.Option(
         False, "--system-metrics",
@@ -49,9 +64,14 @@ def pretrain(
     from orchestrator.pretrain_launch import LaunchError, PretrainRequest, launch_pretrain
     from orchestrator.paths import removed_if_left_empty
     from orchestrator.run_lock import RunLockedError
+    from orchestrator.worker_range import WorkerRangeError, parse_workers
     from orchestrator.workspace import Workspace
 
     read = read_options(cache_gb)
+    try:
+        worker_range = parse_workers(workers, "--workers")
+    except WorkerRangeError as exc:
+        fail(str(exc), code=2)
     store = path_arg(store, "--store", kind="dir")
     config_file = path_arg(config, "--config", kind="file")
     split_file = path_arg(split, "--split", kind="file")
@@ -62,9 +82,11 @@ def pretrain(
         method=method.value, store=store, workspace=workspace,
         config_file=Path(config_file) if config_file else None,
         overrides={k: v for k, v in overrides.items() if v is not None},
-        split=Path(split_file) if split_file else None, workers=workers,
+        split=Path(split_file) if split_file else None, workers=worker_range,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-        runtime={"sync_batchnorm": not no_sync_bn}, read=read, study=study, system_metrics=system_metrics,
+        runtime={"sync_batchnorm": not no_sync_bn, "checkpoint_every_steps": checkpoint_every_steps,
+                 "preempt_grace_s": preemption_grace or None},
+        read=read, study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):
         try:

@@ -66,6 +66,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "kuberay_operator": {"namespace": "kuberay-system", "pod_labels": {"app": "kuberay"}},
         },
     },
+    "spot-elastic": {
+        "gpu_workers": {
+            "min_replicas": 1, "max_replicas": 4, "termination_grace_period_s": 90,
+            "node_selector": {"cloud.google.com/gke-spot": "true"},
+            "tolerations": [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+                            {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Exists"}],
+        },
+        "jobs": {"elastic": True},
+    },
     "external-mlflow-existing-pvc": {
         "mlflow": {"deploy": False, "tracking_uri": "https://mlflow.example.org"},
         "storage": {"create": False, "claim_name": "team-share"},
@@ -521,6 +530,29 @@ def test_gpu_group_autoscales_with_gpu_limits_and_cpu_head() -> None:
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 8 and limits["cpu"] == config.gpu_workers.cpu
     assert gpu["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+
+
+def test_spot_group_tolerates_its_pool_gets_a_grace_period_and_jobs_follow_its_range() -> None:
+    (cluster,) = [o for o in _rendered(VARIANTS["spot-elastic"]) if o["kind"] == "RayCluster"]
+    (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    pod = gpu["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+        {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Exists"},
+    ]
+    assert pod["terminationGracePeriodSeconds"] == 90
+    assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+        "python", "-m", "trainers.preemption", "--grace", "80"]
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (1, 4)
+    jobs = render(DeployConfig.model_validate(VARIANTS["spot-elastic"]))
+    entry = jobs["jobs/pretrain-dino.yaml"][0]["spec"]["entrypoint"]
+    assert "--workers 1-4 " in entry  # the elastic range is the group's replicas x GPUs per pod
+    # the default (on-demand) group keeps a fixed count and gets the default grace period
+    (default,) = [o for o in _rendered({}) if o["kind"] == "RayCluster"]
+    (gpu,) = [g for g in default["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu["template"]["spec"]["terminationGracePeriodSeconds"] == 60 and "nodeSelector" not in gpu["template"]["spec"]
 
 
 def test_rayjobs_cover_the_pipeline_and_resume_by_rerun() -> None:

@@ -315,7 +315,8 @@ def test_loop_helpers():
     assert per_rank_batch(224, 4) == 56
     with pytest.raises(LoopError, match="not divisible by 3"):
         per_rank_batch(224, 3)
-    assert parse_fault("epoch=2, rank=1") == (2, 1) and parse_fault(None) is None
+    assert parse_fault("epoch=2, rank=1") == (2, 1, None) and parse_fault(None) is None
+    assert parse_fault("step=7,rank=1") == (None, 1, 7)
     with pytest.raises(LoopError, match="SSPCTL_FAULT_INJECT"):
         parse_fault("when=2")
     seeds = {augmentation_seed(0, r, e) for r in range(4) for e in range(50)}
