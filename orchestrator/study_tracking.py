@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,7 @@ def open_study(tracking_uri: str, study: str, artifact_root: str | None = None, 
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     migrate_legacy_tags(handle)
+    repair_arm_tags(handle)
     return handle
 
 
@@ -161,6 +163,28 @@ def migrate_legacy_tags(study: StudyTracking) -> int:
     if runs:
         log.info("study %s: moved the tags of %d runs into the sspctl. namespace", study.study, len(runs))
     return len(runs)
+
+
+#: A cell's name: ``ft-{arm}-b{budget}-s{subset seed}-t{training seed}-{hash8}`` (``orchestrator.grid``).
+_CELL_NAME = re.compile(r"^ft-(?P<arm>.+)-b[^-]+-s\d+(-t\d+)?-[0-9a-f]{8}$")
+
+
+def repair_arm_tags(study: StudyTracking) -> int:
+    """Give back their arm (``sspctl.method``) to cells whose worker overwrote it with the model's
+    initialisation (sspctl built 2026-12-06 to 12-07: ``scratch-b`` read as ``scratch``, ``mim-encdec``
+    as ``mim``, so the report merged the A/A arm into the reference). The arm is in the cell's name
+    (``sspctl.key``). Returns the runs repaired; idempotent (one search once repaired).
+    """
+    repaired = 0
+    for run in find_runs(study, {KIND_TAG: "cell"}):
+        tags = run.data.tags
+        match = _CELL_NAME.match(tags.get(KEY_TAG, ""))
+        if match and tags.get(f"{TAG_PREFIX}method") != match["arm"]:
+            study.client.set_tag(run.info.run_id, f"{TAG_PREFIX}method", match["arm"])
+            repaired += 1
+    if repaired:
+        log.info("study %s: gave %d cells back their arm as sspctl.method", study.study, repaired)
+    return repaired
 
 
 def find_runs(study: StudyTracking, tags: dict[str, str]) -> list[Any]:

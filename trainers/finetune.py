@@ -359,12 +359,15 @@ def _log_start(
     tracker: Tracker, config: FinetuneConfig, ctx: WorkerContext, data: CellData, resolved: dict[str, Any],
     steps_per_epoch: int, load_report: dict[str, Any] | None, *, fresh: bool, read: dict[str, Any],
 ) -> None:
-    """Rank 0: the loader's line, the cell's tags (with the loader's plan), and on a fresh start its params
-    (with the job's ``read`` options)."""
+    """Rank 0: the loader's line, the loop's tags (with the loader's plan), and on a fresh start its params
+    (with the job's ``read`` options).
+
+    The cell's identity tags (``sspctl.method``: the arm, budget, seeds) belong to the grid, which
+    creates the run: ``config.method`` is what initialises the model, which is ``scratch`` for the
+    ``scratch-b`` arm, so it is tagged ``sspctl.init`` and never overwrites the arm.
+    """
     print(data.loading["line"], flush=True)
-    tracker.set_tags({"sspctl.stage": "finetune", "sspctl.method": config.method,
-                      "sspctl.budget": str(config.budget), "sspctl.seed": str(config.seed),
-                      "sspctl.train_seed": str(config.training_seed),
+    tracker.set_tags({"sspctl.stage": "finetune", "sspctl.init": config.method,
                       "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size),
                       **loader_tags(data.loading)})
     if fresh:

@@ -315,15 +315,17 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
 
 @pytest.mark.slow
 def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: dict) -> None:
-    """The supervised arm: a model trained on the split's train part, exported like a pretraining run."""
+    """The supervised arm: a model trained on the split's train part, exported like a pretraining run.
+    The A/A arm's finished run keeps its arm as ``sspctl.method`` (its worker initialises from scratch)."""
     import hashlib
 
     from datastore.splits import load_split
     from trainers.weights import read_manifest
 
     outcome = run_grid(_request(dataset, study="grid-controls", budgets=[2], pretrained={},
-                                methods=["scratch", "supervised"]), num_cpus=4, progress=False)
-    assert [c.status for c in outcome.cells] == ["done", "done"], [c.error for c in outcome.cells]
+                                methods=["scratch", "scratch-b", "supervised"]), num_cpus=4, progress=False)
+    assert [c.status for c in outcome.cells] == ["done"] * 3, [c.error for c in outcome.cells]
+    by_arm = {c.cell.method: c for c in outcome.cells}
     runs = list((dataset["ws"].root / "pretrain").glob("supervised-*"))
     assert len(runs) == 1
     manifest = read_manifest(runs[0])
@@ -335,6 +337,9 @@ def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: di
     assert not set(split.subjects("test")) & set(split.budget("all", 0))
     sha = hashlib.sha256((runs[0] / "encoder.pt").read_bytes()).hexdigest()
     study = open_study(dataset["ws"].tracking_uri, "grid-controls", create=False)
-    tags = study.client.get_run(outcome.cells[1].run_id).data.tags
+    control = study.client.get_run(by_arm["scratch-b"].run_id).data.tags
+    assert (control["sspctl.method"], control["sspctl.init"], control["sspctl.arm_role"]) == (
+        "scratch-b", "scratch", "negative control")
+    tags = study.client.get_run(by_arm["supervised"].run_id).data.tags
     assert tags["sspctl.method"] == "supervised" and tags["sspctl.arm_role"] == "positive control"
     assert tags["sspctl.init_weights_sha256"] == sha and tags["sspctl.init_part"] == "encoder"

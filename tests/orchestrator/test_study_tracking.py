@@ -18,6 +18,7 @@ from orchestrator.study_tracking import (
     grid_parent_run,
     namespaced,
     open_study,
+    repair_arm_tags,
     run_is_complete,
     run_tag,
     study_pages,
@@ -70,3 +71,20 @@ def test_a_study_written_before_the_namespace_is_migrated_and_still_resumes(tmp_
     assert grid_parent_run(study, "g1", tags={}) == parent
     assert [r.info.run_id for r in find_runs(study, {KIND_TAG: KIND_CELL})] == [cell]
     assert open_study(uri, "old").experiment_id == experiment_id  # a second open has nothing left to do
+
+
+def test_cells_whose_worker_overwrote_the_arm_get_it_back_when_the_study_opens(tmp_path: Path) -> None:
+    """A ``scratch-b`` (``mim-encdec``) cell tagged ``sspctl.method=scratch`` (``mim``) by its worker is an
+    A/A run the report would merge into scratch: opening the study restores the arm from the cell's name."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = open_study(uri, "s")
+    parent = grid_parent_run(study, "g1", tags={})
+    names = {"ft-scratch-b-b4-s0-t1000-0123abcd": "scratch", "ft-mim-encdec-ball-s0-t2-89abcdef": "mim",
+             "ft-scratch-b4-s0-t0-00000000": "scratch", "ft-simclr-b10-s1-ffffffff": "simclr"}
+    ids = {name: cell_run(study, name, parent, tags={"method": tagged}) for name, tagged in names.items()}
+
+    study = open_study(uri, "s")
+    arms = {name: run_tag(study.client.get_run(run_id), "method") for name, run_id in ids.items()}
+    assert arms == {"ft-scratch-b-b4-s0-t1000-0123abcd": "scratch-b", "ft-mim-encdec-ball-s0-t2-89abcdef": "mim-encdec",
+                    "ft-scratch-b4-s0-t0-00000000": "scratch", "ft-simclr-b10-s1-ffffffff": "simclr"}
+    assert repair_arm_tags(study) == 0  # done once
