@@ -20,6 +20,9 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: Seconds to wait for the dashboard to answer before calling the address unreachable.
 CONNECT_TIMEOUT_S = 5.0
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+#: Seconds to retry while a just-started cluster has no job agent yet (Ray: "No available agent to
+#: submit job, please try again later"): the agent comes up a few seconds after the dashboard.
+AGENT_WAIT_S = 30.0
 
 
 class SubmitError(RuntimeError):
@@ -120,16 +123,21 @@ class JobClient:
             runtime_env["working_dir"] = str(Path(working_dir).resolve())
         if env:
             runtime_env["env_vars"] = dict(env)
-        try:
-            return self._client.submit_job(
-                entrypoint=shlex.join(command),
-                submission_id=submission_id,
-                runtime_env=runtime_env or None,
-                entrypoint_num_cpus=num_cpus,
-                entrypoint_num_gpus=num_gpus,
-            )
-        except (RuntimeError, ValueError, ConnectionError) as exc:
-            raise SubmitError(f"submitting to {self.address} failed: {_first_line(exc)}") from None
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return self._client.submit_job(
+                    entrypoint=shlex.join(command),
+                    submission_id=submission_id,
+                    runtime_env=runtime_env or None,
+                    entrypoint_num_cpus=num_cpus,
+                    entrypoint_num_gpus=num_gpus,
+                )
+            except (RuntimeError, ValueError, ConnectionError) as exc:
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(1.0)  # refused before the job exists, so the same id can be sent again
+                    continue
+                raise SubmitError(f"submitting to {self.address} failed: {_first_line(exc)}") from None
 
     def state(self, job_id: str) -> JobState:
         """The job's current status; ``SubmitError`` if the cluster does not know it."""

@@ -206,3 +206,32 @@ def test_address_resolution_order(monkeypatch) -> None:
     assert resolve_address("http://head:8265") == "http://head:8265"
     with pytest.raises(SubmitError, match="Ray Client address"):
         resolve_address("ray://head:10001")
+
+
+class _AgentStartingClient:
+    """Ray's job API on a cluster whose job agent is still starting: refuses ``refusals`` times, then accepts."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals, self.calls = refusals, 0
+
+    def submit_job(self, **_: object) -> str:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
+        return "sspctl-agent-late"
+
+
+def test_submit_waits_for_a_job_agent_that_is_still_starting(monkeypatch) -> None:
+    """The 500 'No available agent' of a just-started cluster is retried (it came before the job existed);
+    after ``AGENT_WAIT_S`` it is the usual one-line error. A stand-in client: a real agent's start cannot be timed."""
+    from orchestrator import submit
+
+    monkeypatch.setattr(submit.time, "sleep", lambda _s: None)
+    client = object.__new__(submit.JobClient)
+    client.address, client._client = "http://127.0.0.1:1", _AgentStartingClient(refusals=3)
+    assert client.submit(["true"], submission_id="sspctl-agent-late") == "sspctl-agent-late"
+    assert client._client.calls == 4
+    monkeypatch.setattr(submit, "AGENT_WAIT_S", 0.0)
+    client._client = _AgentStartingClient(refusals=1)
+    with pytest.raises(submit.SubmitError, match="^submitting to http://127.0.0.1:1 failed: .*No available agent"):
+        client.submit(["true"])
