@@ -195,45 +195,6 @@ def subject_content_hash(
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class NativeVolume:
-    """A subject's ED or ES volume at native resolution, canonical orientation (base at ``Z = 0``).
-
-    Attributes:
-        image: float32 ``(Z, Y, X)``, z-scored with the subject's 4D-cine statistics.
-        label: uint8 ``(Z, Y, X)`` in {0, 1, 2, 3}.
-        spacing_zyx: voxel spacing in mm.
-        affine: native NIfTI affine (voxel ``(i, j, k)`` of the source file -> RAS+ mm).
-        flip_z: whether the native slice order was reversed to put the base at ``Z = 0``.
-        center_yx: heart centre (native canonical pixel coords) the store's slices are centred on.
-        subject_id, dataset, phase: identity.
-    """
-
-    image: np.ndarray
-    label: np.ndarray
-    spacing_zyx: tuple[float, float, float]
-    affine: np.ndarray
-    flip_z: bool
-    center_yx: tuple[float, float]
-    subject_id: str
-    dataset: str
-    phase: str
-
-    @property
-    def geometry(self) -> Any:
-        """The :class:`datastore.geometry.NativeGeometry` to resample and map predictions back."""
-        from datastore.geometry import NativeGeometry
-
-        return NativeGeometry(
-            shape_zyx=tuple(int(n) for n in self.image.shape),  # type: ignore[arg-type]
-            spacing_zyx=self.spacing_zyx,
-            affine=self.affine,
-            flip_z=self.flip_z,
-        )
-
-
-
-
 @dataclass
 class SubjectSummary:
     """A processed subject without its pixels: what the ingest driver allocates and commits.
