@@ -477,8 +477,9 @@ class SliceLoader:
         threads = self.read.read_threads
         self.chunks_per_read = max(1, min(self.chunks_per_read, budget // per_slice // (8 * threads * self.chunk_slices)))
         fixed = (self.read.prefetch + 2) * self.batch_size + 2 * threads * self.chunks_per_read * self.chunk_slices
-        # Live: the window in use, the read-ahead, the parts and the next window (4 windows); the
-        # rest is margin for what the allocator keeps (resident memory measured 1.4x the live peak).
+        # Live: the window in use and the read-ahead (2 windows: batches are gathered from the decoded
+        # chunks, no window copy); 6 leaves room for what the allocator keeps (resident memory measured
+        # up to 1.4x the live peak).
         window = (budget // per_slice - fixed) // 6
         if window < self.batch_size:
             raise LoaderError(
