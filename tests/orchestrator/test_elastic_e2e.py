@@ -245,3 +245,92 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
     (tmp_path / "elastic-figures.json").write_text(json.dumps(figures, indent=2))
     print("elastic figures:", json.dumps(figures))
     assert 0 <= figures["optimizer_steps_lost"] <= 8
+
+
+# -- a grid cell with elastic workers --------------------------------------------------------------
+
+CELL_CONFIG = {"epochs": 30, "iterations_per_epoch": 6, "batch_size": 4, "valid_batch_size": 8, "val_every": 2,
+               "model_width": 8, "lr": 0.05, "momentum": 0.9}
+
+
+@pytest.fixture
+def cluster_with_a_driver_node(monkeypatch: pytest.MonkeyPatch):
+    """A head with 1 CPU (the grid's Tune trial and the cell's Train controller prefer the driver's node;
+    a 1-CPU Train worker no longer fits beside the trial there) and two 1-CPU worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_enable_metrics_collection", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
+    nodes = [cluster.add_node(num_cpus=1, dashboard_agent_listen_port=_free_port()) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    cluster.shutdown()
+
+
+def _actor_nodes(address: str) -> dict[str, set[str]]:
+    """Node id -> class names of the alive actors on it (Ray's state API, from this process)."""
+    from ray.util.state import list_actors
+
+    nodes: dict[str, set[str]] = {}
+    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False):
+        nodes.setdefault(actor.node_id, set()).add(actor.class_name)
+    return nodes
+
+
+def _cell_run(workspace: Path, study: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return None
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sspctl.kind") == "cell"]
+    return runs[0] if runs else None
+
+
+@pytest.mark.timeout(1200)
+def test_elastic_grid_cell_loses_a_node_and_finishes(cell_data, tmp_path, cluster_with_a_driver_node):
+    """A fine-tuning grid cell with ``--workers-per-trial 1-2`` trains on two nodes; the raylet of the node
+    holding one Train worker (and neither the Tune trial nor the Train controller) is killed after the
+    cell's first checkpoint; the cell resumes on one worker and finishes with its test Dice."""
+    cluster, nodes = cluster_with_a_driver_node
+    config = tmp_path / "finetune.yaml"
+    config.write_text(yaml.safe_dump(CELL_CONFIG))
+    ws, study = tmp_path / "ws", "grid-elastic"
+    args = ["finetune", "--store", str(cell_data["store"]), "--split", str(cell_data["split"]), "--budgets", "all",
+            "--seeds", "0", "--methods", "scratch", "--config", str(config), "--study", study, "--output", str(ws),
+            "--workers-per-trial", "1-2", "--max-failures", "-1", "--no-progress"]
+    log = tmp_path / "grid.log"
+    grid = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO,
+                            env=_env(RAY_ADDRESS=cluster.address), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        run = _wait_for(lambda: _cell_run(ws, study), 300, "the cell's MLflow run", poll=0.5)
+        _wait_for(lambda: any(m.value == 2 for m in _metric(ws, run.info.run_id, "workers")), 300,
+                  "training on two workers", poll=0.5)
+        _wait_for(lambda: list((ws / "ray").glob(f"{run.info.run_name}/epoch_*")), 300, "the cell's first checkpoint",
+                  poll=0.2)
+        by_node = _actor_nodes(cluster.address)
+        drivers = {"ImplicitFunc", "TrainController"}
+        victims = [n for n in nodes if "RayTrainWorker" in by_node.get(n.node_id, set())
+                   and not drivers & by_node.get(n.node_id, set())]
+        assert victims, f"no worker node free of the trial and the controller: {by_node}"
+        os.kill(_raylet_pid(victims[0]), signal.SIGKILL)
+        assert grid.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+    assert _run_status(ws, run.info.run_id) == "FINISHED"
+    workers = [m.value for m in _metric(ws, run.info.run_id, "workers")]
+    assert workers[0] == 2 and workers[-1] == 1, workers
+    final = _cell_run(ws, study)
+    assert "test_dice_mean" in final.data.metrics and 0 <= final.data.metrics["test_dice_mean"] <= 1
+
+
+def _metric(workspace: Path, run_id: str, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
