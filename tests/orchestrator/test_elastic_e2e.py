@@ -253,31 +253,18 @@ CELL_CONFIG = {"epochs": 30, "iterations_per_epoch": 6, "batch_size": 4, "valid_
                "model_width": 8, "lr": 0.05, "momentum": 0.9}
 
 
-@pytest.fixture
-def cluster_with_a_driver_node(monkeypatch: pytest.MonkeyPatch):
-    """A head with 1 CPU (the grid's Tune trial and the cell's Train controller prefer the driver's node;
-    a 1-CPU Train worker no longer fits beside the trial there) and two 1-CPU worker nodes."""
-    from ray.cluster_utils import Cluster
+def _actor_names(node) -> set[str]:
+    """Process titles (``ray::RayTrainWorker...``) of the workers a node's raylet started."""
+    import psutil
 
-    monkeypatch.setenv("RAY_enable_metrics_collection", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                           "health_check_failure_threshold": 3}})
-    nodes = [cluster.add_node(num_cpus=1, dashboard_agent_listen_port=_free_port()) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, nodes
-    cluster.shutdown()
-
-
-def _actor_nodes(address: str) -> dict[str, set[str]]:
-    """Node id -> class names of the alive actors on it (Ray's state API, from this process)."""
-    from ray.util.state import list_actors
-
-    nodes: dict[str, set[str]] = {}
-    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False):
-        nodes.setdefault(actor.node_id, set()).add(actor.class_name)
-    return nodes
+    raylet = psutil.Process(_raylet_pid(node))
+    names = set()
+    for child in raylet.children(recursive=True):
+        try:
+            names.add(child.cmdline()[0].split()[0] if child.cmdline() else "")
+        except psutil.Error:
+            continue
+    return names
 
 
 def _cell_run(workspace: Path, study: str):
@@ -292,31 +279,42 @@ def _cell_run(workspace: Path, study: str):
 
 
 @pytest.mark.timeout(1200)
-def test_elastic_grid_cell_loses_a_node_and_finishes(cell_data, tmp_path, cluster_with_a_driver_node):
+def test_elastic_grid_cell_loses_a_node_and_finishes(cell_data, tmp_path, two_node_cluster):
     """A fine-tuning grid cell with ``--workers-per-trial 1-2`` trains on two nodes; the raylet of the node
-    holding one Train worker (and neither the Tune trial nor the Train controller) is killed after the
-    cell's first checkpoint; the cell resumes on one worker and finishes with its test Dice."""
-    cluster, nodes = cluster_with_a_driver_node
+    holding one Train worker (and neither the Tune trial nor the Train controller: they hold no CPU and
+    run on the head) is killed after the cell's first checkpoint; the cell resumes on one worker and
+    finishes with its test Dice."""
+    cluster, nodes = two_node_cluster
     config = tmp_path / "finetune.yaml"
     config.write_text(yaml.safe_dump(CELL_CONFIG))
     ws, study = tmp_path / "ws", "grid-elastic"
     args = ["finetune", "--store", str(cell_data["store"]), "--split", str(cell_data["split"]), "--budgets", "all",
             "--seeds", "0", "--methods", "scratch", "--config", str(config), "--study", study, "--output", str(ws),
-            "--workers-per-trial", "1-2", "--max-failures", "-1", "--no-progress"]
+            "--workers-per-trial", "1-2", "--max-failures", "3"]
     log = tmp_path / "grid.log"
     grid = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO,
                             env=_env(RAY_ADDRESS=cluster.address), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def alive(check):  # a predicate that fails at once, with the log, if the grid command has exited
+        def predicate():
+            assert grid.poll() is None, log.read_text()[-3000:]
+            return check()
+        return predicate
+
     try:
-        run = _wait_for(lambda: _cell_run(ws, study), 300, "the cell's MLflow run", poll=0.5)
-        _wait_for(lambda: any(m.value == 2 for m in _metric(ws, run.info.run_id, "workers")), 300,
+        run = _wait_for(alive(lambda: _cell_run(ws, study)), 300, "the cell's MLflow run", poll=0.5)
+        _wait_for(alive(lambda: any(m.value == 2 for m in _metric(ws, run.info.run_id, "workers"))), 300,
                   "training on two workers", poll=0.5)
-        _wait_for(lambda: list((ws / "ray").glob(f"{run.info.run_name}/epoch_*")), 300, "the cell's first checkpoint",
-                  poll=0.2)
-        by_node = _actor_nodes(cluster.address)
-        drivers = {"ImplicitFunc", "TrainController"}
-        victims = [n for n in nodes if "RayTrainWorker" in by_node.get(n.node_id, set())
-                   and not drivers & by_node.get(n.node_id, set())]
-        assert victims, f"no worker node free of the trial and the controller: {by_node}"
+        _wait_for(alive(lambda: list((ws / "ray").glob(f"{run.info.run_name}/epoch_*"))), 300,
+                  "the cell's first checkpoint", poll=0.2)
+        by_node = {node.node_id: _actor_names(node) for node in nodes}
+
+        def holds(node, *prefixes: str) -> bool:
+            return any(name.startswith(prefixes) for name in by_node[node.node_id])
+
+        # the node to lose runs a Train worker, but neither the cell's Tune trial nor its Train controller
+        victims = [n for n in nodes if holds(n, "ray::RayTrainWorker") and not holds(n, "ray::ImplicitFunc", "ray::TrainController")]
+        assert victims, f"no worker node holds only Train workers: {by_node}"
         os.kill(_raylet_pid(victims[0]), signal.SIGKILL)
         assert grid.wait(timeout=900) == 0, log.read_text()[-3000:]
     finally:
