@@ -1,8 +1,10 @@
 """Ingest throughput with 1 and 2 Ray workers on the same synthetic dataset; prints one JSON object.
 
-    .venv/bin/python benchmarks/ingest.py [--subjects 8] [--size 128] [--store-size 256]
+    .venv/bin/python benchmarks/ingest.py [--subjects 8] [--size 128] [--store-size 256] [--workers 1 2] [--nodes]
 
-Each worker count gets a fresh local Ray cluster and a fresh store. Ray start-up and the workers'
+Each worker count gets a fresh local Ray cluster and a fresh store. With ``--nodes`` that cluster
+has one node per worker (``ray.cluster_utils.Cluster``: a head without CPUs plus one 1-CPU node per
+worker, each its own raylet), so the writers run on separate nodes sharing the store's filesystem. Ray start-up and the workers'
 first imports (torch) are excluded: one warm-up task per worker runs before the clock starts.
 The clock covers planning, every subject's read + preprocess and write (in Ray tasks), the
 driver's allocations and commits, and the final compaction: what ``sspctl ingest`` does after
@@ -35,13 +37,22 @@ def _warm_up() -> int:
     return os.getpid()
 
 
-def run(workers: int, raw: Path, store: Path, store_size: int) -> dict[str, object]:
+def run(workers: int, raw: Path, store: Path, store_size: int, nodes: bool = False) -> dict[str, object]:
     import ray
 
     from datastore.config import IngestConfig
     from datastore.ingest import execute_ingest, plan_ingest
 
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, configure_logging=False)
+    cluster = None
+    if nodes:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, configure_logging=False)
+    else:
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, configure_logging=False)
     try:
         warm = ray.remote(num_cpus=1)(_warm_up)
         pids: set[int] = set()
@@ -52,11 +63,15 @@ def run(workers: int, raw: Path, store: Path, store_size: int) -> dict[str, obje
         plan = plan_ingest({"mnms": raw}, store, IngestConfig(size=store_size))
         result = execute_ingest(plan, executor="ray", max_in_flight=2 * workers, progress=False)
         seconds = time.perf_counter() - start
+        n_nodes = len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")])
     finally:
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     n = max(len(result.ingested), 1)
     return {
         "seconds": round(seconds, 2),
+        "nodes_with_cpus": n_nodes,
         "subjects": len(result.ingested),
         "slices": result.n_slices,
         "subjects_per_s": round(len(result.ingested) / seconds, 3),
@@ -86,6 +101,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="synthetic matrix size (pixels)")
     parser.add_argument("--store-size", type=int, default=256, help="stored slice size (pixels)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (the first is the baseline)")
+    parser.add_argument("--nodes", action="store_true", help="one Ray node per worker (a multi-node cluster on this machine)")
     args = parser.parse_args()
 
     from datastore.synth import write_dataset
@@ -95,11 +112,12 @@ def main() -> None:
     if not raw.exists():
         write_dataset(raw, "mnms", args.subjects, seed=0, size=args.size)
     results = {}
-    for workers in (1, 2):
+    for workers in args.workers:
         store = workdir / f"store-{workers}.zarr"
         shutil.rmtree(store, ignore_errors=True)
-        results[str(workers)] = run(workers, raw, store, args.store_size)
-    same = results["1"]["hash"] == results["2"]["hash"]
+        results[str(workers)] = run(workers, raw, store, args.store_size, args.nodes)
+    base = str(args.workers[0])
+    same = len({r["hash"] for r in results.values()}) == 1
     print(
         json.dumps(
             {
@@ -108,8 +126,9 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                 "workers": results,
-                "speedup_2_vs_1": round(results["2"]["subjects_per_s"] / results["1"]["subjects_per_s"], 2),
-                "projection": {k: projection(results[k]["stage_s_per_subject"]) for k in ("1", "2")},
+                "nodes": args.nodes,
+                "speedup_vs_first": {k: round(r["subjects_per_s"] / results[base]["subjects_per_s"], 2) for k, r in results.items()},
+                "projection": {k: projection(r["stage_s_per_subject"]) for k, r in results.items()},
                 "same_hash": same,
             },
             indent=2,

@@ -17,10 +17,15 @@ Design (measured in ``benchmarks/loader.py``, numbers in ``docs/benchmarks.md``)
 * **Epochs.** Every epoch a rank permutes its own slices with ``(seed, epoch, rank)`` and cuts
   ``len(loader)`` batches; the count is the same on every rank. With ``drop_last`` the few slices that
   do not fill a batch change from epoch to epoch (fewer than ``world_size * (batch_size + 1)``).
-* **Bounded memory.** ``ReadOptions(cache=False)`` streams instead: each epoch the rank decodes its chunks in a
-  shuffled order on background threads, gathers them into windows of about ``buffer_slices``
-  slices, and yields each window's slices in a fresh random order (one copy from the decoded
-  chunks into the window, one gather into the batch). ``ReadOptions.cache_gb`` sets a memory
+* **Reads.** A read call hands the store several runs at once (``SliceSource.read_image_ranges``);
+  zarr decodes their chunks concurrently in its own pool, which reaches the sequential decode
+  ceiling, where the same runs read one per call from several Python threads measured 3x slower.
+  Two background threads issue the calls, so that the copy of one call's rows into fresh memory
+  overlaps the next decode.
+* **Bounded memory.** ``ReadOptions(cache=False)`` streams instead: each epoch the rank reads its chunks in a
+  shuffled order, ``chunks_per_read`` per call, groups them into windows of about ``buffer_slices``
+  slices, and yields each window's slices in a fresh random order, gathered straight from the
+  decoded chunks into the batch (one copy per slice). ``ReadOptions.cache_gb`` sets a memory
   budget and chooses: the cache when the rank's share fits, else streaming with windows sized to
   the budget (``plan`` / ``memory_plan`` say which and why).
 
@@ -89,6 +94,10 @@ class SliceSource(Protocol):
         """Rows ``start:stop`` of the image array, ``(stop - start, H, W)`` in the stored dtype."""
         ...
 
+    def read_image_ranges(self, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """``read_image_range`` of each ``(start, stop)`` in ``runs``, in order; a store decodes them concurrently."""
+        ...
+
     def read_labels(self, indices: np.ndarray) -> np.ndarray:
         """Label maps of the (sorted, labelled) global rows ``indices``: uint8 ``(n, H, W)``."""
         ...
@@ -118,6 +127,9 @@ class ArraySource:
 
     def read_image_range(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.images[start:stop])
+
+    def read_image_ranges(self, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        return [self.read_image_range(start, stop) for start, stop in runs]
 
     def read_labels(self, indices: np.ndarray) -> np.ndarray:
         if self.labels is None:
@@ -158,23 +170,53 @@ class _StoreSource:
     def subjects(self) -> Any:
         return self._store.subjects
 
-    def read_image_range(self, start: int, stop: int) -> np.ndarray:
+    def _zarr_images(self) -> Any:
+        """The store's zarr ``images`` array (``None`` for a store without a zarr group)."""
         if self._images is None and getattr(self._store, "group", None) is not None:
             self._images = self._store.group["images"]
-        if self._images is not None:
-            try:
-                return np.asarray(self._images[start:stop])
-            except Exception as exc:  # noqa: BLE001 - a damaged chunk: name store, array and rows
-                from datastore.store import unreadable
+        return self._images
 
-                raise unreadable(_describe(self._store), "images", start, stop, exc) from None
-        reader = getattr(self._store, "read_image_range", None)
-        if reader is not None:
-            return np.asarray(reader(start, stop))
-        return np.asarray(self._store.read_images(np.arange(start, stop)))
+    def read_image_range(self, start: int, stop: int) -> np.ndarray:
+        return self.read_image_ranges([(start, stop)])[0]
+
+    def read_image_ranges(self, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Each run's rows, decoded concurrently by zarr's own pipeline in one call.
+
+        One call with several runs in flight reaches the sequential decode ceiling; the same runs
+        read from several Python threads measured 3x slower (``docs/benchmarks.md``, "Loader").
+        """
+        images = self._zarr_images()
+        if images is None:
+            reader = getattr(self._store, "read_image_range", None)
+            if reader is not None:
+                return [np.asarray(reader(start, stop)) for start, stop in runs]
+            return [np.asarray(self._store.read_images(np.arange(start, stop))) for start, stop in runs]
+        return _gather_ranges(images, runs, _describe(self._store))
 
     def read_labels(self, indices: np.ndarray) -> np.ndarray:
         return np.asarray(self._store.read_labels(indices))
+
+
+def _gather_ranges(images: Any, runs: Sequence[tuple[int, int]], where: str) -> list[np.ndarray]:
+    """Rows ``[start, stop)`` of the zarr array ``images`` for every run, read in one concurrent call.
+
+    A damaged chunk raises ``CorruptChunkError`` naming the store, the array and the rows.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def read_all() -> list[Any]:
+        reads = (images.async_array.getitem(slice(start, stop)) for start, stop in runs)
+        return await asyncio.gather(*reads, return_exceptions=True)
+
+    blocks = sync(read_all())
+    for (start, stop), block in zip(runs, blocks):
+        if isinstance(block, BaseException):  # name store, array and rows
+            from datastore.store import unreadable
+
+            raise unreadable(where, "images", start, stop, block) from None
+    return [np.asarray(block) for block in blocks]
 
 
 def _describe(store: Any) -> str:
@@ -351,7 +393,8 @@ class SliceLoader:
 
     Attributes:
         plan: the ``MemoryPlan`` chosen (``memory_plan`` is its one line; print it once per run).
-        cache, buffer_slices: the mode and streaming window in effect (the plan may change them).
+        cache, buffer_slices, chunks_per_read: the mode, the streaming window and the chunks per
+            streaming read call in effect (a budget may change them).
     """
 
     def __init__(
@@ -396,6 +439,8 @@ class SliceLoader:
         self.n_selected = len(selected)
         self.chunk_slices = int(source.chunk_slices)
         self.n_store_slices = int(source.n_slices)
+        #: Streaming: whole chunks, in the epoch's shuffled order, read in one call (decoded concurrently).
+        self.chunks_per_read = max(1, read.read_slices // self.chunk_slices)
         self._n_batches = batches_per_epoch(len(selected), self.batch_size, world_size, shard.drop_last)
         if self._n_batches == 0 or len(selected) < world_size:
             raise LoaderError(
@@ -428,9 +473,13 @@ class SliceLoader:
             self.plan = MemoryPlan(mode="cache", **plan)
             return
         self.cache = False
-        fixed = (self.read.prefetch + 2) * self.batch_size + 2 * self.read.read_threads * self.chunk_slices
-        # Live: the window in use, the read-ahead, the parts and the next window (4 windows); the
-        # rest is margin for what the allocator keeps (resident memory measured 1.4x the live peak).
+        # Reads in flight stay within a quarter of the budget: fewer chunks per call for small budgets.
+        threads = self.read.read_threads
+        self.chunks_per_read = max(1, min(self.chunks_per_read, budget // per_slice // (8 * threads * self.chunk_slices)))
+        fixed = (self.read.prefetch + 2) * self.batch_size + 2 * threads * self.chunks_per_read * self.chunk_slices
+        # Live: the window in use and the read-ahead (2 windows: batches are gathered from the decoded
+        # chunks, no window copy); 6 leaves room for what the allocator keeps (resident memory measured
+        # up to 1.4x the live peak).
         window = (budget // per_slice - fixed) // 6
         if window < self.batch_size:
             raise LoaderError(
@@ -498,7 +547,8 @@ class SliceLoader:
     def _fill_cache(self) -> _Cache:
         """Decode every chunk this rank owns once and keep its rows (rows follow ``indices``).
 
-        Runs are decoded on ``read.read_threads`` threads, each casting its rows straight into the cache.
+        Runs of ``read.read_slices`` rows are read on ``read.read_threads`` threads (the store decodes a
+        run's chunks concurrently), each casting its rows straight into the cache.
         """
         source = self._src()
         runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.read.read_slices)
@@ -508,7 +558,7 @@ class SliceLoader:
         def read(run: tuple[int, int]) -> int:
             start, stop = run
             lo, hi = (int(i) for i in np.searchsorted(self.indices, [start, stop]))
-            block = source.read_image_range(start, stop)
+            (block,) = source.read_image_ranges([run])
             assert images is not None
             if hi - lo == stop - start:  # the whole run is ours: one casting copy, no gather
                 images[lo:hi] = block
@@ -548,27 +598,32 @@ class SliceLoader:
             runs = [runs[i] for i in rng.permutation(len(runs))]
         total = len(self._order(self._epoch))  # includes drop_last=False padding
 
-        def read(run: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        def part(run: tuple[int, int], img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             start, stop = run
             lo, hi = (int(i) for i in np.searchsorted(self.indices, [start, stop]))
-            img = source.read_image_range(start, stop)
             if hi - lo != stop - start:  # only part of the chunk is ours (subject filter, padding rows)
                 img = img[self.indices[lo:hi] - start]
             lab = source.read_labels(self.indices[lo:hi]) if self.labelled_only else None
             return np.arange(lo, hi), img, lab
 
+        def read(group: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+            return [part(run, img) for run, img in zip(group, source.read_image_ranges(group))]
+
+        group = self.chunks_per_read
+        groups = [runs[i : i + group] for i in range(0, len(runs), group)]
         carry: list[np.ndarray | None] | None = None  # the last window's rows short of a batch
         emitted = 0
         with ThreadPoolExecutor(self.read.read_threads) as pool:
-            ahead = max(2 * self.read.read_threads, self.buffer_slices // self.chunk_slices)
-            for window in _windows(_bounded_map(pool, read, runs, ahead=ahead), self.buffer_slices):
-                order = rng.permutation(len(window[0])) if self.shard.shuffle else np.arange(len(window[0]))
+            ahead = max(2 * self.read.read_threads, self.buffer_slices // (group * self.chunk_slices))
+            parts = (p for parts in _bounded_map(pool, read, groups, ahead=ahead) for p in parts)
+            for window in _windows(parts, self.buffer_slices):
+                order = rng.permutation(len(window)) if self.shard.shuffle else np.arange(len(window))
                 start = 0
                 while emitted < total and start < len(order):
                     need = min(self.batch_size, total - emitted) - (0 if carry is None else len(carry[0]))  # type: ignore[arg-type]
                     pick = order[start : start + need]
                     start += len(pick)
-                    rows = [None if w is None else w[pick] for w in window]
+                    rows = window.take(pick)
                     if carry is not None:
                         rows = [None if r is None else np.concatenate([c, r]) for c, r in zip(carry, rows)]  # type: ignore[list-item]
                         carry = None
@@ -580,7 +635,7 @@ class SliceLoader:
                 del window
         while emitted < total:  # drop_last=False: the rows left over, then repeats of one row
             if carry is None or not len(carry[0]):  # type: ignore[arg-type]
-                first = read(runs[0])
+                (first,) = read(runs[:1])
                 carry = [None if r is None else r[:1] for r in first]
             take = min(self.batch_size, total - emitted, len(carry[0]))  # type: ignore[arg-type]
             yield self._batch(*(None if r is None else r[:take] for r in carry))  # type: ignore[arg-type]
@@ -626,25 +681,52 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Any, items: Sequence[Any], ahead:
         yield pending.popleft().result()
 
 
-def _windows(
-    parts: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]], size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Concatenate decoded runs ``(positions, images, labels)`` into windows of at least ``size`` rows."""
+class _Window:
+    """Decoded parts ``(positions, images, labels)`` seen as one sequence of rows, without copying them.
+
+    ``take`` gathers rows straight from the parts into the batch: one copy per slice instead of two
+    (into a concatenated window, then into the batch).
+    """
+
+    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> None:
+        self.parts = parts
+        sizes = [len(p[0]) for p in parts]
+        self.part_of = np.repeat(np.arange(len(parts)), sizes)
+        self.row_of = np.concatenate([np.arange(n) for n in sizes])
+        self.positions = np.concatenate([p[0] for p in parts])
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, pick: np.ndarray) -> list[np.ndarray | None]:
+        """``[positions, images, labels]`` of window rows ``pick``, in that order."""
+        parts, rows = self.part_of[pick], self.row_of[pick]
+        gathered: list[np.ndarray | None] = [self.positions[pick]]
+        for field in (1, 2):
+            first = self.parts[0][field]
+            if first is None:
+                gathered.append(None)
+                continue
+            out = np.empty((len(pick), *first.shape[1:]), dtype=first.dtype)
+            for part in np.unique(parts):
+                mine = parts == part
+                out[mine] = self.parts[part][field][rows[mine]]  # type: ignore[index]
+            gathered.append(out)
+        return gathered
+
+
+def _windows(parts: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]], size: int) -> Iterator[_Window]:
+    """Group decoded runs ``(positions, images, labels)`` into windows of at least ``size`` rows."""
     batch: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     rows = 0
     for part in parts:
         batch.append(part)
         rows += len(part[0])
         if rows >= size:
-            yield _concat(batch)
+            yield _Window(batch)
             batch, rows = [], 0
     if batch:
-        yield _concat(batch)
-
-
-def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])  # type: ignore[misc]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), labels
+        yield _Window(batch)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -56,8 +56,14 @@ class ReadOptions(BaseModel):
     )
     cache: bool = Field(True, description="without a budget: keep the share in memory (True) or stream it (False)")
     buffer_slices: int = Field(4096, ge=1, description="streaming: slices per shuffle window (at least one batch)")
-    read_threads: int = Field(2, ge=1, description="threads decoding store chunks in parallel")
-    read_slices: int = Field(DEFAULT_READ_SLICES, ge=1, description="cache fill: slices per read call (whole chunks)")
+    read_threads: int = Field(
+        2, ge=1, description="background threads issuing read calls (the store decodes the chunks of one call "
+        "concurrently; a second thread overlaps the copy into fresh memory with the next decode)",
+    )
+    read_slices: int = Field(
+        DEFAULT_READ_SLICES, ge=1, description="slices per read call, in whole chunks: a contiguous run when "
+        "filling the cache; when streaming, that many slices of chunks taken in the epoch's shuffled order",
+    )
     cache_dtype: Literal["float16", "float32"] | None = Field(
         None, description="dtype kept in memory; None: the stored dtype (float16). float32: twice the memory, faster CPU batches"
     )

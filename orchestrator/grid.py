@@ -61,8 +61,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("sspctl.grid")
 
 MARKER_NAME = "complete.json"
-#: Logical CPUs the Tune driver function of a trial holds (it only waits on its TorchTrainer).
+#: Logical CPUs planned for the Tune driver function of a trial when counting how many cells fit.
 DRIVER_CPUS = 0.01
+#: What that driver asks Ray for: no CPU, a little memory (it only waits on its TorchTrainer). A
+#: fraction of a CPU would break elastic cells: Ray Train counts whole workers per node from the
+#: node's CPUs, so a node holding a driver looks like it has room for one more worker than fits, and
+#: a cell shrinking after a node loss retried that group forever (tests/orchestrator/test_elastic_e2e.py).
+DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 
 @dataclass(frozen=True)
 class PretrainedRun:
@@ -617,7 +622,7 @@ def _fit_tuner(
     remote = bool(os.environ.get("RAY_ADDRESS"))
     concurrent = max_concurrent_trials(spec, ray.cluster_resources(), len(pending), strict=not remote)
     log.info("running %d cells, at most %d at once", len(pending), concurrent)
-    trainable = tune.with_resources(tune.with_parameters(_cell_trainable, worker_fn=worker_fn), {"CPU": DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(_cell_trainable, worker_fn=worker_fn), DRIVER_RESOURCES)
     callbacks = [_progress_callback(len(pending))] if progress else []
     tuner = tune.Tuner(
         trainable,

@@ -59,6 +59,8 @@ def test_reads_name_the_store_the_array_and_the_rows(damaged: Path) -> None:
     assert store.native("A01", "ES").label.shape == (4, 10, 12)  # another subject's chunk still reads
     with pytest.raises(CorruptChunkError, match=rf"store {damaged}: array images rows \[8, 16\)"):
         as_source(store).read_image_range(8, 16)  # the training loader's path
+    with pytest.raises(CorruptChunkError, match=rf"store {damaged}: array images rows \[8, 16\)"):
+        as_source(store).read_image_ranges([(0, 8), (8, 16)])  # one concurrent call: the damaged run is named
 
 
 @pytest.mark.slow

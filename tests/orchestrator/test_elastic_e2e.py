@@ -245,3 +245,90 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
     (tmp_path / "elastic-figures.json").write_text(json.dumps(figures, indent=2))
     print("elastic figures:", json.dumps(figures))
     assert 0 <= figures["optimizer_steps_lost"] <= 8
+
+
+# -- a grid cell with elastic workers --------------------------------------------------------------
+
+CELL_CONFIG = {"epochs": 30, "iterations_per_epoch": 6, "batch_size": 4, "valid_batch_size": 8, "val_every": 2,
+               "model_width": 8, "lr": 0.05, "momentum": 0.9}
+
+
+def _actor_names(node) -> set[str]:
+    """Process titles (``ray::RayTrainWorker...``) of the workers a node's raylet started."""
+    import psutil
+
+    raylet = psutil.Process(_raylet_pid(node))
+    names = set()
+    for child in raylet.children(recursive=True):
+        try:
+            names.add(child.cmdline()[0].split()[0] if child.cmdline() else "")
+        except psutil.Error:
+            continue
+    return names
+
+
+def _cell_run(workspace: Path, study: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return None
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sspctl.kind") == "cell"]
+    return runs[0] if runs else None
+
+
+@pytest.mark.timeout(1200)
+def test_elastic_grid_cell_loses_a_node_and_finishes(cell_data, tmp_path, two_node_cluster):
+    """A fine-tuning grid cell with ``--workers-per-trial 1-2`` trains on two nodes; the raylet of the node
+    holding one Train worker (and neither the Tune trial nor the Train controller: they hold no CPU and
+    run on the head) is killed after the cell's first checkpoint; the cell resumes on one worker and
+    finishes with its test Dice."""
+    cluster, nodes = two_node_cluster
+    config = tmp_path / "finetune.yaml"
+    config.write_text(yaml.safe_dump(CELL_CONFIG))
+    ws, study = tmp_path / "ws", "grid-elastic"
+    args = ["finetune", "--store", str(cell_data["store"]), "--split", str(cell_data["split"]), "--budgets", "all",
+            "--seeds", "0", "--methods", "scratch", "--config", str(config), "--study", study, "--output", str(ws),
+            "--workers-per-trial", "1-2", "--max-failures", "3"]
+    log = tmp_path / "grid.log"
+    grid = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO,
+                            env=_env(RAY_ADDRESS=cluster.address), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def alive(check):  # a predicate that fails at once, with the log, if the grid command has exited
+        def predicate():
+            assert grid.poll() is None, log.read_text()[-3000:]
+            return check()
+        return predicate
+
+    try:
+        run = _wait_for(alive(lambda: _cell_run(ws, study)), 300, "the cell's MLflow run", poll=0.5)
+        _wait_for(alive(lambda: any(m.value == 2 for m in _metric(ws, run.info.run_id, "workers"))), 300,
+                  "training on two workers", poll=0.5)
+        _wait_for(alive(lambda: list((ws / "ray").glob(f"{run.info.run_name}/epoch_*"))), 300,
+                  "the cell's first checkpoint", poll=0.2)
+        by_node = {node.node_id: _actor_names(node) for node in nodes}
+
+        def holds(node, *prefixes: str) -> bool:
+            return any(name.startswith(prefixes) for name in by_node[node.node_id])
+
+        # the node to lose runs a Train worker, but neither the cell's Tune trial nor its Train controller
+        victims = [n for n in nodes if holds(n, "ray::RayTrainWorker") and not holds(n, "ray::ImplicitFunc", "ray::TrainController")]
+        assert victims, f"no worker node holds only Train workers: {by_node}"
+        os.kill(_raylet_pid(victims[0]), signal.SIGKILL)
+        assert grid.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+    assert _run_status(ws, run.info.run_id) == "FINISHED"
+    workers = [m.value for m in _metric(ws, run.info.run_id, "workers")]
+    assert workers[0] == 2 and workers[-1] == 1, workers
+    final = _cell_run(ws, study)
+    assert "test_dice_mean" in final.data.metrics and 0 <= final.data.metrics["test_dice_mean"] <= 1
+
+
+def _metric(workspace: Path, run_id: str, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
