@@ -204,7 +204,7 @@ def _gather_ranges(images: Any, runs: Sequence[tuple[int, int]], where: str) -> 
     """
     import asyncio
 
-    from zarr.core.sync import sync
+    from zarr.core.sync import sync  # zarr's own sync bridge (what Array.__getitem__ uses); zarr is pinned <3.2
 
     async def read_all() -> list[Any]:
         reads = (images.async_array.getitem(slice(start, stop)) for start, stop in runs)
