@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (the first is the baseline)")
     parser.add_argument("--nodes", action="store_true", help="one Ray node per worker (a multi-node cluster on this machine)")
     args = parser.parse_args()
+    if min(args.workers) < 1:
+        parser.error(f"--workers: every count must be >= 1, got {args.workers}")
 
     from datastore.synth import write_dataset
 

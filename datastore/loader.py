@@ -558,7 +558,7 @@ class SliceLoader:
         def read(run: tuple[int, int]) -> int:
             start, stop = run
             lo, hi = (int(i) for i in np.searchsorted(self.indices, [start, stop]))
-            (block,) = source.read_image_ranges([run])
+            block = source.read_image_range(start, stop)
             assert images is not None
             if hi - lo == stop - start:  # the whole run is ours: one casting copy, no gather
                 images[lo:hi] = block

@@ -89,20 +89,22 @@ def _progress(run_dir: Path) -> dict | None:
         return None
 
 
+def _client(workspace: Path):
+    """An MLflow client on the workspace's sqlite store."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+
+
 def _mlflow_history(workspace: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` in the order they were logged (a dying worker may log a later step before the
     resumed group logs the earlier step it restarts from)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
+    history = sorted(_client(workspace).get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
     return [(m.step, m.value) for m in history]
 
 
 def _run_status(workspace: Path, run_id: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(run_id).info.status
+    return _client(workspace).get_run(run_id).info.status
 
 
 @pytest.mark.timeout(1200)  # two sspctl commands, each with its own Ray
@@ -271,9 +273,7 @@ def _actor_names(node) -> set[str]:
 
 
 def _cell_run(workspace: Path, study: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    client = _client(workspace)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return None
