@@ -17,6 +17,11 @@ Design (measured in ``benchmarks/loader.py``, numbers in ``docs/benchmarks.md``)
 * **Epochs.** Every epoch a rank permutes its own slices with ``(seed, epoch, rank)`` and cuts
   ``len(loader)`` batches; the count is the same on every rank. With ``drop_last`` the few slices that
   do not fill a batch change from epoch to epoch (fewer than ``world_size * (batch_size + 1)``).
+* **Global batches.** ``Shard(global_batches=True)`` (opt-in, ``drop_last`` only): every rank owns
+  the whole selection, orders each epoch as one rank with the global batch ``batch_size *
+  world_size`` would (seeds without the rank) and yields its rows ``[rank * batch_size, (rank + 1) *
+  batch_size)`` of each global batch, gathering only those. Global batch ``k`` is then the same at
+  any world size (elastic training), for ``world_size`` times the decode and memory.
 * **Reads.** A read call hands the store several runs at once (``SliceSource.read_image_ranges``);
   zarr decodes their chunks concurrently in its own pool, which reaches the sequential decode
   ceiling, where the same runs read one per call from several Python threads measured 3x slower.
@@ -30,8 +35,9 @@ Design (measured in ``benchmarks/loader.py``, numbers in ``docs/benchmarks.md``)
   the budget (``plan`` / ``memory_plan`` say which and why).
 
 Options come in two frozen groups (``datastore/loader_options.py``): ``Shard`` (rank, world size,
-seed, shuffle, drop_last: which slices a rank owns and the order of each epoch) and ``ReadOptions``
-(memory budget or mode, window, threads, read sizes, cache dtype, prefetch, progress bar).
+seed, shuffle, drop_last, global_batches: which slices a rank owns and the order of each epoch) and
+``ReadOptions`` (memory budget or mode, window, threads, read sizes, cache dtype, prefetch, progress
+bar).
 
 Usage in a train loop (one loader per rank, built inside the worker)::
 
@@ -381,8 +387,9 @@ class SliceLoader:
         labelled_only: keep only labelled (ED/ES) slices and add ``label`` to each batch.
         batch_size: slices per batch on this rank; the global batch is ``batch_size * world_size``.
         shard: this rank, the number of ranks, the seed (ownership for the run; with the epoch, the
-            order of every epoch), ``shuffle`` (False: contiguous blocks in store order) and
-            ``drop_last`` (False: the last batch is partial).
+            order of every epoch), ``shuffle`` (False: contiguous blocks in store order),
+            ``drop_last`` (False: the last batch is partial) and ``global_batches`` (every rank owns
+            the selection and yields its rows of the world-size-independent global batches).
         read: how the share is read. ``cache_gb`` (a budget in GB, 1e9 bytes) decides: the cache
             when the share fits, else streaming with ``buffer_slices`` lowered so that the windows,
             the read-ahead and the batches in flight fit (:func:`default_cache_gb` gives a default
@@ -418,10 +425,20 @@ class SliceLoader:
         self.batch_size = int(batch_size)
         self.shard, self.read = shard, read
         self.device = device
-        self.cache, self.buffer_slices = read.cache, max(read.buffer_slices, self.batch_size)
+        if shard.global_batches and not shard.drop_last:
+            raise LoaderError("Shard.global_batches needs drop_last=True: a partial global batch cannot be split across ranks")
+        world_size = shard.world_size
+        #: The epoch order is cut in batches of ``_cut`` slices, drawn from seeds with ``_seed_rank``;
+        #: this rank yields rows ``_rows`` of each. Default: its own batches. ``global_batches``: the
+        #: order of one rank with the global batch, of which this rank yields its rows.
+        if shard.global_batches:
+            self._cut, self._seed_rank = self.batch_size * world_size, 0
+            self._rows = (shard.rank * self.batch_size, (shard.rank + 1) * self.batch_size)
+        else:
+            self._cut, self._seed_rank, self._rows = self.batch_size, shard.rank, (0, self.batch_size)
+        self.cache, self.buffer_slices = read.cache, max(read.buffer_slices, self._cut)
         self.progress = (shard.rank == 0) if read.progress is None else read.progress
         self._epoch = 0
-        world_size = shard.world_size
 
         source = self._source
         where = _describe(store)
@@ -441,14 +458,16 @@ class SliceLoader:
         self.n_store_slices = int(source.n_slices)
         #: Streaming: whole chunks, in the epoch's shuffled order, read in one call (decoded concurrently).
         self.chunks_per_read = max(1, read.read_slices // self.chunk_slices)
-        self._n_batches = batches_per_epoch(len(selected), self.batch_size, world_size, shard.drop_last)
+        # The selection is split between ``owners`` ranks; this rank owns share ``owner``.
+        owners, owner = (1, 0) if shard.global_batches else (world_size, shard.rank)
+        self._n_batches = batches_per_epoch(len(selected), self._cut, owners, shard.drop_last)
         if self._n_batches == 0 or len(selected) < world_size:
             raise LoaderError(
                 f"{len(selected)} {what} cannot give every one of {world_size} rank(s) a batch of "
                 f"{batch_size}; lower batch_size or world_size"
             )
-        #: Sorted global slice indices this rank owns.
-        self.indices = partition(selected, self.chunk_slices, world_size, shard.seed, shard.shuffle)[shard.rank]
+        #: Sorted global slice indices this rank owns (the whole selection with ``global_batches``).
+        self.indices = partition(selected, self.chunk_slices, owners, shard.seed, shard.shuffle)[owner]
         # conventions.slice_position, vectorised: slice_index / slice_count (0-based from the base).
         self._position = (
             np.asarray(meta["slice"])[self.indices] / np.asarray(meta["slice_count"])[self.indices]
@@ -476,15 +495,17 @@ class SliceLoader:
         # Reads in flight stay within a quarter of the budget: fewer chunks per call for small budgets.
         threads = self.read.read_threads
         self.chunks_per_read = max(1, min(self.chunks_per_read, budget // per_slice // (8 * threads * self.chunk_slices)))
-        fixed = (self.read.prefetch + 2) * self.batch_size + 2 * threads * self.chunks_per_read * self.chunk_slices
+        # The cut (the global batch with ``global_batches``): the window, hence the order, must not
+        # depend on the world size.
+        fixed = (self.read.prefetch + 2) * self._cut + 2 * threads * self.chunks_per_read * self.chunk_slices
         # Live: the window in use and the read-ahead (2 windows: batches are gathered from the decoded
         # chunks, no window copy); 6 leaves room for what the allocator keeps (resident memory measured
         # up to 1.4x the live peak).
         window = (budget // per_slice - fixed) // 6
-        if window < self.batch_size:
+        if window < self._cut:
             raise LoaderError(
-                f"cache_gb={cache_gb:g} is too small to stream batches of {self.batch_size} "
-                f"({per_slice * (3 * self.batch_size + fixed) / 1e9:.3f} GB needed at least)"
+                f"cache_gb={cache_gb:g} is too small to stream batches of {self._cut} "
+                f"({per_slice * (3 * self._cut + fixed) / 1e9:.3f} GB needed at least)"
             )
         self.buffer_slices = int(min(self.buffer_slices, window))
         self.plan = MemoryPlan(mode="stream", window_slices=self.buffer_slices, **plan)
@@ -528,12 +549,25 @@ class SliceLoader:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def _cut_order(self, epoch: int) -> np.ndarray:
+        """Positions into ``indices`` for ``epoch``, cut in batches of ``_cut`` (``epoch_order``), int64."""
         shard = self.shard
         return epoch_order(
-            len(self.indices), self._n_batches, self.batch_size, seed=shard.seed, epoch=epoch,
-            rank=shard.rank, shuffle=shard.shuffle, drop_last=shard.drop_last,
+            len(self.indices), self._n_batches, self._cut, seed=shard.seed, epoch=epoch,
+            rank=self._seed_rank, shuffle=shard.shuffle, drop_last=shard.drop_last,
         )  # fmt: skip
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Positions into ``indices`` this rank yields in ``epoch``, in batch order, int64.
+
+        With ``global_batches``: rows ``_rows`` of each global batch, ``(len(self) * batch_size,)``;
+        otherwise ``_cut_order``.
+        """
+        order = self._cut_order(epoch)
+        if not self.shard.global_batches:
+            return order
+        lo, hi = self._rows
+        return order.reshape(-1, self._cut)[:, lo:hi].ravel()
 
     def _src(self) -> SliceSource:
         if self._source is None:
@@ -590,13 +624,19 @@ class SliceLoader:
             yield self._batch(pos, cache.images[pos], None if cache.labels is None else cache.labels[pos])
 
     def _iter_streaming(self) -> Iterator[dict[str, Any]]:
-        """Decode this rank's chunks in a shuffled order; yield each window's slices shuffled."""
+        """Decode this rank's chunks in a shuffled order; yield each window's slices shuffled.
+
+        Each window's order is cut in batches of ``_cut`` slices (a batch may span two windows), of
+        which this rank gathers only its rows ``_rows`` (with ``global_batches``: its rows of the
+        global batch; the other ranks' rows are drawn, not gathered).
+        """
         source = self._src()
-        rng = np.random.default_rng([self.shard.seed, self._epoch, self.shard.rank, 0x5793])
+        rng = np.random.default_rng([self.shard.seed, self._epoch, self._seed_rank, 0x5793])
         runs = _chunk_runs(self.indices, self.chunk_slices, self.n_store_slices, self.chunk_slices)
         if self.shard.shuffle:
             runs = [runs[i] for i in rng.permutation(len(runs))]
-        total = len(self._order(self._epoch))  # includes drop_last=False padding
+        total = len(self._cut_order(self._epoch))  # includes drop_last=False padding
+        lo, hi = self._rows
 
         def part(run: tuple[int, int], img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             start, stop = run
@@ -611,7 +651,8 @@ class SliceLoader:
 
         group = self.chunks_per_read
         groups = [runs[i : i + group] for i in range(0, len(runs), group)]
-        carry: list[np.ndarray | None] | None = None  # the last window's rows short of a batch
+        carry: list[np.ndarray | None] | None = None  # this rank's rows of a batch the last window left short
+        filled = 0  # rows of that batch drawn (this rank's and, with global_batches, the others')
         emitted = 0
         with ThreadPoolExecutor(self.read.read_threads) as pool:
             ahead = max(2 * self.read.read_threads, self.buffer_slices // (group * self.chunk_slices))
@@ -620,18 +661,17 @@ class SliceLoader:
                 order = rng.permutation(len(window)) if self.shard.shuffle else np.arange(len(window))
                 start = 0
                 while emitted < total and start < len(order):
-                    need = min(self.batch_size, total - emitted) - (0 if carry is None else len(carry[0]))  # type: ignore[arg-type]
-                    pick = order[start : start + need]
+                    size = min(self._cut, total - emitted)
+                    pick = order[start : start + size - filled]  # rows filled .. filled + len(pick) of the batch
                     start += len(pick)
-                    rows = window.take(pick)
+                    rows = window.take(pick[max(lo - filled, 0) : max(hi - filled, 0)])  # this rank's
                     if carry is not None:
                         rows = [None if r is None else np.concatenate([c, r]) for c, r in zip(carry, rows)]  # type: ignore[list-item]
-                        carry = None
-                    if len(pick) < need:  # the window ran out: these rows lead the next one's first batch
-                        carry = rows
+                    carry, filled = rows, filled + len(pick)
+                    if filled < size:  # the window ran out: these rows lead the next one's first batch
                         break
                     yield self._batch(*rows)  # type: ignore[arg-type]
-                    emitted += len(rows[0])  # type: ignore[arg-type]
+                    carry, filled, emitted = None, 0, emitted + size
                 del window
         while emitted < total:  # drop_last=False: the rows left over, then repeats of one row
             if carry is None or not len(carry[0]):  # type: ignore[arg-type]

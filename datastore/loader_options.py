@@ -1,8 +1,9 @@
 """The slice loader's grouped options, and the memory plan it reports.
 
 * ``Shard``: which slices a rank owns and in what order it yields them (rank, world size, seed,
-  shuffle, drop_last). Two loaders with the same selection, batch size and ``Shard`` own the same
-  slices; in the cache mode they also yield the same batches in the same order.
+  shuffle, drop_last, global_batches). Two loaders with the same selection, batch size and
+  ``Shard`` own the same slices; in the cache mode they also yield the same batches in the same
+  order.
 * ``ReadOptions``: how a rank reads its share: the memory budget (``cache_gb``) or the mode
   (``cache``), the streaming window, reader threads, read sizes, the cache dtype, prefetch depth and
   the progress bar. They change memory and speed; the streaming mode's order also depends on the
@@ -33,6 +34,13 @@ class Shard(BaseModel):
     """One rank's place in the run: which slices it owns and how each epoch is ordered.
 
     ``rank`` must be below ``world_size``; the loader checks that (``LoaderError``).
+
+    ``global_batches`` (opt-in): every rank owns the whole selection and the epoch is ordered as for
+    one rank with the global batch (``batch_size * world_size``); rank ``r`` yields rows
+    ``[r * batch_size, (r + 1) * batch_size)`` of each global batch. The global batches are then the
+    same at any world size (elastic training keeps its data when a worker leaves), at ``world_size``
+    times the decode and memory of the default per-rank shares. Needs ``drop_last=True``; at
+    ``world_size=1`` it yields the same batches as the default.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +50,11 @@ class Shard(BaseModel):
     seed: int = Field(0, description="drives ownership (fixed for the run) and, with the epoch, every epoch's order")
     shuffle: bool = Field(True, description="False: each rank gets a contiguous block in store order (validation)")
     drop_last: bool = Field(True, description="drop the slices that do not fill a batch; False: the last batch is partial")
+    global_batches: bool = Field(
+        False, description="every rank reads the whole selection and yields its rows of each global batch: the "
+        "global batches are the same at any world size; costs world_size x the decode and memory of the per-rank "
+        "mode (needs drop_last)",
+    )
 
 
 class ReadOptions(BaseModel):
