@@ -42,12 +42,22 @@ probability from ``AugmentConfig``:
    maximum (the paper uses the subject's z-scored maximum; the per-image maximum is our stand-in).
 
 ``patch_mask`` draws MIM's exact-ratio patch masks.
+
+**Draws.** Every op takes ``gen``: a ``torch.Generator`` (draws for the batch it is given) or a
+``RankRows`` (a generator seeded the same on every rank, and this rank's place in the global batch):
+then each draw is made for the whole global batch ``world_size * B`` and this rank keeps its rows
+``rank * B : (rank + 1) * B``. The global batch is then augmented exactly as one process augments it,
+whatever the number of ranks (elastic training: ``docs/pretraining.md``); per-pixel noise is drawn for
+the global batch too (``world_size`` times the draws, cheap next to the model). A per-image result
+never depends on the other images of the batch (the blur's kernel is truncated per image).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -90,23 +100,54 @@ class AugmentConfig(BaseModel):
         return self
 
 
-def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
-    """``gen`` itself if it lives on ``device``, else a device generator seeded from ``gen``."""
-    if gen.device.type == device.type:
+@dataclass(frozen=True)
+class RankRows:
+    """Draws for rank ``rank`` of ``world_size``: ``generator`` is seeded the same on every rank; each draw
+    is made for ``world_size * B`` rows and this rank keeps rows ``rank * B : (rank + 1) * B``."""
+
+    generator: torch.Generator
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+
+
+#: What the augmentation ops draw from: a generator (the batch is everything) or a rank's rows of a global batch.
+Draws: TypeAlias = torch.Generator | RankRows
+
+
+def _rows(gen: Draws, n: int, draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:
+    """``draw(generator, rows)`` for this batch's ``n`` rows: all of them, or this rank's of the global batch."""
+    if isinstance(gen, torch.Generator):
+        return draw(gen, n)
+    return draw(gen.generator, n * gen.world_size)[gen.rank * n : (gen.rank + 1) * n]
+
+
+def _generator(gen: Draws) -> torch.Generator:
+    return gen if isinstance(gen, torch.Generator) else gen.generator
+
+
+def _device_generator(gen: Draws, device: torch.device) -> Draws:
+    """``gen`` itself if it lives on ``device``, else a device generator seeded from ``gen`` (same rows)."""
+    base = _generator(gen)
+    if base.device.type == device.type:
         return gen
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-    return torch.Generator(device=device).manual_seed(seed)
+    seed = int(torch.randint(0, 2**62, (1,), generator=base, device=base.device))
+    moved = torch.Generator(device=device).manual_seed(seed)
+    return moved if isinstance(gen, torch.Generator) else RankRows(moved, gen.rank, gen.world_size)
 
 
-def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
+def _uniform(gen: Draws, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
     """``(n,)`` float32 draws from U(lo, hi), drawn on the generator's device, moved to ``device``."""
-    u = torch.rand(n, generator=gen, device=gen.device)
+    u = _rows(gen, n, lambda g, rows: torch.rand(rows, generator=g, device=g.device))
     return (lo + (hi - lo) * u).to(device)
 
 
-def _coin(gen: torch.Generator, n: int, p: float, device: torch.device) -> torch.Tensor:
+def _coin(gen: Draws, n: int, p: float, device: torch.device) -> torch.Tensor:
     """``(n,)`` bool, True with probability ``p``."""
-    return (torch.rand(n, generator=gen, device=gen.device) < p).to(device)
+    return (_rows(gen, n, lambda g, rows: torch.rand(rows, generator=g, device=g.device)) < p).to(device)
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:
@@ -130,7 +171,7 @@ class AffineParams(NamedTuple):
     t_y: torch.Tensor
 
 
-def sample_affine(b: int, gen: torch.Generator, cfg: AugmentConfig, device: torch.device) -> AffineParams:
+def sample_affine(b: int, gen: Draws, cfg: AugmentConfig, device: torch.device) -> AffineParams:
     """Draw ``random_affine``'s parameters for ``b`` images."""
     theta = _uniform(gen, b, -cfg.rotation_deg, cfg.rotation_deg, device) * (math.pi / 180.0)
     scale = _uniform(gen, b, *cfg.scale_range, device)
@@ -201,7 +242,7 @@ def affine_resample_label(label: torch.Tensor, p: AffineParams, crop_fraction: f
     return out[:, 0].round().to(label.dtype)
 
 
-def random_affine(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+def random_affine(x: torch.Tensor, gen: Draws, cfg: AugmentConfig) -> torch.Tensor:
     """Rotate, scale, flip and translate each image (bicubic); ``(B, 1, H, W)`` -> ``(B, 1, h, w)``.
 
     ``h = round(H * crop_fraction)``; see the module docstring for the transform.
@@ -211,7 +252,7 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> 
 
 
 def random_affine_pair(
-    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig
+    image: torch.Tensor, label: torch.Tensor, gen: Draws, cfg: AugmentConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``random_affine`` of images and their label maps with one parameter draw per image.
 
@@ -229,27 +270,38 @@ def random_affine_pair(
     return affine_resample(image, p, cfg.crop_fraction), affine_resample_label(label, p, cfg.crop_fraction)
 
 
-def gaussian_noise(x: torch.Tensor, gen: torch.Generator, p: float, std_max: float) -> torch.Tensor:
+def gaussian_noise(x: torch.Tensor, gen: Draws, p: float, std_max: float) -> torch.Tensor:
     """Add ``N(0, std^2)`` per pixel to each selected image, ``std ~ U(0, std_max)``."""
     b = x.shape[0]
     apply = _coin(gen, b, p, x.device)
     std = _uniform(gen, b, 0.0, std_max, x.device) * apply
-    noise = torch.randn(x.shape, generator=_device_generator(gen, x.device), device=x.device, dtype=x.dtype)
+    noise = _rows(_device_generator(gen, x.device), b, lambda g, rows: torch.randn(
+        (rows, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype))
     return x + noise * _per_image(std).to(x.dtype)
 
 
+def _kernel_radius(sigma: torch.Tensor) -> torch.Tensor:
+    """Per-image kernel radius in pixels, ``int(4 * sigma + 0.5)`` (scipy's ``truncate=4.0``), at least 1."""
+    return (4.0 * sigma + 0.5).floor().clamp_min(1)
+
+
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """``(B,)`` sigmas -> ``(B, 2 * radius + 1)`` normalised 1-D Gaussian kernels."""
+    """``(B,)`` sigmas -> ``(B, 2 * radius + 1)`` normalised 1-D Gaussian kernels, each truncated at its
+    own radius (``_kernel_radius``): an image's blur does not depend on the other images' sigmas."""
     taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     k = torch.exp(-0.5 * (taps[None, :] / sigma.clamp_min(1e-6)[:, None]) ** 2)
+    k = k * (taps.abs()[None, :] <= _kernel_radius(sigma)[:, None])
     return k / k.sum(dim=1, keepdim=True)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur, one sigma (pixels) per image: ``(B, 1, H, W)``, ``(B,)`` -> same shape."""
+    """Separable Gaussian blur, one sigma (pixels) per image: ``(B, 1, H, W)``, ``(B,)`` -> same shape.
+
+    Each image's kernel is truncated at ``int(4 sigma + 0.5)`` pixels, as scipy's ``gaussian_filter``.
+    """
     _check(x)
     b, _, h, w = x.shape
-    radius = max(1, math.ceil(4.0 * float(sigma.max())))
+    radius = int(_kernel_radius(sigma).max())
     k = _gaussian_kernels(sigma, radius).to(x.dtype)  # (B, K)
     y = x.reshape(1, b, h, w)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k[:, None, None, :], groups=b)
@@ -257,7 +309,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, 1, h, w)
 
 
-def random_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range: Range) -> torch.Tensor:
+def random_blur(x: torch.Tensor, gen: Draws, p: float, sigma_range: Range) -> torch.Tensor:
     """Blur each image with probability ``p``, ``sigma ~ U(sigma_range)`` pixels."""
     b = x.shape[0]
     apply = _coin(gen, b, p, x.device)
@@ -269,7 +321,7 @@ def random_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range: Ra
     return out
 
 
-def scale_intensity(x: torch.Tensor, gen: torch.Generator, p: float, factors: Range) -> torch.Tensor:
+def scale_intensity(x: torch.Tensor, gen: Draws, p: float, factors: Range) -> torch.Tensor:
     """``x * (1 + f)``, ``f ~ U(factors)``, per selected image (MONAI ``RandScaleIntensity``)."""
     b = x.shape[0]
     apply = _coin(gen, b, p, x.device)
@@ -278,7 +330,7 @@ def scale_intensity(x: torch.Tensor, gen: torch.Generator, p: float, factors: Ra
     return x * _per_image(mult).to(x.dtype)
 
 
-def shift_intensity(x: torch.Tensor, gen: torch.Generator, p: float, offsets: Range) -> torch.Tensor:
+def shift_intensity(x: torch.Tensor, gen: Draws, p: float, offsets: Range) -> torch.Tensor:
     """``x + U(offsets)`` per selected image."""
     b = x.shape[0]
     apply = _coin(gen, b, p, x.device)
@@ -286,7 +338,7 @@ def shift_intensity(x: torch.Tensor, gen: torch.Generator, p: float, offsets: Ra
     return x + _per_image(off).to(x.dtype)
 
 
-def adjust_gamma(x: torch.Tensor, gen: torch.Generator, p: float, gammas: Range) -> torch.Tensor:
+def adjust_gamma(x: torch.Tensor, gen: Draws, p: float, gammas: Range) -> torch.Tensor:
     """Per-image gamma on the min-max normalised image, range restored (MONAI ``RandAdjustContrast``)."""
     b = x.shape[0]
     apply = _coin(gen, b, p, x.device)
@@ -298,7 +350,7 @@ def adjust_gamma(x: torch.Tensor, gen: torch.Generator, p: float, gammas: Range)
     return unit.pow(_per_image(gamma).to(x.dtype)) * rng + lo
 
 
-def solarize(x: torch.Tensor, gen: torch.Generator, p: float, threshold: float) -> torch.Tensor:
+def solarize(x: torch.Tensor, gen: Draws, p: float, threshold: float) -> torch.Tensor:
     """Pixels above ``threshold`` become ``max - x`` (``max`` per image) in each selected image."""
     b = x.shape[0]
     apply = _per_image(_coin(gen, b, p, x.device))
@@ -306,7 +358,7 @@ def solarize(x: torch.Tensor, gen: torch.Generator, p: float, threshold: float) 
     return torch.where(apply & (x > threshold), top - x, x)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: AugmentConfig, gen: Draws) -> torch.Tensor:
     """The full chain of the module docstring: ``(B, 1, H, W)`` -> ``(B, 1, H * crop_fraction, ...)``.
 
     Runs with autocast off, in ``x``'s dtype: the train loops call it inside their autocast region,
@@ -318,7 +370,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
 
 
 def augment_pair(
-    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+    image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, gen: Draws
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a labelled batch: ``image`` ``(B, 1, H, W)`` float, ``label`` ``(B, H, W)`` integer.
 
@@ -333,7 +385,7 @@ def augment_pair(
         return _intensity_chain(image, cfg, gen), label
 
 
-def _intensity_chain(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def _intensity_chain(x: torch.Tensor, cfg: AugmentConfig, gen: Draws) -> torch.Tensor:
     """Steps 2-7 of the module docstring (everything after the affine warp)."""
     x = gaussian_noise(x, gen, cfg.noise_p, cfg.noise_std_max)
     x = random_blur(x, gen, cfg.smooth_p, cfg.smooth_sigma)
@@ -351,7 +403,7 @@ def masked_count(num_patches: int, ratio: float) -> int:
 
 
 def patch_mask(
-    batch: int, image_size: int, patches_per_side: int, ratio: float, gen: torch.Generator, device: torch.device
+    batch: int, image_size: int, patches_per_side: int, ratio: float, gen: Draws, device: torch.device
 ) -> torch.Tensor:
     """MIM mask: exactly ``masked_count(P * P, ratio)`` of the ``P x P`` square patches per image.
 
@@ -364,9 +416,9 @@ def patch_mask(
         raise ValueError(f"image size {image_size} px is not divisible into {patches_per_side} patches per side")
     n = patches_per_side * patches_per_side
     k = masked_count(n, ratio)
-    noise = torch.rand(batch, n, generator=gen, device=gen.device)
+    noise = _rows(gen, batch, lambda g, rows: torch.rand(rows, n, generator=g, device=g.device))
     idx = noise.topk(k, dim=1).indices
-    mask = torch.zeros(batch, n, device=gen.device).scatter_(1, idx, 1.0)
+    mask = torch.zeros(batch, n, device=noise.device).scatter_(1, idx, 1.0)
     patch = image_size // patches_per_side
     mask = mask.reshape(batch, 1, patches_per_side, patches_per_side)
     mask = mask.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)

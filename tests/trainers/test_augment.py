@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from trainers.augment import (
     AugmentConfig,
+    RankRows,
+    augment_pair,
     adjust_gamma,
     AffineParams,
     affine_resample,
@@ -288,3 +290,42 @@ def test_augment_runs_on_cuda_with_a_cpu_generator() -> None:
     assert torch.equal(a, augment(x, AugmentConfig(noise_p=1.0), _gen(1)))
     m = patch_mask(2, 32, 8, 0.75, _gen(0), x.device)
     assert m.device == x.device
+
+
+def test_blur_truncates_each_kernel_at_its_own_radius_like_scipy() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    x = _images(3, 24)
+    sigmas = [0.6, 1.4, 1.0]
+    ours = gaussian_blur(x, torch.tensor(sigmas))  # one batch: the widest kernel must not widen the others
+    for i, sigma in enumerate(sigmas):
+        ref = gaussian_filter(x[i, 0].double().numpy(), sigma=sigma, mode="nearest", truncate=4.0)
+        np.testing.assert_allclose(ours[i, 0].numpy(), ref, atol=1e-5)
+
+
+ALL_OPS = AugmentConfig(noise_p=0.7, smooth_p=0.7, solarize_p=0.5, solarize_threshold=0.5)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_rows_augment_the_global_batch_as_one_process_does(world_size: int) -> None:
+    """Every rank augments its rows of the global batch exactly as one process augments the whole batch."""
+    x = _images(8, 32)
+    label = torch.randint(0, 4, (8, 32, 32), generator=_gen(5))
+    whole = augment(x, ALL_OPS, _gen(3))
+    whole_pair = augment_pair(x, label, ALL_OPS, _gen(4))
+    whole_mask = patch_mask(8, 32, 4, 0.6, _gen(6), x.device)
+    n = 8 // world_size
+    close = dict(rtol=1e-5, atol=1e-5)  # float32 rounding: batched convolutions sum in another order
+    for rank in range(world_size):
+        rows = slice(rank * n, (rank + 1) * n)
+        assert torch.allclose(augment(x[rows], ALL_OPS, RankRows(_gen(3), rank, world_size)), whole[rows], **close)
+        image, lab = augment_pair(x[rows], label[rows], ALL_OPS, RankRows(_gen(4), rank, world_size))
+        assert torch.allclose(image, whole_pair[0][rows], **close) and torch.equal(lab, whole_pair[1][rows])
+        assert torch.equal(patch_mask(n, 32, 4, 0.6, RankRows(_gen(6), rank, world_size), x.device), whole_mask[rows])
+
+
+def test_rank_rows_of_one_rank_draw_what_the_generator_draws() -> None:
+    x = _images(4, 32)
+    assert torch.equal(augment(x, ALL_OPS, RankRows(_gen(2))), augment(x, ALL_OPS, _gen(2)))
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        RankRows(_gen(0), 2, 2)
