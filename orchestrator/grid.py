@@ -341,7 +341,9 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     per_worker: dict[str, float] = {"CPU": cell.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = cell.gpus_per_trial / cell.workers.max
-    job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
+    fields = cell.job.model_dump()
+    runtime = {"global_batches": fields.pop("global_batches")}
+    job = FinetuneJob.model_validate({**fields, "runtime": runtime, "tracker": tracker})
     trainer = TorchTrainer(
         monitored(  # the typed job crosses into the workers as is
             functools.partial(worker_fn, job), settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
@@ -532,7 +534,8 @@ def plan_grid(request: GridRequest) -> GridPlan:
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
-        job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output), read=spec.read)
+        job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output), read=spec.read,
+                      global_batches=spec.workers_per_trial.min < spec.workers_per_trial.max)
         pending.append(_trial(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash}, spec, job,
                               workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)

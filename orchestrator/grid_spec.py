@@ -127,6 +127,9 @@ class CellJob(BaseModel):
     config: dict[str, Any] = Field(description="the cell's resolved FinetuneConfig")
     output: str = Field(description="the cell's directory")
     read: ReadOptions = ReadOptions()
+    global_batches: bool = Field(
+        False, description="the cell's global batches do not depend on its worker count (on for an elastic range)"
+    )
 
 
 class CellTrial(BaseModel):

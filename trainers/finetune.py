@@ -7,8 +7,10 @@ One call is one rank of a data-parallel run (method-spec section 5):
   reads its share of their labelled (ED/ES) slices through ``SliceLoader(labelled_only=True)``
   with a per-rank batch of ``batch_size / N`` (global batch 32 whatever ``N``). An epoch is one pass
   over those slices, or exactly ``iterations_per_epoch`` steps when set (cycling the slices, as
-  nnU-Net does). Validation reads the split's
-  ``valid`` subjects in store order without augmentation.
+  nnU-Net does). With ``RuntimeOptions.global_batches`` (the grid sets it for an elastic
+  ``workers_per_trial``) every rank reads all of them and takes its rows of world-size-independent
+  global batches, augmented with its rows of the global batch's draws (``trainers.augment.RankRows``).
+  Validation reads the split's ``valid`` subjects in store order without augmentation.
 * **Augmentation.** ``trainers.augment.augment_pair``: the random affine applied with the
   same parameters to the image (bicubic) and to the label map (nearest neighbour), as the
   published resampler, then the intensity chain on the image only.
@@ -244,7 +246,7 @@ class CellData:
         train_ids, valid_ids = split.budget(config.budget, config.seed), split.subjects("valid")
         batch = per_rank_batch(config.batch_size, ctx.world_size)
         train = SliceLoader(job.store, train_ids, labelled_only=True, batch_size=batch,
-                            shard=shard(ctx, config.training_seed), read=read)
+                            shard=shard(ctx, config.training_seed, global_batches=job.runtime.global_batches), read=read)
         valid = None
         if valid_ids:
             valid = SliceLoader(job.store, valid_ids, labelled_only=True, batch_size=max(1, config.valid_batch_size // ctx.world_size),
@@ -303,7 +305,7 @@ def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
     bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"finetune {config.method}/{config.budget}/{config.seed}/t{config.training_seed}",
                unit="epoch", disable=not ctx.is_chief, leave=False)
     for epoch in range(start_epoch, config.epochs):
-        generator = ctx.generator(config.training_seed, epoch)
+        generator = ctx.draws(config.training_seed, epoch, global_batches=job.runtime.global_batches)
         net.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         lr = optimizer.param_groups[0]["lr"]

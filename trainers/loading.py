@@ -14,9 +14,10 @@ from typing import Any
 from datastore.loader_options import DEFAULT_MEMORY_FRACTION, ReadOptions, Shard, default_cache_gb, node_memory_gb
 
 
-def shard(ctx: Any, seed: int, *, shuffle: bool = True, drop_last: bool = True) -> Shard:
+def shard(ctx: Any, seed: int, *, shuffle: bool = True, drop_last: bool = True, global_batches: bool = False) -> Shard:
     """This rank's ``Shard`` (``ctx`` is a ``trainers.runtime.WorkerContext``)."""
-    return Shard(rank=ctx.rank, world_size=ctx.world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
+    return Shard(rank=ctx.rank, world_size=ctx.world_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                 global_batches=global_batches)
 
 
 def ranks_on_this_node(in_ray: bool) -> int:

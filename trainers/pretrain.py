@@ -6,11 +6,15 @@ reductions, resume and report, and ``trainers.pretrain_outputs`` the files rank 
 
 * **Data.** Rank ``r`` of ``N`` reads its own shard of all frames of the selected subjects through
   ``datastore.loader.SliceLoader`` with a per-rank batch of ``global_batch / N``: the global batch is
-  the configured (paper) value whatever ``N`` is (``N`` must divide it).
-* **Model.** The method's ``modules`` go to the device; with ``N > 1`` BatchNorm layers become
-  ``SyncBatchNorm`` on CUDA (``RuntimeOptions.sync_batchnorm``, on by default: the paper trained one
-  GPU whose BN saw the whole batch, and synced BN keeps those statistics at any ``N``; torch has no
-  CPU SyncBatchNorm, so on CPU the statistics stay per worker); networks the method keeps outside
+  the configured (paper) value whatever ``N`` is (``N`` must divide it). With
+  ``RuntimeOptions.global_batches`` the global batches themselves (which slices, which augmentation
+  draws) are the same at any ``N``: every rank reads the whole selection and keeps its rows of each
+  global batch (``Shard.global_batches``, ``trainers.augment.RankRows``), so a run that loses or gains
+  workers trains on exactly the batches a one-worker run would.
+* **Model.** The method's ``modules`` go to the device; with ``N > 1`` BatchNorm layers normalise with
+  the global batch's statistics (``RuntimeOptions.sync_batchnorm``, on by default: the paper trained
+  one GPU whose BN saw the whole batch): torch's ``SyncBatchNorm`` on CUDA, ``CrossRankBatchNorm``
+  (``trainers.cross_rank_batchnorm``) on CPU, where torch's refuses to run; networks the method keeps outside
   ``modules`` (DINO's EMA teacher) get the same conversion (``SSPMethod.convert_sync_batchnorm``) and
   move with ``SSPMethod.to``, and the module is wrapped in DDP (gloo on CPU, NCCL on GPU;
   ``TorchTrainer`` set the process group up). Contrastive gathers and DINO's centre all-reduce live in
@@ -18,8 +22,9 @@ reductions, resume and report, and ``trainers.pretrain_outputs`` the files rank 
 * **Precision.** CPU: fp32 always. GPU: the config's ``precision`` -- ``"fp16"`` is the published recipe
   (fp16 autocast + ``GradScaler``), ``"bf16"`` bf16 autocast (no scaler), ``"fp32"`` none.
   ``channels_last`` and ``torch.compile`` are optional (``PretrainConfig``).
-* **Randomness.** Augmentation draws from a ``torch.Generator`` seeded from ``(seed, rank, epoch)``,
-  so every rank augments independently and a resumed epoch replays exactly.
+* **Randomness.** Augmentation draws from a ``torch.Generator`` seeded from ``(seed, rank, epoch, step)``,
+  so every rank augments independently and a resumed epoch replays exactly (with ``global_batches``:
+  one generator seeded the same on every rank, each rank keeping its rows of the global batch's draws).
 * **Checkpoints.** After every epoch all ranks report (a barrier); rank 0 attaches a safe checkpoint
   (``trainers.checkpoint``) of model, optimizer, scheduler, scaler, method extra state, epoch, RNG
   states and config. On start the run resumes from the last reported checkpoint.
@@ -91,7 +96,7 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     batch = per_rank_batch(config.batch_size, ctx.world_size)
     read, budget_from = for_worker(job.read, ctx.in_ray)
     loader = SliceLoader(job.store, job.subjects, labelled_only=False, batch_size=batch,
-                         shard=shard(ctx, config.seed), read=read)
+                         shard=shard(ctx, config.seed, global_batches=options.global_batches), read=read)
     steps_per_epoch = min(len(loader), config.steps_per_epoch or len(loader))
     valid_loader, skipped = open_validation(job, ctx.rank, ctx.world_size, read)
 
@@ -179,7 +184,7 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
         loss_sum, lr, global_step = train_epoch(
             ctx, config, method, model, modules, optimizer, scaler, amp_dtype, loader, epoch, global_step,
             steps_per_epoch, progress, skip=skip, loss_sum=position.loss_sum if skip else 0.0,
-            after_step=after_step,
+            after_step=after_step, global_batches=options.global_batches,
         )
         epoch_time = time.perf_counter() - started
         done_here = steps_per_epoch - skip
@@ -269,14 +274,15 @@ def train_epoch(
     ctx: WorkerContext, config: PretrainConfig, method: Any, model: torch.nn.Module, modules: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scaler: Any | None, amp_dtype: torch.dtype | None, loader: Any, epoch: int,
     global_step: int, steps_per_epoch: int, progress: ProgressWriter, *, skip: int = 0, loss_sum: float = 0.0,
-    after_step: Callable[[int, int, int, torch.Tensor], None] | None = None,
+    after_step: Callable[[int, int, int, torch.Tensor], None] | None = None, global_batches: bool = False,
 ) -> tuple[torch.Tensor, float, int]:
     """One epoch of SSP steps (LR and weight decay set per step); returns ``(loss sum, last lr, global step)``.
 
     ``skip`` steps of the epoch are already done (a run resumed inside it): their batches are drawn and
     dropped and ``loss_sum`` carries their summed loss. ``after_step(epoch, steps done in the epoch,
     global step, loss sum)`` runs after every optimiser step (step checkpoints, preemption).
-    ``loss sum`` is this rank's float64 sum of step losses, on the device.
+    ``loss sum`` is this rank's float64 sum of step losses, on the device. ``global_batches``: augment
+    with this rank's rows of the global batch's draws (``WorkerContext.draws``).
     """
     device = ctx.device
     modules.train()
@@ -287,7 +293,7 @@ def train_epoch(
     batches = device_batches(loader, device, config.channels_last, steps_per_epoch, skip=skip)
     for step, batch in enumerate(batches, start=skip):
         lr = apply_schedule(config, optimizer, global_step, steps_per_epoch)
-        generator = ctx.generator(config.seed, epoch, step)  # per step: a resume inside the epoch replays it
+        generator = ctx.draws(config.seed, epoch, step, global_batches=global_batches)  # per step: a resume replays it
         with autocast(device, amp_dtype):
             loss = method.training_step(batch, model, epoch, step, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)

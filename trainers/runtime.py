@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from trainers.augment import Draws, RankRows
 from trainers.checkpoint import TrainState, resume_state, save_checkpoint
 
 
@@ -49,7 +50,14 @@ class RuntimeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sync_batchnorm: bool = Field(True, description="convert BatchNorm to SyncBatchNorm when world size > 1 (CUDA only)")
+    sync_batchnorm: bool = Field(
+        True, description="world size > 1: BatchNorm normalises with the global batch's statistics "
+        "(torch SyncBatchNorm on CUDA, trainers.cross_rank_batchnorm on CPU)",
+    )
+    global_batches: bool = Field(
+        False, description="the same global batches at any worker count: every rank reads the whole selection, "
+        "takes its rows of each global batch and draws augmentation for the global batch (elastic runs)",
+    )
     find_unused_parameters: bool = Field(False, description="DDP find_unused_parameters")
     cpu_fp32: bool = Field(True, description="ignore mixed precision on CPU (autocast on CPU is slow)")
     recon_every: int = Field(
@@ -123,28 +131,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def sync_batchnorm_applies(device: torch.device, world_size: int, options: RuntimeOptions) -> bool:
-    """Whether BatchNorm becomes SyncBatchNorm: more than one rank, asked for, and a CUDA device.
-
-    torch's SyncBatchNorm synchronises only CUDA tensors; on CPU (gloo) BN statistics stay per worker.
-    """
-    return world_size > 1 and options.sync_batchnorm and device.type == "cuda"
+def sync_batchnorm_applies(world_size: int, options: RuntimeOptions) -> bool:
+    """Whether BatchNorm normalises with the global batch's statistics: more than one rank, and asked for."""
+    return world_size > 1 and options.sync_batchnorm
 
 
-def convert_sync_batchnorm(modules: nn.Module, method: Any | None = None) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm in ``modules`` and in the networks an SSP ``method`` keeps outside them.
+def batchnorm_converter(device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """The conversion to cross-rank BatchNorm for ``device``: torch's ``SyncBatchNorm`` on CUDA (which
+    refuses CPU tensors), ``trainers.cross_rank_batchnorm`` elsewhere (CPU, gloo)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm
+    from trainers.cross_rank_batchnorm import convert_cross_rank_batchnorm
 
-    ``method.convert_sync_batchnorm()`` converts those (DINO: its EMA teacher), so a network that runs
-    beside ``modules`` on the same batch normalises with the same (global) statistics. Conversion keeps
-    parameter names, order and state-dict keys and shares the weights; it works on CPU modules (only a
-    synced forward needs CUDA and a process group).
+    return convert_cross_rank_batchnorm
+
+
+def convert_sync_batchnorm(modules: nn.Module, device: torch.device, method: Any | None = None) -> nn.Module:
+    """BatchNorm -> cross-rank BatchNorm (``batchnorm_converter(device)``) in ``modules`` and in the
+    networks an SSP ``method`` keeps outside them.
+
+    ``method.convert_sync_batchnorm(convert)`` converts those (DINO: its EMA teacher), so a network that
+    runs beside ``modules`` on the same batch normalises with the same (global) statistics. Conversion
+    keeps parameter names, order and state-dict keys and shares the weights.
 
     Returns:
         The converted ``modules`` (the same object unless ``modules`` itself is a BatchNorm layer).
     """
-    modules = nn.SyncBatchNorm.convert_sync_batchnorm(modules)
+    convert = batchnorm_converter(device)
+    modules = convert(modules)
     if method is not None:
-        method.convert_sync_batchnorm()
+        method.convert_sync_batchnorm(convert)
     return modules
 
 
@@ -162,8 +178,8 @@ def wrap_model(
     module whose ``state_dict`` the checkpoint holds (never the DDP/compile wrapper, so keys carry no
     ``module.``/``_orig_mod.`` prefix).
     """
-    if sync_batchnorm_applies(device, world_size, options):
-        modules = convert_sync_batchnorm(modules, method)
+    if sync_batchnorm_applies(world_size, options):
+        modules = convert_sync_batchnorm(modules, device, method)
     modules = modules.to(device)
     if channels_last:
         modules = modules.to(memory_format=torch.channels_last)
@@ -223,13 +239,18 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _ray_identity() -> tuple[int, int, bool]:
-    """``(rank, world_size, in_ray)``: Ray Train's values inside a worker, ``(0, 1, False)`` outside."""
+    """``(rank, world_size, in_ray)``: Ray Train's values inside a worker; outside Ray the default
+    process group's (a caller that set one up, e.g. the 1-vs-2-worker tests), else ``(0, 1, False)``."""
     try:
         import ray.train
 
         ctx = ray.train.get_context()
         return ctx.get_world_rank(), ctx.get_world_size(), True
     except Exception:  # noqa: BLE001 - plain process (unit use, benchmarks)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size(), False
         return 0, 1, False
 
 
@@ -268,6 +289,15 @@ class WorkerContext:
     def generator(self, seed: int, epoch: int, step: int | None = None) -> torch.Generator:
         """This rank's augmentation generator for ``epoch`` (and ``step``): ``augmentation_seed(seed, rank, epoch, step)``."""
         return torch.Generator(device=self.device).manual_seed(augmentation_seed(seed, self.rank, epoch, step))
+
+    def draws(self, seed: int, epoch: int, step: int | None = None, *, global_batches: bool) -> Draws:
+        """What ``epoch`` (step ``step``) augments with: this rank's ``generator``, or with
+        ``global_batches`` this rank's rows of draws made for the global batch from a generator seeded
+        the same on every rank (rank 0's: one worker draws exactly what it drew before)."""
+        if not global_batches:
+            return self.generator(seed, epoch, step)
+        shared = torch.Generator(device=self.device).manual_seed(augmentation_seed(seed, 0, epoch, step))
+        return RankRows(shared, self.rank, self.world_size)
 
     def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a float64 CPU vector over ranks; the identity for one rank or no process group."""
@@ -320,7 +350,7 @@ class WorkerContext:
 
 
 __all__ = [
-    "LoopError", "RuntimeOptions", "WorkerContext", "augmentation_seed", "autocast", "convert_sync_batchnorm", "device_batches",
+    "LoopError", "RuntimeOptions", "WorkerContext", "augmentation_seed", "autocast", "batchnorm_converter", "convert_sync_batchnorm", "device_batches",
     "per_rank_batch", "resolve_precision", "select_device", "sync_batchnorm_applies", "wait_for_committed_checkpoint", "wrap_model",
     "write_json_atomic",
 ]

@@ -35,7 +35,14 @@ def pretrain(
     split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test and valid parts (all frames, labelled or not) and compute the validation loss on its valid subjects each epoch (best checkpoint = lowest valid_loss; DINO: lowest training loss). Default: every subject in the store, no validation."),
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     cache_gb: float | None = typer.Option(None, "--cache-gb", help=CACHE_GB_HELP),
-    no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm instead of SyncBatchNorm when workers > 1."),
+    no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm when workers > 1 (default: BatchNorm uses the global batch's statistics; SyncBatchNorm on GPUs, its CPU counterpart on CPUs)."),
+    global_batches: bool | None = typer.Option(
+        None, "--global-batches/--rank-batches",
+        help="--global-batches: every global batch holds the same slices, augmented the same way, at any worker "
+        "count, so a run that loses or gains workers trains on exactly the batches one worker would (each worker "
+        "reads the whole selection: workers x the decode and loader memory). --rank-batches: each worker reads "
+        "its own share (cheapest at scale; the batches depend on the count). Default: global for MIN-MAX, per-rank for N.",
+    ),
     checkpoint_every_steps: int | None = typer.Option(
         None, "--checkpoint-every-steps", min=1,
         help="Also checkpoint every N optimiser (global) steps inside epochs, so a lost node or a preemption loses "
@@ -85,7 +92,8 @@ def pretrain(
         split=Path(split_file) if split_file else None, workers=worker_range,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
         runtime={"sync_batchnorm": not no_sync_bn, "checkpoint_every_steps": checkpoint_every_steps,
-                 "preempt_grace_s": preemption_grace or None},
+                 "preempt_grace_s": preemption_grace or None,
+                 "global_batches": worker_range.min < worker_range.max if global_batches is None else global_batches},
         read=read, study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):

@@ -230,15 +230,17 @@ def test_dino_ema_uses_momentum_schedule_of_the_step_just_taken() -> None:
         method.after_optimizer_step(0, 0, total)
 
 
-def test_sync_batchnorm_applies_only_to_several_cuda_ranks() -> None:
-    from trainers.runtime import RuntimeOptions, sync_batchnorm_applies
+def test_cross_rank_batchnorm_applies_to_several_ranks_on_any_device() -> None:
+    from trainers.cross_rank_batchnorm import convert_cross_rank_batchnorm
+    from trainers.runtime import RuntimeOptions, batchnorm_converter, sync_batchnorm_applies
 
     on, off = RuntimeOptions(), RuntimeOptions(sync_batchnorm=False)
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert sync_batchnorm_applies(cuda, 2, on)
-    assert not sync_batchnorm_applies(cuda, 1, on)
-    assert not sync_batchnorm_applies(cuda, 2, off)
-    assert not sync_batchnorm_applies(cpu, 2, on)  # torch has no CPU SyncBatchNorm: BN stays per worker
+    assert sync_batchnorm_applies(2, on)
+    assert not sync_batchnorm_applies(1, on)
+    assert not sync_batchnorm_applies(2, off)
+    # torch's SyncBatchNorm refuses CPU tensors: CPU ranks get the cross-rank layer of trainers/
+    assert batchnorm_converter(torch.device("cuda", 0)) == torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    assert batchnorm_converter(torch.device("cpu")) is convert_cross_rank_batchnorm
 
 
 def _bn_types(module: torch.nn.Module) -> dict[str, type]:
@@ -247,13 +249,18 @@ def _bn_types(module: torch.nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in module.named_modules() if isinstance(m, _BatchNorm)}
 
 
-def test_dino_sync_batchnorm_converts_student_and_teacher_and_keeps_the_ema_exact() -> None:
-    """The loop's SyncBN conversion (``convert_sync_batchnorm(modules, method)``) reaches DINO's teacher.
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_dino_sync_batchnorm_converts_student_and_teacher_and_keeps_the_ema_exact(device: str) -> None:
+    """The loop's cross-rank BN conversion (``convert_sync_batchnorm(modules, device, method)``) reaches
+    DINO's teacher: torch's SyncBatchNorm for CUDA ranks, ``CrossRankBatchNorm`` for CPU ranks.
 
-    On CPU without a process group SyncBatchNorm's forward is plain batch norm, so one training step
-    also gives the same loss as the unconverted networks.
+    Without a process group both layers' forward is plain batch norm, so one training step (on the
+    CPU) also gives the same loss as the unconverted networks.
     """
+    from trainers.cross_rank_batchnorm import CrossRankBatchNorm
     from trainers.runtime import convert_sync_batchnorm
+
+    layer = torch.nn.SyncBatchNorm if device == "cuda" else CrossRankBatchNorm
 
     torch.manual_seed(0)
     method = METHODS["dino"](_config("dino"), SIZE)
@@ -264,11 +271,11 @@ def test_dino_sync_batchnorm_converts_student_and_teacher_and_keeps_the_ema_exac
     keys_before = list(method.extra_state())
     assert set(_bn_types(method.teacher).values()) >= {torch.nn.BatchNorm1d, torch.nn.BatchNorm2d}
 
-    modules = convert_sync_batchnorm(method.modules, method)
+    modules = convert_sync_batchnorm(method.modules, torch.device(device), method)
     assert modules is method.student  # the loop's ``modules`` is still the network the EMA reads
     for net in (method.student, method.teacher):
         types = _bn_types(net)
-        assert types and set(types.values()) == {torch.nn.SyncBatchNorm}, types
+        assert types and set(types.values()) == {layer}, types
     assert _bn_types(method.student).keys() == _bn_types(method.teacher).keys()
     assert [n for n, _ in method.teacher.named_parameters()] == names_before
     assert [n for n, _ in method.student.named_parameters()] == names_before

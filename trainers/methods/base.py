@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from torch import nn
 
+from trainers.augment import Draws
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -47,8 +49,9 @@ class SSPMethod(Protocol):
         """Move the state kept outside ``modules`` (DINO: teacher and centre) to ``device``."""
         ...
 
-    def convert_sync_batchnorm(self) -> None:
-        """Convert the networks kept outside ``modules`` to SyncBatchNorm (called with ``modules``'s conversion)."""
+    def convert_sync_batchnorm(self, convert: Callable[[nn.Module], nn.Module]) -> None:
+        """Convert the networks kept outside ``modules`` with ``convert`` (cross-rank BatchNorm; called with
+        ``modules``'s conversion, ``trainers.runtime.convert_sync_batchnorm``)."""
         ...
 
     def epoch_figures(
@@ -66,7 +69,7 @@ class SSPMethod(Protocol):
         model: nn.Module,
         epoch: int,
         step: int,
-        generator: torch.Generator,
+        generator: Draws,
     ) -> dict[str, torch.Tensor]:
         """Augment ``batch`` (``image`` ``(B, 1, H, W)`` float, ``position`` ``(B,)``), run ``model``
         (``modules``, possibly DDP-wrapped), return ``{"loss": scalar tensor, ...}`` where other
@@ -104,7 +107,7 @@ class MethodBase:
     def to(self, device: torch.device | str, channels_last: bool = False) -> MethodBase:
         return self
 
-    def convert_sync_batchnorm(self) -> None:
+    def convert_sync_batchnorm(self, convert: Callable[[nn.Module], nn.Module]) -> None:
         pass
 
     def epoch_figures(

@@ -29,8 +29,9 @@ without gradient, in train mode (its BN keeps its own running statistics; they a
 - ``extra_state``: the teacher's state dict (``teacher.*``) and the centre (``center``).
 - Ranks: the teacher is broadcast from rank 0 at the first step (DDP only syncs the student), so
   ranks seeded differently still share one teacher.
-- SyncBatchNorm: when the loop converts the student (``modules``) to ``SyncBatchNorm`` (N > 1 ranks
-  on CUDA) it also calls ``convert_sync_batchnorm``, which converts the teacher the same way, so
+- Cross-rank BatchNorm: when the loop converts the student (``modules``) to cross-rank BatchNorm
+  (N > 1 ranks: ``SyncBatchNorm`` on CUDA, ``CrossRankBatchNorm`` on CPU) it also calls
+  ``convert_sync_batchnorm`` with the same conversion for the teacher, so
   the teacher's train-mode BN normalises its global views with global-batch statistics like the
   student's (as DINO's ``main_dino.py`` converts both). Parameter names and order, and so the EMA
   pairing and the ``teacher.*`` checkpoint keys, are unchanged by the conversion.
@@ -39,10 +40,12 @@ without gradient, in train mode (its BN keeps its own running statistics; they a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from trainers.augment import augment
+from trainers.augment import Draws, augment
 from trainers.distributed import broadcast_module
 from trainers.losses.dino import dino_loss, update_center
 from trainers.methods.base import MethodBase
@@ -88,7 +91,7 @@ class DINO(MethodBase):
     def n_crops(self) -> int:
         return N_GLOBAL + self.cfg.n_local_crops
 
-    def crops(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def crops(self, x: torch.Tensor, generator: Draws) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, 1, H, W)`` -> globals ``(2B, 1, H, W)`` and locals ``(n_local * B, 1, H/2, W/2)``, crop-major."""
         globals_ = torch.cat((augment(x, self.cfg.global_blur, generator), augment(x, self.cfg.global_solarize, generator)))
         if not self.cfg.n_local_crops:
@@ -107,13 +110,10 @@ class DINO(MethodBase):
         self.center = self.center.to(device)
         return self
 
-    def convert_sync_batchnorm(self) -> None:
-        """Convert the teacher's BatchNorm to ``SyncBatchNorm`` in place (weights shared, keys kept).
-
-        Called by the loop when it converts ``modules`` (the student). Works on CPU modules; only
-        a synced forward needs CUDA and a process group (without one it is plain BatchNorm).
-        """
-        self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+    def convert_sync_batchnorm(self, convert: Callable[[nn.Module], nn.Module]) -> None:
+        """Convert the teacher's BatchNorm with ``convert`` (weights shared, keys kept), as the loop
+        converts ``modules`` (the student): both normalise with the global batch's statistics."""
+        self.teacher = convert(self.teacher)
 
     def _follow(self, device: torch.device) -> None:
         """Keep the teacher and centre on the batch's device (they live outside ``modules``)."""
@@ -126,7 +126,7 @@ class DINO(MethodBase):
             self._teacher_synced = True
 
     def training_step(
-        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: torch.Generator
+        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: Draws
     ) -> dict[str, torch.Tensor]:
         """Crops -> student ``(n_crops * B, D)`` and teacher ``(2B, D)`` logits -> DINO loss; updates the centre."""
         x = check_images(batch, self.image_size)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from trainers.augment import augment, patch_mask
+from trainers.augment import Draws, augment, patch_mask
 from trainers.losses.mim import masked_mse
 from trainers.methods.base import MethodBase
 from trainers.methods.config import MIMConfig, PretrainConfig
@@ -54,13 +54,13 @@ class MIM(MethodBase):
     def modules(self) -> nn.Module:
         return self.net
 
-    def masked_input(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def masked_input(self, x: torch.Tensor, generator: Draws) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 1, H, W)`` -> (masked input, mask) both ``(B, 1, H, W)``; mask 1 on masked pixels."""
         mask = patch_mask(x.shape[0], self.image_size, self.cfg.patches_per_side, self.cfg.mask_ratio, generator, x.device)
         return torch.where(mask.bool(), torch.full_like(x, self.cfg.fill_value), x), mask
 
     def training_step(
-        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: torch.Generator
+        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: Draws
     ) -> dict[str, torch.Tensor]:
         """Augment -> mask -> reconstruct ``(B, 1, H, W)`` -> masked MSE."""
         x = augment(check_images(batch, self.image_size), self.cfg.augment, generator)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainers.augment import Draws
 from trainers.distributed import gather_with_grad, scale_grad_for_ddp
 from trainers.losses.ntxent import positional_ntxent
 from trainers.methods.config import PCLConfig
@@ -22,7 +23,7 @@ class PCL(SimCLR):
     config_type = PCLConfig
 
     def training_step(
-        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: torch.Generator
+        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: Draws
     ) -> dict[str, torch.Tensor]:
         """Views -> projections ``(2B, D)`` -> gather (with positions) -> positional NT-Xent."""
         x = check_images(batch, self.image_size)

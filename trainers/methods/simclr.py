@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainers.augment import augment
+from trainers.augment import Draws, augment
 from trainers.distributed import gather_with_grad, scale_grad_for_ddp
 from trainers.losses.ntxent import ntxent
 from trainers.methods.base import MethodBase
@@ -22,13 +22,14 @@ from trainers.models.heads import EncoderMLP
 
 
 def check_images(batch: dict[str, torch.Tensor], image_size: int) -> torch.Tensor:
-    """``batch["image"]`` as ``(B, 1, image_size, image_size)`` float, or a one-line ``ValueError``."""
+    """``batch["image"]`` as ``(B, 1, image_size, image_size)`` float32 (float64 kept, for exact
+    comparisons), or a one-line ``ValueError``."""
     if "image" not in batch:
         raise ValueError("batch has no 'image' entry")
     x = batch["image"]
     if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (image_size, image_size):
         raise ValueError(f"batch['image'] must be (B, 1, {image_size}, {image_size}), got {tuple(x.shape)}")
-    return x.float()
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def encoder_state(module: nn.Module, prefixes: tuple[str, ...] = ("encoder.",)) -> dict[str, torch.Tensor]:
@@ -56,14 +57,14 @@ class SimCLR(MethodBase):
     def modules(self) -> nn.Module:
         return self.net
 
-    def views(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def views(self, x: torch.Tensor, generator: Draws) -> torch.Tensor:
         """``(B, 1, H, W)`` -> ``(2B, 1, H, W)`` two independent views per image, adjacent rows."""
         v0 = augment(x, self.cfg.augment, generator)
         v1 = augment(x, self.cfg.augment, generator)
         return torch.stack((v0, v1), dim=1).reshape(-1, *x.shape[1:])
 
     def training_step(
-        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: torch.Generator
+        self, batch: dict[str, torch.Tensor], model: nn.Module, epoch: int, step: int, generator: Draws
     ) -> dict[str, torch.Tensor]:
         """Views -> projections ``(2B, D)`` -> gather -> NT-Xent; returns ``{"loss"}``."""
         x = check_images(batch, self.image_size)
