@@ -3,7 +3,7 @@ count, and a real two-node cluster that loses a node mid-epoch.
 
 Every ``fit()`` here is expensive on 2 shared cores, so the module runs three: a 2-worker run stopped
 by SIGTERM and its 1-worker resume (one private local Ray), and on a ``ray.cluster_utils.Cluster`` of
-two 1-CPU worker nodes an elastic run losing a node's raylet (plus, with ``SSPCTL_MEASURE_ELASTIC=1``,
+two 1-CPU worker nodes an elastic run losing a node's raylet and growing back when a node joins (plus, with ``SSPCTL_MEASURE_ELASTIC=1``,
 the same run uninterrupted, for the figures in docs/pretraining.md).
 Images are 64 px, the U-Net 8 channels wide, and epochs a handful of steps.
 """
@@ -188,13 +188,16 @@ def _raylet_pid(node) -> int:
 @pytest.mark.timeout(1200)  # the restart alone waits 60 s for a worker group Ray still counts the dead node in
 def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, config_file, tmp_path, two_node_cluster):
     """``--workers 1-2`` on two nodes; the raylet of one is killed mid-epoch; training goes on with one
-    worker from the last step checkpoint and finishes; MLflow shows the worker count drop.
+    worker from the last step checkpoint; a node joins and the run grows back to two workers (Ray
+    Train's resize check every 2 s) and finishes; MLflow shows the worker count drop and rise.
     The figures (time to train again, steps lost, and with ``SSPCTL_MEASURE_ELASTIC=1`` the final
     loss of an uninterrupted run with the same seed) are written to ``elastic-figures.json`` in the
     test's folder and printed."""
     cluster, nodes = two_node_cluster
     env = _env(RAY_ADDRESS=cluster.address)
-    common = ["--method", "simclr", "--store", store, "--config", str(config_file), "--epochs", "4",
+    # 6 epochs x 8 steps: room for the returned node to join (about 18 s here) and the run to grow
+    # before it ends (measured: the one-worker group was stopped at step 27 of 40 with 5 epochs)
+    common = ["--method", "simclr", "--store", store, "--config", str(config_file), "--epochs", "6",
               "--batch-size", "4", "--steps-per-epoch", "8", "--workers", "1-2", "--max-failures", "-1",
               "--checkpoint-every-steps", "3"]
 
@@ -206,7 +209,7 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
         baseline_loss = json.loads((_run_dir(baseline_ws) / "manifest.json").read_text())["final_loss"]
 
     ws = tmp_path / "ws"
-    run = _start([*common, "--output", str(ws)], env, tmp_path / "elastic.log")
+    run = _start([*common, "--output", str(ws)], {**env, "SSPCTL_RESIZE_INTERVAL_S": "2"}, tmp_path / "elastic.log")
     try:
         run_dir = _wait_for(lambda: _run_dir(ws), 300, "the run directory")
         _wait_for(lambda: any(e["event"] == "start" and e["world_size"] == 2 for e in read_events(run_dir)),
@@ -216,6 +219,10 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
         killed_at = time.time()
         os.kill(_raylet_pid(nodes[1]), signal.SIGKILL)
         at_kill = _progress(run_dir)
+        _wait_for(lambda: any(e["event"] == "resume" and e["time"] > killed_at for e in read_events(run_dir)), 300,
+                  "training again on one worker")
+        returned_at = time.time()  # the node comes back: Ray Train may grow the run to 2 workers again
+        cluster.add_node(num_cpus=1, resources={"node_1": 1}, dashboard_agent_listen_port=_free_port())
         assert run.wait(timeout=600) == 0, (tmp_path / "elastic.log").read_text()[-3000:]
     finally:
         if run.poll() is None:
@@ -224,17 +231,20 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
     resumes = [e for e in events if e["event"] == "resume" and e["time"] > killed_at]
     assert resumes and resumes[0]["world_size"] == 1 and resumes[0]["saved_world_size"] == 2
     resume = resumes[0]
+    grown = [e for e in resumes[1:] if e["world_size"] == 2 and e["time"] > returned_at]
+    assert grown, f"the run did not grow back to 2 workers after the node returned: {resumes}"
     assert resume["global_step"] >= 3  # not started over
-    # after the resume no step is repeated or skipped (the lost node's worker may have run on for a
-    # moment, but only checkpoints every rank reported count)
-    assert [e["global_step"] for e in events if e["event"] == "epoch" and e["time"] > resume["time"]] == [
-        s for s in (8, 16, 24, 32) if s > resume["global_step"]]
+    # after the resume no epoch is repeated or skipped (the lost node's worker may have run on for a
+    # moment, but only checkpoints every rank reported count; a regrown group restarts from one too)
+    ends = [e["global_step"] for e in events if e["event"] == "epoch" and e["time"] > resume["time"]]
+    assert sorted(set(ends)) == [s for s in (8, 16, 24, 32, 40, 48) if s > resume["global_step"]]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     run_id = manifest["mlflow_run_id"]
     assert _run_status(ws, run_id) == "FINISHED"
     workers = _mlflow_history(ws, run_id, "workers")
-    assert workers[0] == (0, 2) and workers[-1] == (32, 1)
-    assert [count for _, count in workers] == sorted((count for _, count in workers), reverse=True)  # 2s, then 1s
+    assert workers[0] == (0, 2) and workers[-1] == (48, 2)
+    counts = [count for _, count in workers]
+    assert [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]] == [2, 1, 2]  # lost, then grown back
     assert (resume["global_step"], 1) in workers  # the resumed group logs its count at the step it restarts from
 
     done_before = max(e.get("global_step", 0) for e in events if e["time"] < resume["time"])
@@ -246,6 +256,8 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
         "optimizer_steps_lost": done_before - resume["global_step"],
         "final_loss": manifest["final_loss"],
         "final_loss_uninterrupted": baseline_loss,
+        "seconds_from_node_return_to_two_workers": round(grown[0]["time"] - returned_at, 1),
+        "grown_back_at_step": grown[0]["global_step"],
     }
     (tmp_path / "elastic-figures.json").write_text(json.dumps(figures, indent=2))
     print("elastic figures:", json.dumps(figures))

@@ -39,6 +39,20 @@ def test_generator_is_seeded_per_rank_and_epoch() -> None:
     assert torch.equal(torch.rand(3, generator=ranks[0].generator(7, 3)), draws[0])  # replays exactly
 
 
+def test_global_batch_draws_share_rank_0s_generator_and_keep_each_rank_s_rows() -> None:
+    from trainers.augment import RankRows
+
+    cpu = torch.device("cpu")
+    ranks = [WorkerContext(r, 2, False, cpu) for r in (0, 1)]
+    own = ranks[1].draws(7, 3, 5, global_batches=False)
+    assert isinstance(own, torch.Generator) and torch.equal(torch.rand(3, generator=own),
+                                                            torch.rand(3, generator=ranks[1].generator(7, 3, 5)))
+    shared = [ctx.draws(7, 3, 5, global_batches=True) for ctx in ranks]
+    assert all(isinstance(d, RankRows) for d in shared) and [d.rank for d in shared] == [0, 1]
+    one = torch.rand(4, generator=ranks[0].generator(7, 3, 5))  # what one worker draws at this step
+    assert all(torch.equal(torch.rand(4, generator=d.generator), one) for d in shared)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
