@@ -54,6 +54,7 @@ from orchestrator.system_metrics import monitored, sampling_interval, settings_f
 from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
 from trainers.methods.names import Budget
+from trainers.runtime_options import RuntimeOptions
 
 if TYPE_CHECKING:
     from trainers.jobs import FinetuneJob
@@ -341,9 +342,7 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     per_worker: dict[str, float] = {"CPU": cell.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = cell.gpus_per_trial / cell.workers.max
-    fields = cell.job.model_dump()
-    runtime = {"global_batches": fields.pop("global_batches")}
-    job = FinetuneJob.model_validate({**fields, "runtime": runtime, "tracker": tracker})
+    job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
     trainer = TorchTrainer(
         monitored(  # the typed job crosses into the workers as is
             functools.partial(worker_fn, job), settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
@@ -535,7 +534,7 @@ def plan_grid(request: GridRequest) -> GridPlan:
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
         job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output), read=spec.read,
-                      global_batches=spec.workers_per_trial.min < spec.workers_per_trial.max)
+                      runtime=RuntimeOptions(global_batches=spec.workers_per_trial.elastic))
         pending.append(_trial(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash}, spec, job,
                               workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, 
 from datastore.loader_options import ReadOptions
 from orchestrator.arms import ARMS, SCRATCH, arm_order, unknown_arms
 from orchestrator.worker_range import WorkerRange
+from trainers.runtime_options import RuntimeOptions
 from orchestrator.workspace import Workspace
 from trainers.methods.names import Budget
 
@@ -127,8 +128,8 @@ class CellJob(BaseModel):
     config: dict[str, Any] = Field(description="the cell's resolved FinetuneConfig")
     output: str = Field(description="the cell's directory")
     read: ReadOptions = ReadOptions()
-    global_batches: bool = Field(
-        False, description="the cell's global batches do not depend on its worker count (on for an elastic range)"
+    runtime: RuntimeOptions = Field(
+        RuntimeOptions(), description="how the cell's workers run (global_batches: on for an elastic workers_per_trial)"
     )
 
 

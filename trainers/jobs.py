@@ -17,7 +17,7 @@ from datastore.loader_options import ReadOptions
 
 from trainers.finetune_config import FinetuneConfig
 from trainers.methods.config import PretrainConfig
-from trainers.runtime import RuntimeOptions
+from trainers.runtime_options import RuntimeOptions
 from trainers.tracking import NullTracker, Tracker
 
 

@@ -34,42 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainers.augment import Draws, RankRows
 from trainers.checkpoint import TrainState, resume_state, save_checkpoint
+from trainers.runtime_options import RuntimeOptions
 
 
 class LoopError(ValueError):
     """The loop cannot start with this configuration; one line naming the key."""
-
-
-class RuntimeOptions(BaseModel):
-    """How a loop runs (not part of the published method, so not in the method config)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sync_batchnorm: bool = Field(
-        True, description="world size > 1: BatchNorm normalises with the global batch's statistics "
-        "(torch SyncBatchNorm on CUDA, trainers.cross_rank_batchnorm on CPU)",
-    )
-    global_batches: bool = Field(
-        False, description="the same global batches at any worker count: every rank reads the whole selection, "
-        "takes its rows of each global batch and draws augmentation for the global batch (elastic runs)",
-    )
-    find_unused_parameters: bool = Field(False, description="DDP find_unused_parameters")
-    cpu_fp32: bool = Field(True, description="ignore mixed precision on CPU (autocast on CPU is slow)")
-    recon_every: int = Field(
-        5, ge=1, description="pretraining: log the method's epoch figures (MIM: reconstructions) every N epochs (and the last)"
-    )
-    progress_interval_s: float = Field(1.0, gt=0, description="seconds between progress-file writes")
-    preempt_grace_s: float | None = Field(
-        25.0, gt=0, description="pretraining: on SIGTERM checkpoint at the next step, exit after at most this (None: off)"
-    )
-    checkpoint_every_steps: int | None = Field(
-        None, ge=1, description="pretraining: also checkpoint every N optimiser steps (global steps), inside epochs"
-    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def pretrain(
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
         runtime={"sync_batchnorm": not no_sync_bn, "checkpoint_every_steps": checkpoint_every_steps,
                  "preempt_grace_s": preemption_grace or None,
-                 "global_batches": worker_range.min < worker_range.max if global_batches is None else global_batches},
+                 "global_batches": worker_range.elastic if global_batches is None else global_batches},
         read=read, study=study, system_metrics=system_metrics,
     )
     with removed_if_left_empty(workspace.root):

@@ -10,23 +10,9 @@ import torch
 
 import datastore.loader as loader_module
 from datastore.loader import LoaderError, ReadOptions, Shard, SliceLoader
-from datastore.store import StoreWriter
-from test_loader import SIZE, _epoch, _indices, _memory_source, _record
+from test_loader import _epoch, _indices, _memory_source, store_path  # noqa: F401 (the same real store: 124 slices, 62 labelled)
 
 GLOBAL = 12  # the global batch: split by 2 and 4 ranks, and not a multiple of the 8-slice chunks
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real finished store: 6 subjects of 3-5 frames x 4-7 slices (124 slices, 62 labelled; chunks of 8)."""
-    path = tmp_path_factory.mktemp("loader_global") / "store.zarr"
-    rng = np.random.default_rng(0)
-    writer = StoreWriter.open(path, {"test": True}, image_size=SIZE, spacing=1.25, chunk_slices=8)
-    for i in range(6):
-        dataset, sid = ("mnms", f"S{i}") if i < 4 else ("mnms2", f"{i:03d}")
-        writer.append(_record(dataset, sid, frames=3 + i % 3, slices=4 + i % 4, rng=rng))
-    writer.finalize()
-    return str(path)
 
 
 def _loaders(store: Any, world_size: int, read: ReadOptions, **keywords: Any) -> list[SliceLoader]:

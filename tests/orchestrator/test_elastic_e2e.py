@@ -160,7 +160,7 @@ def two_node_cluster(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RAY_enable_metrics_collection", "0")
     # After a node loss Ray's resource view still counts the dead node for a while, so the first restart
     # tries the bigger group and waits this long for it (default 60 s); the nodes inherit it from here.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     # Other Ray clusters on this machine hold the fixed default ports (dashboard 8265, agent 52365).
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
