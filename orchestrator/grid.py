@@ -520,7 +520,7 @@ def plan_grid(request: GridRequest) -> GridPlan:
         tags={"dataset_hash": dataset_hash, "split": split_path, "store": store_path},
         params={"methods": ",".join(spec.methods), "budgets": ",".join(map(str, spec.budgets)),
                 "seeds": ",".join(map(str, spec.seeds)), "train_seeds": ",".join(map(str, spec.train_seeds)),
-                "replicated_budgets": "all" if spec.replicated_budgets is None else ",".join(map(str, spec.replicated_budgets)),
+                "runs_per_budget": ",".join(f"{b}={len(spec.train_seeds_for(b))}" for b in spec.budgets),
                 "base_config": dict(base)},
     )
     skipped: dict[str, CellOutcome] = {}

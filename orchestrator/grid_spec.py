@@ -1,6 +1,6 @@
 """What a fine-tuning grid is asked to run, as typed objects built once and passed intact.
 
-- ``GridAxes``: the axes (label budgets, subset seeds, training seeds, replicated budgets) and the
+- ``GridAxes``: the axes (label budgets, subset seeds, training seeds, runs per budget) and the
   resources of one cell. The study config's ``finetune`` section is a ``GridAxes`` too, so its keys
   are the grid's and are validated by the same rules.
 - ``GridSpec``: the axes plus the arms (``orchestrator/arms.py``; ``scratch`` is always included).
@@ -43,8 +43,9 @@ class GridAxes(BaseModel):
     train_seeds: tuple[int, ...] = Field(
         (0,), description="training seeds: replicate runs per arm, budget and subset seed (init, order, augmentation; published: 0 only)"
     )
-    replicated_budgets: tuple[Budget, ...] | None = Field(
-        None, description="budgets that get every training seed; the others get the first only (None: all budgets)"
+    runs_per_budget: dict[Budget, int] = Field(
+        {}, description="training runs of a budget: its cells take the first N training seeds (a budget not named "
+        "takes every training seed), e.g. {1: 6, all: 1}: 6 runs at budget 1, one with all labels",
     )
     workers_per_trial: WorkerRange = Field(
         WorkerRange(min=1, max=1), description="Ray Train (DDP) workers per cell: N, or MIN-MAX (elastic)"
@@ -68,10 +69,24 @@ class GridAxes(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _runs_fit(self) -> GridAxes:
+        for budget, runs in self.runs_per_budget.items():
+            if budget not in self.budgets:
+                raise ValueError(f"runs_per_budget: budget {budget!r} is not one of the budgets {list(self.budgets)}")
+            if not 1 <= runs <= len(self.train_seeds):
+                raise ValueError(f"runs_per_budget: {runs} run(s) at budget {budget!r}; expected 1 to "
+                                 f"{len(self.train_seeds)} (the number of training seeds)")
+        return self
+
+    @model_validator(mode="after")
     def _elastic_restarts(self) -> GridAxes:
         if self.workers_per_trial.elastic and self.max_failures == 0:
             raise ValueError(f"workers_per_trial {self.workers_per_trial} (elastic) needs max_failures >= 1")
         return self
+
+    def train_seeds_for(self, budget: Budget) -> tuple[int, ...]:
+        """The training seeds of ``budget``: the first ``runs_per_budget[budget]``, or all of them."""
+        return self.train_seeds[: self.runs_per_budget.get(budget, len(self.train_seeds))]
 
     def axes(self) -> dict[str, Any]:
         """The ``GridAxes`` fields of this model (what a ``GridSpec`` takes from a study section)."""
@@ -90,12 +105,6 @@ class GridSpec(GridAxes):
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
         return tuple(sorted(dict.fromkeys([SCRATCH, *value]), key=arm_order))
-
-    def train_seeds_for(self, budget: Budget) -> tuple[int, ...]:
-        """The training seeds of ``budget``: all of them, or the first only outside ``replicated_budgets``."""
-        if self.replicated_budgets is None or budget in self.replicated_budgets:
-            return self.train_seeds
-        return self.train_seeds[:1]
 
 
 class GridRequest(BaseModel):

@@ -283,8 +283,9 @@ def run_study(
         pretrained = pretrain_all(config, workspace, split, echo, progress)
         section = config.finetune
         arms = ["scratch", *pretrained, *section.extra_arms]
+        runs = ", ".join(f"{b}: {len(section.train_seeds_for(b))}" for b in section.budgets)
         echo(f"fine-tuning grid: {', '.join(arms)} x budgets {list(section.budgets)} x subset seeds "
-             f"{list(section.seeds)} x training seeds {list(section.train_seeds)}")
+             f"{list(section.seeds)} x training seeds {list(section.train_seeds)} (runs per budget {runs})")
         grid = run_grid(study_grid(config, workspace, split, pretrained), progress=progress)
         for name, path in named.items():
             # A named split has no budgets: budget 'all' is the same subjects for every subset seed.

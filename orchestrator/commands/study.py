@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from orchestrator.study import StudyConfig
@@ -101,7 +102,11 @@ def study(
             seeds = parse_seeds(train_seeds, "--train-seeds")
         except FlagError as exc:
             fail(str(exc), code=2)
-        settings = settings.model_copy(update={"finetune": settings.finetune.model_copy(update={"train_seeds": seeds})})
+        try:  # validated again: runs_per_budget must fit the new seeds
+            section = type(settings.finetune).model_validate({**settings.finetune.model_dump(), "train_seeds": seeds})
+        except ValidationError as exc:
+            fail(f"--train-seeds {train_seeds}: {exc.errors()[0]['msg']}", code=2)
+        settings = settings.model_copy(update={"finetune": section})
         report_dir = workspace.folder("reports", settings.name, "train-seeds-" + "-".join(map(str, seeds)))
     outcome = _run_study(settings, workspace, progress, report_dir)
     print_report(outcome.report, settings.name)  # type: ignore[attr-defined]

@@ -286,7 +286,7 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
 def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) -> None:
     """Subset seed x training seed cells; scratch-b differs from scratch only in its training seeds."""
     plan = plan_grid(_request(dataset, study="grid-replicates", methods=["scratch", "scratch-b", "simclr"],
-                              train_seeds=[0, 1], replicated_budgets=[2]))
+                              train_seeds=[0, 1], runs_per_budget={"all": 1}))
     cells = [(c.method, c.budget, c.seed, c.train_seed) for c in plan.cells]
     assert cells == [
         ("scratch", 2, 0, 0), ("scratch", 2, 0, 1), ("scratch", "all", 0, 0),
@@ -308,7 +308,7 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
     assert (tags["sspctl.method"], tags["sspctl.subset_seed"], tags["sspctl.train_seed"], tags["sspctl.arm_role"]) == (
         "scratch-b", "0", "1001", "negative control")
     params = client.get_run(plan.parent_run_id).data.params
-    assert params["train_seeds"] == "0,1" and params["replicated_budgets"] == "2"
+    assert params["train_seeds"] == "0,1" and params["runs_per_budget"] == "2=2,all=1"
     with pytest.raises(GridError, match="'mim-encdec' needs --pretrained mim=RUN"):
         plan_grid(_request(dataset, study="grid-replicates", methods=["mim-encdec"]))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -109,3 +110,17 @@ def test_a_cell_running_elsewhere_is_refused_and_its_run_left_alone(tmp_path: Pa
     finally:
         holder.release()
     assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_runs_per_budget_takes_the_first_training_seeds_and_is_checked() -> None:
+    from orchestrator.grid_spec import GridAxes
+
+    axes = GridAxes.model_validate(yaml.safe_load("budgets: [1, 4, all]\ntrain_seeds: [6, 7, 8, 9, 10, 11]\n"
+                                                  "runs_per_budget: {1: 6, 4: 3, all: 1}\n"))
+    assert [axes.train_seeds_for(b) for b in (1, 4, "all")] == [(6, 7, 8, 9, 10, 11), (6, 7, 8), (6,)]
+    assert GridAxes.model_validate(axes.model_dump(mode="json")) == axes  # JSON's string keys come back as budgets
+    assert GridAxes(budgets=(2,), train_seeds=(0, 1)).train_seeds_for(2) == (0, 1)  # not named: every seed
+    for bad, message in (({7: 1}, "budget 7 is not one of the budgets"), ({4: 7}, "7 run(s) at budget 4; expected 1 to 6"),
+                         ({4: 0}, "0 run(s) at budget 4")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            GridAxes(budgets=(1, 4, "all"), train_seeds=(6, 7, 8, 9, 10, 11), runs_per_budget=bad)

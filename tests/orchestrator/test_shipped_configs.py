@@ -47,12 +47,12 @@ def test_demo_and_phantom_study_can_conclude_and_paper_keeps_the_published_desig
 
     demo = load_config(StudyConfig, CONFIGS / "demo.yaml").finetune
     small = min(b for b in demo.budgets if b != "all")
-    assert demo.replicated_budgets is None or small in demo.replicated_budgets  # None: every budget
-    assert len(demo.seeds) * len(demo.train_seeds) >= MIN_RUNS
+    assert len(demo.seeds) * len(demo.train_seeds_for(small)) >= MIN_RUNS
     assert {"scratch-b", "supervised"} <= set(demo.extra_arms)
     phantom = load_config(StudyConfig, CONFIGS / "phantom-study.yaml")
-    assert phantom.finetune.replicated_budgets is None and len(phantom.finetune.budgets) == 2
-    assert len(phantom.finetune.seeds) * len(phantom.finetune.train_seeds) >= MIN_RUNS
+    assert len(phantom.finetune.budgets) == 2
+    assert all(len(phantom.finetune.seeds) * len(phantom.finetune.train_seeds_for(b)) >= MIN_RUNS
+               for b in phantom.finetune.budgets)
     assert set(phantom.pretrain.methods) == {"simclr", "pcl", "dino", "mim"}
     assert {"scratch-b", "supervised"} <= set(phantom.finetune.extra_arms)
     paper = load_config(StudyConfig, CONFIGS / "paper.yaml").finetune

@@ -55,3 +55,16 @@ def test_study_train_seeds_override_is_checked_before_anything_runs(tmp_path: Pa
         result = runner.invoke(app, ["study", "--config", str(path), "--output", str(tmp_path / "ws"), "--train-seeds", bad])
         assert result.exit_code == 2 and f"--train-seeds: '{bad}' {why}" in result.output
     assert not (tmp_path / "ws" / "reports").exists()
+
+
+def test_study_train_seeds_override_must_leave_room_for_the_runs_per_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    config = _config(tmp_path, []).model_dump(mode="json")
+    config.update({"ingest": None, "ray_cpus": 1})
+    config["finetune"].update({"budgets": [1, "all"], "train_seeds": [0, 1, 2, 3, 4, 5], "runs_per_budget": {1: 6, "all": 3}})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["study", "--config", str(path), "--output", str(tmp_path / "ws"), "--train-seeds", "6,7,8"])
+    assert result.exit_code == 2 and "--train-seeds 6,7,8: " in result.output
+    assert "runs_per_budget: 6 run(s) at budget 1; expected 1 to 3" in result.output
+    assert not (tmp_path / "ws" / "reports").exists()
