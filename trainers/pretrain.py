@@ -13,8 +13,9 @@ reductions, resume and report, and ``trainers.pretrain_outputs`` the files rank 
   workers trains on exactly the batches a one-worker run would.
 * **Model.** The method's ``modules`` go to the device; with ``N > 1`` BatchNorm layers normalise with
   the global batch's statistics (``RuntimeOptions.sync_batchnorm``, on by default: the paper trained
-  one GPU whose BN saw the whole batch): torch's ``SyncBatchNorm`` on CUDA, ``CrossRankBatchNorm``
-  (``trainers.cross_rank_batchnorm``) on CPU, where torch's refuses to run; networks the method keeps outside
+  one GPU whose BN saw the whole batch): torch's ``SyncBatchNorm`` on CUDA, and with global batches
+  ``CrossRankBatchNorm`` (``trainers.cross_rank_batchnorm``) on CPU, where torch's refuses to run
+  (``trainers.runtime.sync_batchnorm_applies``); networks the method keeps outside
   ``modules`` (DINO's EMA teacher) get the same conversion (``SSPMethod.convert_sync_batchnorm``) and
   move with ``SSPMethod.to``, and the module is wrapped in DDP (gloo on CPU, NCCL on GPU;
   ``TorchTrainer`` set the process group up). Contrastive gathers and DINO's centre all-reduce live in

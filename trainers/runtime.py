@@ -104,9 +104,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def sync_batchnorm_applies(world_size: int, options: RuntimeOptions) -> bool:
-    """Whether BatchNorm normalises with the global batch's statistics: more than one rank, and asked for."""
-    return world_size > 1 and options.sync_batchnorm
+def sync_batchnorm_applies(device: torch.device, world_size: int, options: RuntimeOptions) -> bool:
+    """Whether BatchNorm normalises with the global batch's statistics: more than one rank, asked for, and
+    a CUDA device (torch's SyncBatchNorm) or a run with global batches (``CrossRankBatchNorm`` on CPU:
+    its all-reduce per layer is latency a toy batch feels, so per-rank runs keep per-worker BN on CPU)."""
+    return world_size > 1 and options.sync_batchnorm and (device.type == "cuda" or options.global_batches)
 
 
 def batchnorm_converter(device: torch.device) -> Callable[[nn.Module], nn.Module]:
@@ -151,7 +153,7 @@ def wrap_model(
     module whose ``state_dict`` the checkpoint holds (never the DDP/compile wrapper, so keys carry no
     ``module.``/``_orig_mod.`` prefix).
     """
-    if sync_batchnorm_applies(world_size, options):
+    if sync_batchnorm_applies(device, world_size, options):
         modules = convert_sync_batchnorm(modules, device, method)
     modules = modules.to(device)
     if channels_last:

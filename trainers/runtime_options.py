@@ -16,7 +16,7 @@ class RuntimeOptions(BaseModel):
 
     sync_batchnorm: bool = Field(
         True, description="world size > 1: BatchNorm normalises with the global batch's statistics "
-        "(torch SyncBatchNorm on CUDA, trainers.cross_rank_batchnorm on CPU)",
+        "(torch SyncBatchNorm on CUDA; on CPU trainers.cross_rank_batchnorm, with global_batches only)",
     )
     global_batches: bool = Field(
         False, description="the same global batches at any worker count: every rank reads the whole selection, "

@@ -230,14 +230,16 @@ def test_dino_ema_uses_momentum_schedule_of_the_step_just_taken() -> None:
         method.after_optimizer_step(0, 0, total)
 
 
-def test_cross_rank_batchnorm_applies_to_several_ranks_on_any_device() -> None:
+def test_cross_rank_batchnorm_applies_to_several_cuda_ranks_and_cpu_ranks_with_global_batches() -> None:
     from trainers.cross_rank_batchnorm import convert_cross_rank_batchnorm
     from trainers.runtime import RuntimeOptions, batchnorm_converter, sync_batchnorm_applies
 
-    on, off = RuntimeOptions(), RuntimeOptions(sync_batchnorm=False)
-    assert sync_batchnorm_applies(2, on)
-    assert not sync_batchnorm_applies(1, on)
-    assert not sync_batchnorm_applies(2, off)
+    on, off, elastic = RuntimeOptions(), RuntimeOptions(sync_batchnorm=False), RuntimeOptions(global_batches=True)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert sync_batchnorm_applies(cuda, 2, on) and sync_batchnorm_applies(cpu, 2, elastic)
+    assert not sync_batchnorm_applies(cuda, 1, on)
+    assert not sync_batchnorm_applies(cuda, 2, off)
+    assert not sync_batchnorm_applies(cpu, 2, on)  # per-rank batches on CPU keep per-worker BN (latency)
     # torch's SyncBatchNorm refuses CPU tensors: CPU ranks get the cross-rank layer of trainers/
     assert batchnorm_converter(torch.device("cuda", 0)) == torch.nn.SyncBatchNorm.convert_sync_batchnorm
     assert batchnorm_converter(torch.device("cpu")) is convert_cross_rank_batchnorm
