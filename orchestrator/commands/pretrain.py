@@ -35,7 +35,7 @@ def pretrain(
     split: Path | None = typer.Option(None, "--split", help="Split YAML: pretrain on every store subject outside its test and valid parts (all frames, labelled or not) and compute the validation loss on its valid subjects each epoch (best checkpoint = lowest valid_loss; DINO: lowest training loss). Default: every subject in the store, no validation."),
     study: str | None = typer.Option(None, "--study", help="MLflow experiment of the study (default: sspctl-<store hash8>); letters, digits, '.', '_', '-', at most 64."),
     cache_gb: float | None = typer.Option(None, "--cache-gb", help=CACHE_GB_HELP),
-    no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm when workers > 1 (default: BatchNorm uses the global batch's statistics; SyncBatchNorm on GPUs, its CPU counterpart on CPUs)."),
+    no_sync_bn: bool = typer.Option(False, "--no-sync-bn", help="Keep plain per-worker BatchNorm when workers > 1 (default: BatchNorm uses the global batch's statistics: SyncBatchNorm on GPUs; on CPUs its CPU counterpart with --global-batches, per-worker BN otherwise)."),
     global_batches: bool | None = typer.Option(
         None, "--global-batches/--rank-batches",
         help="--global-batches: every global batch holds the same slices, augmented the same way, at any worker "

@@ -30,7 +30,7 @@ without gradient, in train mode (its BN keeps its own running statistics; they a
 - Ranks: the teacher is broadcast from rank 0 at the first step (DDP only syncs the student), so
   ranks seeded differently still share one teacher.
 - Cross-rank BatchNorm: when the loop converts the student (``modules``) to cross-rank BatchNorm
-  (N > 1 ranks: ``SyncBatchNorm`` on CUDA, ``CrossRankBatchNorm`` on CPU) it also calls
+  (N > 1 ranks: ``SyncBatchNorm`` on CUDA, ``CrossRankBatchNorm`` on CPU with global batches) it also calls
   ``convert_sync_batchnorm`` with the same conversion for the teacher, so
   the teacher's train-mode BN normalises its global views with global-batch statistics like the
   student's (as DINO's ``main_dino.py`` converts both). Parameter names and order, and so the EMA
