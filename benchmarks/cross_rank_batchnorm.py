@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -63,9 +62,9 @@ def _rank(rank: int, port: int, args: argparse.Namespace, cross: bool, out: str)
 
 
 def _median_ms(args: argparse.Namespace, cross: bool) -> float:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from orchestrator.ui import free_port
+
+    port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         out = str(Path(folder) / "ms.json")
         mp.start_processes(_rank, args=(port, args, cross, out), nprocs=2, join=True, start_method="spawn")

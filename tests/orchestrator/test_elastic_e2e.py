@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.ui import free_port
 from trainers.pretrain_outputs import read_events
 
 pytestmark = pytest.mark.slow
@@ -163,20 +163,14 @@ def two_node_cluster(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     # Other Ray clusters on this machine hold the fixed default ports (dashboard 8265, agent 52365).
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
+        "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port(),
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                            "health_check_failure_threshold": 3}})
-    nodes = [cluster.add_node(num_cpus=1, resources={f"node_{i}": 1}, dashboard_agent_listen_port=_free_port())
+    nodes = [cluster.add_node(num_cpus=1, resources={f"node_{i}": 1}, dashboard_agent_listen_port=free_port())
              for i in range(2)]
     cluster.wait_for_nodes()
     yield cluster, nodes
     cluster.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _raylet_pid(node) -> int:
@@ -222,7 +216,7 @@ def test_elastic_run_loses_a_node_mid_epoch_and_finishes_on_the_other(store, con
         _wait_for(lambda: any(e["event"] == "resume" and e["time"] > killed_at for e in read_events(run_dir)), 300,
                   "training again on one worker")
         returned_at = time.time()  # the node comes back: Ray Train may grow the run to 2 workers again
-        cluster.add_node(num_cpus=1, resources={"node_1": 1}, dashboard_agent_listen_port=_free_port())
+        cluster.add_node(num_cpus=1, resources={"node_1": 1}, dashboard_agent_listen_port=free_port())
         assert run.wait(timeout=600) == 0, (tmp_path / "elastic.log").read_text()[-3000:]
     finally:
         if run.poll() is None:

@@ -10,7 +10,6 @@ one completion marker makes exactly that cell run again, resuming from its final
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from orchestrator.grid_spec import CellJob, CellTrial, GridRequest, grid_request
 from orchestrator.results import DiceTableError, dice_metrics
 from orchestrator.study_tracking import PER_SUBJECT_ARTIFACT, open_study
 from orchestrator.tracking import MlflowTracker
+from orchestrator.ui import free_port
 from orchestrator.workspace import Workspace
 
 SIZE = 32
@@ -113,9 +113,7 @@ def test_resolve_pretrained_errors(tmp_path: Path) -> None:
 
 def test_recording_survives_a_dead_tracking_server(tmp_path: Path) -> None:
     """Tracking that goes away at the end of a cell does not fail it: results land on disk."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     rows = [{"subject_id": "a", "phase": "ED", "class": c, "dice": d} for c, d in (("LV", 0.9), ("MYO", 0.6), ("RV", 0.3))]
     cell = CellTrial(name="ft-x", method="scratch", budget=2, seed=0, train_seed=0, run_id="0" * 32,

@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.ui import free_port
 from trainers.models.unet import UNet2d
 from trainers.pretrain import pretrain_worker
 from trainers.pretrain_outputs import FAULT_MARKER, parse_fault, read_events
@@ -234,19 +235,13 @@ def test_relative_paths_a_second_command_and_a_stale_run_lock(store, ray_cluster
     assert not (run_dir / RUN_LOCK_NAME).exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_workers_killed_worker_resumes_from_checkpoint_with_dead_tracking_server(
     store, split, ray_cluster, clean_env, tmp_path
 ):
     from trainers.checkpoint import load_checkpoint
 
     clean_env.setenv("SSPCTL_FAULT_INJECT", "epoch=1,rank=1")
-    clean_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    clean_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     ws = tmp_path / "ws"
     code, out = _pretrain("--method", "simclr", "--store", store, "--config", str(_config_file(tmp_path, "simclr")),
                           "--output", str(ws), "--workers", "2", "--max-failures", "1", "--split", str(split), *COMMON)
@@ -279,7 +274,7 @@ def test_worker_survives_dead_tracking_server_outside_ray(store, tmp_path):
     """Rank 0 logging through ``MlflowTracker`` to a dead server: warnings, and the run still finishes."""
     from orchestrator.tracking import MlflowTracker
 
-    tracker = MlflowTracker(f"http://127.0.0.1:{_free_port()}", "0" * 32, retry_after_s=0.0)
+    tracker = MlflowTracker(f"http://127.0.0.1:{free_port()}", "0" * 32, retry_after_s=0.0)
     config = {"method": {"name": "simclr", "augment": MILD}, "epochs": 1, "batch_size": 4, "steps_per_epoch": 2,
               "image_size": IMAGE, "optimizer": {"lr": 0.03}, "model_width": WIDTH}
     out = pretrain_worker({"store": store, "subjects": None, "config": config, "runtime": {}, "run_name": "dead",

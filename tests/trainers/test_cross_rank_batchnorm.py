@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from orchestrator.ui import free_port
 from trainers.cross_rank_batchnorm import CrossRankBatchNorm, convert_cross_rank_batchnorm
 
 WORLD = 2
@@ -93,19 +93,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_close(got: torch.Tensor, want: torch.Tensor, what: object) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype, what
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (what, (got - want).abs().max())
 
 
 def test_two_ranks_match_batchnorm_on_the_full_batch(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     for case, (_, rows, kwargs) in CASES.items():
         ref = _run(_make(case, False), _global_data(case))

@@ -6,7 +6,6 @@ included, is exercised in ``tests/orchestrator/test_pretrain_e2e.py``.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from datastore.loader_options import ReadOptions
+from orchestrator.ui import free_port
 from trainers.methods.config import PretrainConfig
 from trainers.pretrain import build_method, pretrain_worker
 from trainers.pretrain_outputs import read_events
@@ -90,9 +90,7 @@ def _gloo_worker(rank: int, port: int, store: str, valid: list[str], out_dir: st
 
 @pytest.mark.slow
 def test_validation_loss_is_the_mean_over_all_ranks(data, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_gloo_worker, args=(port, data["store"], data["valid"], str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["batches"] == ranks[1]["batches"]  # so the mean of rank means is the mean of batches

@@ -11,7 +11,6 @@ the same draws and normalise them with the global batch's BatchNorm statistics
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orchestrator.ui import free_port
 from trainers.methods.config import PretrainConfig
 from trainers.pretrain import pretrain_worker
 from trainers.pretrain_outputs import read_events
@@ -94,9 +94,7 @@ def _rank(rank: int, port: int, world: int, jobs: list[dict[str, object]]) -> No
 
 def _train(jobs: list[dict[str, object]], world: int) -> None:
     """Run ``jobs`` one after the other on ``world`` gloo ranks (spawned processes)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.start_processes(_rank, args=(port, world, jobs), nprocs=world, join=True, start_method="spawn")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pydantic import ValidationError
 
+from orchestrator.ui import free_port
 from trainers.checkpoint import CheckpointError, TrainState, capture_rng, load_checkpoint, restore, save_checkpoint
 from trainers.jobs import FinetuneJob, PretrainJob
 from trainers.runtime import WorkerContext, augmentation_seed
@@ -53,12 +53,6 @@ def test_global_batch_draws_share_rank_0s_generator_and_keep_each_rank_s_rows() 
     assert all(torch.equal(torch.rand(4, generator=d.generator), one) for d in shared)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reduce_on_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -73,7 +67,7 @@ def _reduce_on_rank(rank: int, port: int, out: str) -> None:
 
 def test_reductions_over_two_gloo_ranks(tmp_path: Path) -> None:
     """Rank sums: [1+2, 10+10]; mean of per-rank sums 3 (3 items) and 6 (1 item) = 9 / 4, on both ranks."""
-    mp.spawn(_reduce_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_reduce_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["sum"].tolist() == [3.0, 20.0]
