@@ -139,15 +139,19 @@ def _device_generator(gen: Draws, device: torch.device) -> Draws:
     return moved if isinstance(gen, torch.Generator) else RankRows(moved, gen.rank, gen.world_size)
 
 
+def _rand(gen: Draws, n: int) -> torch.Tensor:
+    """``(n,)`` float32 draws from U(0, 1) on the generator's device."""
+    return _rows(gen, n, lambda g, rows: torch.rand(rows, generator=g, device=g.device))
+
+
 def _uniform(gen: Draws, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
     """``(n,)`` float32 draws from U(lo, hi), drawn on the generator's device, moved to ``device``."""
-    u = _rows(gen, n, lambda g, rows: torch.rand(rows, generator=g, device=g.device))
-    return (lo + (hi - lo) * u).to(device)
+    return (lo + (hi - lo) * _rand(gen, n)).to(device)
 
 
 def _coin(gen: Draws, n: int, p: float, device: torch.device) -> torch.Tensor:
     """``(n,)`` bool, True with probability ``p``."""
-    return (_rows(gen, n, lambda g, rows: torch.rand(rows, generator=g, device=g.device)) < p).to(device)
+    return (_rand(gen, n) < p).to(device)
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ statistics of all ranks' rows. It is built from plain tensor ops plus one small 
 layer per forward (and one in backward), so it is slower than the native kernel: a step of the
 test-sized U-Net (width 8, 64 px, 2 images per rank, 2 gloo ranks on 2 cores) takes 2.5x as long as
 with per-worker BN, one at width 32, 128 px and 8 images per rank 1.12x
-(``benchmarks/cross_rank_batchnorm.py``): latency, which a real batch hides and a toy one does not. Use it only where cross-rank statistics matter (CPU/gloo runs that must match the
-single-process result; ``trainers.runtime.sync_batchnorm_applies``).
+(``benchmarks/cross_rank_batchnorm.py``): latency, which a real batch hides and a toy one does not.
+Use it only where cross-rank statistics matter (CPU/gloo runs that must match the single-process
+result; ``trainers.runtime.sync_batchnorm_applies``).
 
 Maths, for an input ``x`` of shape ``(N_r, C, *)`` on rank ``r`` (``*`` = zero or more spatial dims),
 with every sum taken over the batch and spatial dims of each channel ``c``:
