@@ -5,16 +5,19 @@ subset seed chooses which subjects a budget labels (shared by every arm, as publ
 training seed drives initialisation, data order and augmentation, so several training seeds give
 the replicate runs that the report's statistics need (``orchestrator/stats.py``).
 
-Each grid cell is one Tune trial whose function builds a ``TorchTrainer`` (so a cell can use K DDP
-workers and a fraction of a GPU) running ``trainers.finetune.finetune_worker``. Tune is FIFO with no
-early stopping: every cell runs to its last epoch, because the grid is a controlled comparison.
+Each grid cell is one Tune trial running ``trainers.finetune.finetune_worker``: a cell of one fixed
+worker (the default) runs it in the trial's own process, holding the worker's CPUs and GPU fraction;
+a cell of K DDP workers, or of an elastic range, builds a ``TorchTrainer`` in the trial
+(``runs_in_trial``). Tune is FIFO with no early stopping: every cell runs to its last epoch, because
+the grid is a controlled comparison.
 
 Resume (see docs/finetuning.md): a cell is complete when its completion marker
 ``<workspace>/finetune/<study>/<cell>/complete.json`` exists *and* its MLflow child run is FINISHED
 with ``test_dice_mean``. Complete cells are skipped before Tune starts; the remaining cells run in a
 fresh ``Tuner`` (the pending set differs from run to run, which ``Tuner.restore`` cannot express),
-and each cell's Train run, named deterministically ``ft-{arm}-b{budget}-s{seed}-t{train_seed}-{hash8}`` on the
-workspace's storage path, resumes from its own last checkpoint.
+and each cell, named deterministically ``ft-{arm}-b{budget}-s{seed}-t{train_seed}-{hash8}``, resumes from its
+own last checkpoint: ``<cell>/checkpoints/`` for a cell run in its trial, else the Train run of that name
+on the workspace's storage path.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from orchestrator.run_lock import grid_lock_path, run_lock
 from orchestrator.system_metrics import monitored, sampling_interval, settings_for
 from orchestrator.tracking import replay_left_over
 from orchestrator.workspace import Workspace
+from orchestrator.worker_range import WorkerRange
 from trainers.methods.names import Budget
 from trainers.runtime_options import RuntimeOptions
 
@@ -325,12 +329,19 @@ def _cell_trainable(config: dict[str, Any], worker_fn: Callable[[FinetuneJob], A
         _run_cell(cell, worker_fn)
 
 
+def runs_in_trial(workers: WorkerRange) -> bool:
+    """Whether a cell trains in its Tune trial's own process instead of under a ``TorchTrainer``.
+
+    A cell of one fixed worker needs no Train controller or worker actor, each a new Python process:
+    on 2 cores they took 14-17 s of every cell's start. Such a cell keeps its own checkpoints in
+    ``<cell>/checkpoints/`` (``RuntimeOptions.checkpoint_dir``) and resumes from them.
+    """
+    return workers.max == 1
+
+
 def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
-    """Fit one cell's ``TorchTrainer``, then record the results."""
-    import ray.train
+    """Train one cell (in this process, or on a ``TorchTrainer``), then record the results."""
     from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
     from trainers.jobs import FinetuneJob
@@ -338,11 +349,44 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     output = Path(cell.job.output)
     cell = cell.model_copy(update={"run_id": start_cell_run(cell)})  # the cell's run starts when its training does
     tracker = MlflowTracker(cell.tracking_uri, cell.run_id, spool=output / SPOOL_NAME)
+    job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
+    try:
+        fit = _fit_in_trial if runs_in_trial(cell.workers) else _fit_torch_trainer
+        returned = fit(cell, job, worker_fn)
+        # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
+        rows = returned.get("dice") if isinstance(returned, dict) else returned
+        if isinstance(returned, dict) and returned.get("init_sha256"):
+            # the exact weights file the worker loaded (last or best checkpoint of the run)
+            tracker.set_tags({"sspctl.init_weights_sha256": str(returned["init_sha256"])})
+        metrics = _record_cell(cell, rows, tracker)
+    except BaseException:
+        _set_status_quietly(cell, "FAILED")
+        raise
+    tune.report({**metrics, "cell_done": 1})
+
+
+def _fit_in_trial(cell: CellTrial, job: FinetuneJob, worker_fn: Callable[[FinetuneJob], Any]) -> Any:
+    """Run the worker function in this process, resuming from ``<cell>/checkpoints/``.
+
+    A failure fails the trial; Tune restarts it up to ``max_failures`` times (``_fit_tuner``), and the
+    restart resumes from the cell's last checkpoint, as Ray Train restarts a worker group.
+    """
+    checkpoints = str(Path(cell.job.output) / "checkpoints")
+    job = job.model_copy(update={"runtime": job.runtime.model_copy(update={"checkpoint_dir": checkpoints})})
+    return monitored(functools.partial(worker_fn, job),
+                     settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id))()
+
+
+def _fit_torch_trainer(cell: CellTrial, job: FinetuneJob, worker_fn: Callable[[FinetuneJob], Any]) -> Any:
+    """Fit the cell's ``TorchTrainer`` (K DDP workers, elastic or fixed) and return rank 0's return value."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     use_gpu = cell.gpus_per_trial > 0
     per_worker: dict[str, float] = {"CPU": cell.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = cell.gpus_per_trial / cell.workers.max
-    job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
     trainer = TorchTrainer(
         monitored(  # the typed job crosses into the workers as is
             functools.partial(worker_fn, job), settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
@@ -358,19 +402,7 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        result = trainer.fit()
-        returned = result.return_value
-        # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
-        rows = returned.get("dice") if isinstance(returned, dict) else returned
-        if isinstance(returned, dict) and returned.get("init_sha256"):
-            # the exact weights file the worker loaded (last or best checkpoint of the run)
-            tracker.set_tags({"sspctl.init_weights_sha256": str(returned["init_sha256"])})
-        metrics = _record_cell(cell, rows, tracker)
-    except BaseException:
-        _set_status_quietly(cell, "FAILED")
-        raise
-    tune.report({**metrics, "cell_done": 1})
+    return trainer.fit().return_value
 
 
 def _record_cell(cell: CellTrial, rows: Any, tracker: Any) -> dict[str, float]:
@@ -609,6 +641,17 @@ def execute_plan(
     return outcome
 
 
+def trial_resources(spec: GridSpec) -> dict[str, float]:
+    """What one cell's Tune trial asks Ray for: a cell training in the trial's process
+    (``runs_in_trial``) asks for its worker's CPUs and GPUs; otherwise the driver's ``DRIVER_RESOURCES``."""
+    if not runs_in_trial(spec.workers_per_trial):
+        return dict(DRIVER_RESOURCES)
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_trial > 0:
+        resources["GPU"] = spec.gpus_per_trial
+    return resources
+
+
 def _fit_tuner(
     pending: list[CellTrial],
     spec: GridSpec,
@@ -624,7 +667,7 @@ def _fit_tuner(
     remote = bool(os.environ.get("RAY_ADDRESS"))
     concurrent = max_concurrent_trials(spec, ray.cluster_resources(), len(pending), strict=not remote)
     log.info("running %d cells, at most %d at once", len(pending), concurrent)
-    trainable = tune.with_resources(tune.with_parameters(_cell_trainable, worker_fn=worker_fn), DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(_cell_trainable, worker_fn=worker_fn), trial_resources(spec))
     callbacks = [_progress_callback(len(pending))] if progress else []
     tuner = tune.Tuner(
         trainable,
@@ -637,7 +680,8 @@ def _fit_tuner(
         run_config=tune.RunConfig(
             name=f"ftgrid-{grid_id}",
             storage_path=workspace.storage_path,
-            failure_config=tune.FailureConfig(max_failures=0),
+            # a cell trained in its trial is restarted by Tune; a TorchTrainer restarts its own workers
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures if runs_in_trial(spec.workers_per_trial) else 0),
             callbacks=callbacks,
             verbose=0,
         ),

@@ -48,11 +48,13 @@ class GridAxes(BaseModel):
         "takes every training seed), e.g. {1: 6, all: 1}: 6 runs at budget 1, one with all labels",
     )
     workers_per_trial: WorkerRange = Field(
-        WorkerRange(min=1, max=1), description="Ray Train (DDP) workers per cell: N, or MIN-MAX (elastic)"
+        WorkerRange(min=1, max=1), description="workers per cell: 1 (trained in the cell's Tune trial), N (Ray "
+        "Train DDP) or MIN-MAX (elastic)"
     )
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per cell, fractional packs cells onto one GPU")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs per Train worker")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts per cell (resume from checkpoint)")
+    max_failures: int = Field(1, ge=0, description="restarts per failed cell: of its Tune trial (one worker) or "
+                              "of its Train worker group, each resuming from the cell's last checkpoint")
     system_metrics: bool = Field(False, description="log MLflow system/* metrics from rank 0 of each cell")
     read: ReadOptions = Field(
         ReadOptions(), description="how each cell's workers read the store (cache_gb: their loader memory budget; "

@@ -54,17 +54,15 @@ def settings_for(interval_s: float | None, tracking_uri: str, run_id: str | None
 
 
 def monitored(worker_fn: Callable[[], Any], settings: SystemMetrics | None) -> Callable[[], Any]:
-    """``worker_fn`` (a Train function of no argument: the job is bound to it) itself without settings,
-    else a picklable wrapper that monitors rank 0 while it runs."""
+    """``worker_fn`` (a function of no argument: the job is bound to it) itself without settings, else a
+    picklable wrapper that monitors rank 0 (or the one process outside Ray Train) while it runs."""
     if settings is None:
         return worker_fn
     return functools.partial(_run_monitored, worker_fn, settings)
 
 
 def _run_monitored(worker_fn: Callable[[], Any], settings: SystemMetrics) -> Any:
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
+    if not _is_rank_zero():
         return worker_fn()
     monitor = _start(settings)
     try:
@@ -72,6 +70,17 @@ def _run_monitored(worker_fn: Callable[[], Any], settings: SystemMetrics) -> Any
     finally:
         if monitor is not None:
             monitor.finish()  # joins the sampling thread and flushes what it batched
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a Ray Train run, or a process outside Ray Train (a one-worker grid cell in its Tune
+    trial, where ``ray.train.get_context`` raises)."""
+    try:
+        import ray.train
+
+        return ray.train.get_context().get_world_rank() == 0
+    except Exception:  # noqa: BLE001 - RuntimeError outside Ray; DeprecationWarning in a Tune trial
+        return True
 
 
 def _start(settings: SystemMetrics) -> Any:

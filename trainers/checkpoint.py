@@ -28,7 +28,9 @@ summed step losses so far in that epoch. ``None`` for a checkpoint at the end of
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +221,44 @@ def restore(
         scheduler.load_state_dict(state.scheduler)
     if state.rng:
         restore_rng(state.rng)
+
+
+def save_local(directory: str | Path, name: str, state: TrainState, keep: int = 2) -> Path:
+    """Write ``state`` as checkpoint ``<directory>/<name>`` and keep only the ``keep`` latest there.
+
+    For a run outside Ray Train that keeps its own checkpoints (a single-worker grid cell). The
+    checkpoint is written under a temporary name and renamed, so ``latest_local`` never sees half of
+    one; "latest" is the largest ``global_step`` (then epoch) in ``meta.json``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / name
+    staging = directory / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(staging, state)
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of the same epoch replaces its checkpoint
+    os.replace(staging, final)
+    for stale in _local_checkpoints(directory)[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_local(directory: str | Path) -> TrainState | None:
+    """The latest checkpoint ``save_local`` wrote into ``directory`` (``None``: none yet)."""
+    found = _local_checkpoints(Path(directory))
+    return load_checkpoint(found[0]) if found else None
+
+
+def _local_checkpoints(directory: Path) -> list[Path]:
+    """Finished checkpoints in ``directory``, latest first (by ``global_step``, then epoch)."""
+    def order(path: Path) -> tuple[int, int]:
+        meta = json.loads((path / META_FILE).read_text())
+        return int(meta["global_step"]), int(meta["epoch"])
+
+    if not directory.is_dir():
+        return []
+    done = [p for p in directory.iterdir() if not p.name.startswith(".") and (p / META_FILE).is_file()]
+    return sorted(done, key=order, reverse=True)
 
 
 def resume_state(in_ray: bool) -> TrainState | None:

@@ -271,7 +271,7 @@ def finetune_worker(job: FinetuneJob | Mapping[str, Any]) -> dict[str, Any]:
     """
     job = FinetuneJob.model_validate(job)
     config, output = job.config, job.output
-    ctx = WorkerContext.start(deterministic=config.deterministic)
+    ctx = WorkerContext.start(deterministic=config.deterministic, checkpoint_dir=job.runtime.checkpoint_dir)
     output.mkdir(parents=True, exist_ok=True)
     tracker, device = job.tracker_for(ctx.rank), ctx.device
     data = CellData.open(job, ctx)
@@ -371,6 +371,7 @@ def _log_start(
     print(data.loading["line"], flush=True)
     tracker.set_tags({"sspctl.stage": "finetune", "sspctl.init": config.method,
                       "sspctl.device": ctx.device.type, "sspctl.world_size": str(ctx.world_size),
+                      "sspctl.torch_threads": str(torch.get_num_threads()),  # bit-identity needs the same count
                       **loader_tags(data.loading)})
     if fresh:
         tracker.log_params({**resolved, "learning_rate": config.learning_rate, "world_size": ctx.world_size,

@@ -91,7 +91,8 @@ def pretrain_worker(job: PretrainJob | Mapping[str, Any]) -> dict[str, Any]:
     config, options, output = job.config, job.runtime, job.output
     output.mkdir(parents=True, exist_ok=True)
     fault = parse_fault(job.fault_inject)
-    ctx = WorkerContext.start(deterministic=config.deterministic, cudnn_benchmark=True)
+    ctx = WorkerContext.start(deterministic=config.deterministic, cudnn_benchmark=True,
+                              checkpoint_dir=job.runtime.checkpoint_dir)
     tracker, device, chief = job.tracker_for(ctx.rank), ctx.device, ctx.is_chief
 
     batch = per_rank_batch(config.batch_size, ctx.world_size)

@@ -8,9 +8,11 @@ A loop asks the runtime for everything that is not its recipe:
 * **Across ranks.** ``WorkerContext.reduce_sum`` (a float64 vector summed over ranks) and
   ``WorkerContext.mean`` (a mean of per-rank sums); the identity for one rank.
 * **Checkpoints.** ``WorkerContext.resume()`` gives the last checkpoint Ray Train reported (``None``
-  on a fresh run or outside Ray); ``WorkerContext.report(metrics, state)`` reports the metrics on
-  every rank (``ray.train.report`` is a barrier) and, on rank 0, writes ``state`` as a safe
-  checkpoint (``trainers.checkpoint``) attached to the report, then removes the temporary copy.
+  on a fresh run); ``WorkerContext.report(metrics, state)`` reports the metrics on every rank
+  (``ray.train.report`` is a barrier) and, on rank 0, writes ``state`` as a safe checkpoint
+  (``trainers.checkpoint``) attached to the report, then removes the temporary copy. Outside Ray
+  Train a run given ``RuntimeOptions.checkpoint_dir`` keeps its checkpoints there instead (a
+  single-worker grid cell running in its Tune trial's process); without one it keeps none.
 * **Model and precision.** ``wrap_model`` (SyncBatchNorm, device, channels_last, DDP, compile),
   ``resolve_precision`` and ``autocast``; ``per_rank_batch`` splits a global batch;
   ``augmentation_seed`` seeds a rank's augmentation per epoch (``WorkerContext.generator``).
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from trainers.augment import Draws, RankRows
-from trainers.checkpoint import TrainState, resume_state, save_checkpoint
+from trainers.checkpoint import TrainState, latest_local, resume_state, save_checkpoint, save_local
 from trainers.runtime_options import RuntimeOptions
 
 
@@ -237,13 +239,17 @@ class WorkerContext:
     world_size: int
     in_ray: bool
     device: torch.device
+    checkpoint_dir: Path | None = None
 
     @classmethod
-    def start(cls, *, deterministic: bool = False, cudnn_benchmark: bool = False) -> WorkerContext:
+    def start(
+        cls, *, deterministic: bool = False, cudnn_benchmark: bool = False, checkpoint_dir: str | Path | None = None
+    ) -> WorkerContext:
         """This process's context; sets the CUDA device and the determinism switches.
 
         ``cudnn_benchmark`` turns cuDNN's algorithm search on for a non-deterministic CUDA run
-        (pretraining does; fine-tuning keeps torch's default).
+        (pretraining does; fine-tuning keeps torch's default). ``checkpoint_dir``: where a run
+        outside Ray Train keeps its own checkpoints (``RuntimeOptions.checkpoint_dir``).
         """
         from trainers.determinism import configure_determinism
 
@@ -254,7 +260,8 @@ class WorkerContext:
             if cudnn_benchmark:
                 torch.backends.cudnn.benchmark = not deterministic
         configure_determinism(deterministic, device)
-        return cls(rank, world_size, in_ray, device)
+        local = Path(checkpoint_dir) if checkpoint_dir is not None and not in_ray else None
+        return cls(rank, world_size, in_ray, device, local)
 
     @property
     def is_chief(self) -> bool:
@@ -299,7 +306,10 @@ class WorkerContext:
         return float(pair[0] / max(pair[1].item(), 1.0))
 
     def resume(self) -> TrainState | None:
-        """The last checkpoint Ray Train reported for this run (``None`` outside Ray or on a fresh run)."""
+        """The last checkpoint of this run: Ray Train's, or the latest in ``checkpoint_dir`` outside Ray
+        Train (``None`` on a fresh run, or outside Ray Train without a ``checkpoint_dir``)."""
+        if self.checkpoint_dir is not None:
+            return latest_local(self.checkpoint_dir)
         return resume_state(self.in_ray)
 
     def report(self, metrics: dict[str, Any], state: TrainState | None = None, name: str | None = None) -> None:
@@ -310,6 +320,10 @@ class WorkerContext:
         ``name`` is the checkpoint's directory name (unique per checkpoint; default ``epoch_<EEEE>``).
         """
         epoch = int(metrics["epoch"])
+        if self.checkpoint_dir is not None:  # outside Ray Train: one process, nothing to report to
+            if state is not None and self.is_chief:
+                save_local(self.checkpoint_dir, name or f"epoch_{epoch:04d}", state)
+            return
         directory = Path(tempfile.mkdtemp(prefix="sspctl-ckpt-")) if state is not None and self.is_chief else None
         try:
             if directory is not None:

@@ -31,6 +31,10 @@ class RuntimeOptions(BaseModel):
     preempt_grace_s: float | None = Field(
         25.0, gt=0, description="pretraining: on SIGTERM checkpoint at the next step, exit after at most this (None: off)"
     )
+    checkpoint_dir: str | None = Field(
+        None, description="outside Ray Train: the directory where the run keeps its own two latest checkpoints and "
+        "resumes from (a single-worker grid cell runs in its Tune trial's process); ignored inside Ray Train",
+    )
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="pretraining: also checkpoint every N optimiser steps (global steps), inside epochs"
     )

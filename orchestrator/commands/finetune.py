@@ -102,8 +102,8 @@ def finetune(
     ),
     workers_per_trial: str = typer.Option(
         "1", "--workers-per-trial",
-        help="Ray Train DDP workers per cell: N, or MIN-MAX (elastic: a cell goes on with fewer workers after a lost "
-        "node; every count must divide the batch).",
+        help="Workers per cell: 1 trains in the cell's Tune trial; N > 1 is Ray Train DDP; MIN-MAX is elastic (a cell "
+        "goes on with fewer workers after a lost node; every count must divide the batch).",
     ),
     gpus_per_trial: float = typer.Option(
         0.0, "--gpus-per-trial", min=0.0, help="GPUs per cell; a fraction (e.g. 0.25) packs small cells onto one GPU."
@@ -118,7 +118,7 @@ def finetune(
     num_cpus: int | None = typer.Option(
         None, "--num-cpus", min=1, help="Logical CPUs of the local Ray cluster (default: all cores); ignored with RAY_ADDRESS."
     ),
-    max_failures: int = typer.Option(1, "--max-failures", min=0, help="Worker-group restarts per cell (resumes from its checkpoint)."),
+    max_failures: int = typer.Option(1, "--max-failures", min=0, help="Restarts per failed cell (of its trial, or of its Train worker group), each from its last checkpoint."),
     cache_gb: float | None = typer.Option(None, "--cache-gb", help=CACHE_GB_HELP),
     system_metrics: bool = typer.Option(
         False, "--system-metrics",

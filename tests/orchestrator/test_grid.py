@@ -278,6 +278,52 @@ def test_a_grid_that_fails_to_run_leaves_no_run_running(dataset: dict, monkeypat
     assert client.get_run(plan.parent_run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow
+def test_a_one_worker_cell_trains_in_its_trial_and_is_restarted_from_its_checkpoint(dataset: dict) -> None:
+    """A cell of one fixed worker runs the worker function in its Tune trial's process (no TorchTrainer),
+    keeps its checkpoints in ``<cell>/checkpoints/`` and, after its trial fails, Tune restarts it
+    (``max_failures`` 1), resuming from the last checkpoint: no epoch is trained again."""
+    from orchestrator.grid import DRIVER_RESOURCES, runs_in_trial, trial_resources
+    from orchestrator.worker_range import WorkerRange
+
+    assert runs_in_trial(WorkerRange(min=1, max=1))
+    assert not runs_in_trial(WorkerRange(min=2, max=2)) and not runs_in_trial(WorkerRange(min=1, max=2))
+    assert trial_resources(GridSpec(methods=("scratch",), gpus_per_trial=0.5)) == {"CPU": 1.0, "GPU": 0.5}
+    assert trial_resources(GridSpec(methods=("scratch",), workers_per_trial=2)) == DRIVER_RESOURCES
+
+    attempts = dataset["ws"].root / "attempts"
+    attempts.mkdir()
+
+    def crashes_once_after_training(job):
+        import json as json_
+        import os
+
+        from trainers.finetune import finetune_worker
+
+        result = finetune_worker(job)
+        done = len(list(attempts.iterdir()))
+        (attempts / f"{done}.json").write_text(json_.dumps({"pid": os.getpid(), "resumed_from": result["resumed_from"],
+                                                            "checkpoint_dir": job.runtime.checkpoint_dir}))
+        if done == 0:
+            raise RuntimeError("trial lost after its last epoch")
+        return result
+
+    outcome = run_grid(_request(dataset, study="grid-in-trial", budgets=[2], pretrained={}, config={**CONFIG, "epochs": 2}),
+                       worker_fn=crashes_once_after_training, num_cpus=2, progress=False)
+    assert [c.status for c in outcome.cells] == ["done"], [c.error for c in outcome.cells]
+    runs = [json.loads((attempts / f"{i}.json").read_text()) for i in range(2)]
+    cell_dir = dataset["ws"].root / "finetune" / "grid-in-trial" / outcome.cells[0].cell.name
+    assert [r["resumed_from"] for r in runs] == [None, 1]  # the restart trained no epoch again
+    assert {r["checkpoint_dir"] for r in runs} == {str(cell_dir / "checkpoints")}
+    assert sorted(p.name for p in (cell_dir / "checkpoints").iterdir()) == ["epoch_0000", "epoch_0001"]
+    assert not (Path(dataset["ws"].storage_path) / outcome.cells[0].cell.name).exists()  # no Train run
+    study = open_study(dataset["ws"].tracking_uri, "grid-in-trial", create=False)
+    run = study.client.get_run(outcome.cells[0].run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sspctl.world_size"] == "1"
+    assert run.data.tags["sspctl.torch_threads"] == "1"  # the trial's 1 CPU, as a Train worker's
+    assert len(study.client.get_metric_history(run.info.run_id, "train_loss")) == 2
+
+
 # -- training seeds and control arms ---------------------------------------------------------------
 
 

@@ -111,3 +111,36 @@ def test_best_so_far_with_its_weights_survives_the_checkpoint(tmp_path):
     torch.save(payload, tmp_path / "ck" / STATE_FILE)
     assert load_checkpoint(tmp_path / "ck").best is None
     assert not BestSoFar.from_state("train_loss", state.best).found
+
+
+def test_local_checkpoints_keep_the_two_latest_and_resume_from_the_latest(tmp_path):
+    """A run outside Ray Train (``RuntimeOptions.checkpoint_dir``) keeps its own checkpoints."""
+    from dataclasses import replace
+
+    from trainers.checkpoint import latest_local, save_local
+    from trainers.runtime import WorkerContext
+
+    _, state = _trained_state()
+    directory = tmp_path / "checkpoints"
+    assert latest_local(directory) is None  # a fresh run
+    ctx = WorkerContext.start(checkpoint_dir=directory)
+    assert (ctx.rank, ctx.world_size, ctx.in_ray, ctx.checkpoint_dir) == (0, 1, False, directory)
+    assert ctx.resume() is None
+    for epoch in range(4):
+        ctx.report({"epoch": epoch, "loss": 1.0}, replace(state, epoch=epoch, global_step=10 * (epoch + 1)))
+    ctx.report({"epoch": 4, "loss": 1.0})  # metrics without a state write nothing
+    assert sorted(p.name for p in directory.iterdir()) == ["epoch_0002", "epoch_0003"]
+    resumed = ctx.resume()
+    assert (resumed.epoch, resumed.global_step) == (3, 40)
+    assert torch.equal(resumed.model["0.weight"], state.model["0.weight"])
+    # "latest" is the largest global step, not the name: an in-epoch checkpoint after epoch 3's
+    save_local(directory, "a-step", replace(state, epoch=3, global_step=45))
+    assert latest_local(directory).global_step == 45
+    assert sorted(p.name for p in directory.iterdir()) == ["a-step", "epoch_0003"]
+    # a half-written checkpoint (a crash before the rename) is never taken for one
+    (directory / ".epoch_0009.tmp").mkdir()
+    assert latest_local(directory).global_step == 45
+    # without a directory nothing is kept (unit use, benchmarks)
+    plain = WorkerContext.start()
+    plain.report({"epoch": 0}, state)
+    assert plain.checkpoint_dir is None and plain.resume() is None

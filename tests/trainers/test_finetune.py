@@ -1,13 +1,12 @@
-"""One fine-tuning cell end to end on a tiny synthetic store, through a real 1-worker TorchTrainer.
+"""One fine-tuning cell end to end on a tiny synthetic store, as the grid runs a one-worker cell.
 
-synth -> ingest -> splits -> ``finetune_worker`` (pretrained encoder, strict load) -> resume in a
-second ``fit()`` -> native-space test evaluation; plus the pieces that need no Ray.
+synth -> ingest -> splits -> ``finetune_worker`` (pretrained encoder, strict load) -> resume from its
+checkpoint directory in a second call -> native-space test evaluation; plus the loop's pieces.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -105,14 +104,10 @@ def test_augment_pair_moves_label_with_image() -> None:
     assert not torch.equal(out_label, label)  # it did move
 
 
-@pytest.mark.slow
-def test_cell_end_to_end_through_ray_train(cell_data: dict[str, Path], tmp_path: Path) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def test_cell_end_to_end_resumes_from_its_checkpoints(cell_data: dict[str, Path], tmp_path: Path) -> None:
+    """A cell as the grid runs a one-worker cell (in one process, its checkpoints in
+    ``runtime.checkpoint_dir``): trained for 2 epochs, then resumed for a third, evaluated, tracked.
+    The same worker under Ray Train is covered by tests/orchestrator/test_elastic_e2e.py."""
     from orchestrator.tracking import MlflowTracker
     from trainers.finetune import finetune_worker
 
@@ -126,20 +121,13 @@ def test_cell_end_to_end_through_ray_train(cell_data: dict[str, Path], tmp_path:
     config = {"method": "simclr", "weights": str(weights), "budget": 2, "seed": 0, "epochs": 2, "batch_size": 4,
               "valid_batch_size": 16, "frozen_encoder_epochs": 1}
     loop = {"store": str(cell_data["store"]), "split": str(cell_data["split"]), "output": str(output),
-            "config": config, "tracker": MlflowTracker(uri, run_id), "evaluate": False}
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        run_config = RunConfig(name="ft-cell", storage_path=str(tmp_path / "ray"))
-        first = TorchTrainer(finetune_worker, train_loop_config=loop, scaling_config=ScalingConfig(num_workers=1),
-                             run_config=run_config).fit()
-        assert first.return_value["resumed_from"] is None and first.return_value["dice"] == []
-        assert first.checkpoint is not None and first.metrics["epoch"] == 1.0
-        # Same name + storage: the run resumes from its last checkpoint and trains only epoch 2.
-        resumed = TorchTrainer(finetune_worker, scaling_config=ScalingConfig(num_workers=1), run_config=run_config,
-                               train_loop_config={**loop, "config": {**config, "epochs": 3}, "evaluate": True}).fit()
-    finally:
-        ray.shutdown()
-    value = resumed.return_value
+            "config": config, "tracker": MlflowTracker(uri, run_id), "evaluate": False,
+            "runtime": {"checkpoint_dir": str(output / "checkpoints")}}
+    first = finetune_worker(loop)
+    assert first["resumed_from"] is None and first["dice"] == []
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["epoch_0000", "epoch_0001"]
+    # The same checkpoint directory: the run resumes from its last checkpoint and trains only epoch 2.
+    value = finetune_worker({**loop, "config": {**config, "epochs": 3}, "evaluate": True})
     assert value["resumed_from"] == 1 and value["epochs"] == 3
 
     table = pd.DataFrame(value["dice"])
