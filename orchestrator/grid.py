@@ -340,7 +340,11 @@ def runs_in_trial(workers: WorkerRange) -> bool:
 
 
 def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
-    """Train one cell (in this process, or on a ``TorchTrainer``), then record the results."""
+    """Train one cell (in this process, or on a ``TorchTrainer``), then record the results.
+
+    A cell trained here resumes from ``<cell>/checkpoints/`` (its job's ``runtime.checkpoint_dir``); a
+    failure fails the trial, and Tune restarts it up to ``max_failures`` times (``_fit_tuner``).
+    """
     from ray import tune
 
     from orchestrator.tracking import SPOOL_NAME, MlflowTracker
@@ -350,9 +354,10 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     cell = cell.model_copy(update={"run_id": start_cell_run(cell)})  # the cell's run starts when its training does
     tracker = MlflowTracker(cell.tracking_uri, cell.run_id, spool=output / SPOOL_NAME)
     job = FinetuneJob.model_validate({**cell.job.model_dump(), "tracker": tracker})
+    settings = settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
+    train = monitored(functools.partial(worker_fn, job), settings)  # the typed job crosses into Train workers as is
     try:
-        fit = _fit_in_trial if runs_in_trial(cell.workers) else _fit_torch_trainer
-        returned = fit(cell, job, worker_fn)
+        returned = train() if runs_in_trial(cell.workers) else _fit_torch_trainer(cell, train)
         # finetune_worker returns {"dice": rows, "summary": ..., ...}; a bare list of rows also works.
         rows = returned.get("dice") if isinstance(returned, dict) else returned
         if isinstance(returned, dict) and returned.get("init_sha256"):
@@ -365,20 +370,9 @@ def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     tune.report({**metrics, "cell_done": 1})
 
 
-def _fit_in_trial(cell: CellTrial, job: FinetuneJob, worker_fn: Callable[[FinetuneJob], Any]) -> Any:
-    """Run the worker function in this process, resuming from ``<cell>/checkpoints/``.
-
-    A failure fails the trial; Tune restarts it up to ``max_failures`` times (``_fit_tuner``), and the
-    restart resumes from the cell's last checkpoint, as Ray Train restarts a worker group.
-    """
-    checkpoints = str(Path(cell.job.output) / "checkpoints")
-    job = job.model_copy(update={"runtime": job.runtime.model_copy(update={"checkpoint_dir": checkpoints})})
-    return monitored(functools.partial(worker_fn, job),
-                     settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id))()
-
-
-def _fit_torch_trainer(cell: CellTrial, job: FinetuneJob, worker_fn: Callable[[FinetuneJob], Any]) -> Any:
-    """Fit the cell's ``TorchTrainer`` (K DDP workers, elastic or fixed) and return rank 0's return value."""
+def _fit_torch_trainer(cell: CellTrial, train: Callable[[], Any]) -> Any:
+    """Fit the cell's ``TorchTrainer`` (K DDP workers, elastic or fixed) running ``train`` on every worker;
+    return rank 0's return value."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -388,9 +382,7 @@ def _fit_torch_trainer(cell: CellTrial, job: FinetuneJob, worker_fn: Callable[[F
     if use_gpu:
         per_worker["GPU"] = cell.gpus_per_trial / cell.workers.max
     trainer = TorchTrainer(
-        monitored(  # the typed job crosses into the workers as is
-            functools.partial(worker_fn, job), settings_for(cell.system_metrics_interval_s, cell.tracking_uri, cell.run_id)
-        ),
+        train,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cell.workers.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -565,8 +557,11 @@ def plan_grid(request: GridRequest) -> GridPlan:
             marker = json.loads((output / MARKER_NAME).read_text())
             skipped[cell.name] = CellOutcome(cell, "skipped", run_id, marker.get("metrics", {}))
             continue
+        in_trial = runs_in_trial(spec.workers_per_trial)
+        runtime = RuntimeOptions(global_batches=spec.workers_per_trial.elastic,
+                                 checkpoint_dir=str(output / "checkpoints") if in_trial else None)
         job = CellJob(store=store_path, split=split_path, config=cell.config, output=str(output), read=spec.read,
-                      runtime=RuntimeOptions(global_batches=spec.workers_per_trial.elastic))
+                      runtime=runtime)
         pending.append(_trial(cell, run_id, tracking, parent, {**cell.tags, "dataset_hash": dataset_hash}, spec, job,
                               workspace.storage_path))
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)

@@ -62,7 +62,10 @@ def monitored(worker_fn: Callable[[], Any], settings: SystemMetrics | None) -> C
 
 
 def _run_monitored(worker_fn: Callable[[], Any], settings: SystemMetrics) -> Any:
-    if not _is_rank_zero():
+    from trainers.runtime import ray_identity  # in the worker: torch is loaded there anyway
+
+    rank, _, _ = ray_identity()  # rank 0 of a Ray Train run, or the one process of a cell in its Tune trial
+    if rank != 0:
         return worker_fn()
     monitor = _start(settings)
     try:
@@ -70,17 +73,6 @@ def _run_monitored(worker_fn: Callable[[], Any], settings: SystemMetrics) -> Any
     finally:
         if monitor is not None:
             monitor.finish()  # joins the sampling thread and flushes what it batched
-
-
-def _is_rank_zero() -> bool:
-    """Rank 0 of a Ray Train run, or a process outside Ray Train (a one-worker grid cell in its Tune
-    trial, where ``ray.train.get_context`` raises)."""
-    try:
-        import ray.train
-
-        return ray.train.get_context().get_world_rank() == 0
-    except Exception:  # noqa: BLE001 - RuntimeError outside Ray; DeprecationWarning in a Tune trial
-        return True
 
 
 def _start(settings: SystemMetrics) -> Any:

@@ -215,7 +215,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _ray_identity() -> tuple[int, int, bool]:
+def ray_identity() -> tuple[int, int, bool]:
     """``(rank, world_size, in_ray)``: Ray Train's values inside a worker; outside Ray the default
     process group's (a caller that set one up, e.g. the 1-vs-2-worker tests), else ``(0, 1, False)``."""
     try:
@@ -253,7 +253,7 @@ class WorkerContext:
         """
         from trainers.determinism import configure_determinism
 
-        rank, world_size, in_ray = _ray_identity()
+        rank, world_size, in_ray = ray_identity()
         device = select_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -340,6 +340,6 @@ class WorkerContext:
 
 __all__ = [
     "LoopError", "RuntimeOptions", "WorkerContext", "augmentation_seed", "autocast", "batchnorm_converter", "convert_sync_batchnorm", "device_batches",
-    "per_rank_batch", "resolve_precision", "select_device", "sync_batchnorm_applies", "wait_for_committed_checkpoint", "wrap_model",
+    "per_rank_batch", "ray_identity", "resolve_precision", "select_device", "sync_batchnorm_applies", "wait_for_committed_checkpoint", "wrap_model",
     "write_json_atomic",
 ]
