@@ -339,6 +339,19 @@ def runs_in_trial(workers: WorkerRange) -> bool:
     return workers.max == 1
 
 
+def reuses_trial_processes(spec: GridSpec) -> bool:
+    """Whether Tune runs the next cell in the process a finished cell's trial leaves (``reuse_actors``).
+
+    Cells that train in their trial do: a fresh trial process first imports torch, MONAI and sspctl
+    again, which took 5-10 s of every cell on 2 cores. Every such trial asks for the same resources,
+    and a cell leaves no state behind that the next one reads (it seeds its own generators and
+    builds its own model, loader and tracker); ``deterministic: true`` stays on in a reused process,
+    as it does for the rest of a process's life (``trainers.determinism``), and is one value for the
+    whole grid. Cells on a ``TorchTrainer`` keep a fresh driver per trial.
+    """
+    return runs_in_trial(spec.workers_per_trial)
+
+
 def _run_cell(cell: CellTrial, worker_fn: Callable[[FinetuneJob], Any]) -> None:
     """Train one cell (in this process, or on a ``TorchTrainer``), then record the results.
 
@@ -567,6 +580,13 @@ def plan_grid(request: GridRequest) -> GridPlan:
     return GridPlan(spec, study_name, grid_id, parent, tracking, workspace, cells, skipped, pending)
 
 
+def supervised_inputs(request: GridRequest) -> tuple[str, str, dict[str, Any]]:
+    """The positive-control model's store, split (absolute) and base recipe for ``request``'s grid
+    (``orchestrator.controls.ensure_supervised_init``'s first three arguments)."""
+    store_path, split_path, _, image_size, _ = _inputs(request.store, request.split)
+    return store_path, split_path, {"image_size": image_size, **request.config}
+
+
 def run_grid(
     request: GridRequest,
     worker_fn: Callable[[FinetuneJob], Any] | None = None,
@@ -587,10 +607,7 @@ def run_grid(
     if SUPERVISED in request.spec.methods and SUPERVISED not in request.pretrained:
         from orchestrator.controls import ensure_supervised_init
 
-        store_path, split_path, _, image_size, _ = _inputs(request.store, request.split)
-        run = ensure_supervised_init(
-            store_path, split_path, {"image_size": image_size, **request.config}, request.workspace, progress=progress
-        )
+        run = ensure_supervised_init(*supervised_inputs(request), request.workspace, progress=progress)
         request = request.model_copy(update={"pretrained": {**request.pretrained, SUPERVISED: str(run)}})
     plan = plan_grid(request)
     with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):
@@ -669,6 +686,7 @@ def _fit_tuner(
         param_space={"cell": tune.grid_search([trial.model_dump(mode="json") for trial in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrent,
+            reuse_actors=reuses_trial_processes(spec),
             trial_name_creator=lambda trial: trial.config["cell"]["name"],
             trial_dirname_creator=lambda trial: trial.config["cell"]["name"],
         ),
