@@ -8,7 +8,8 @@ of its own, and exported as a pretraining run directory (``encoder.pt``, ``encod
 
 The run directory ``<workspace>/pretrain/supervised-<hash8>/`` is named from the dataset, the split
 file and the recipe; a directory with a manifest is finished and reused. An interrupted training
-starts over on the next run (it is one cell's worth of work).
+starts over on the next run (it is one cell's worth of work). ``sspctl study`` trains it in a Ray task
+of its own while the methods pretrain, since it needs none of them (``orchestrator.study``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ def supervised_run_dir(workspace: Workspace, dataset_hash: str, split: str, conf
     return workspace.root / "pretrain" / f"{SUPERVISED}-{short_hash(identity)}"
 
 
+def _recipe(base_config: Mapping[str, Any]) -> Any:
+    """The positive-control model's ``FinetuneConfig``: the grid's recipe, scratch, budget all, its own seed."""
+    from trainers.finetune_config import FinetuneConfig
+
+    recipe = {k: v for k, v in base_config.items() if k not in ("method", "weights", "part", "budget", "seed", "train_seed")}
+    return FinetuneConfig.model_validate(
+        {**recipe, "method": "scratch", "budget": "all", "seed": 0, "train_seed": SUPERVISED_TRAIN_SEED}
+    )
+
+
+def is_trained(store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace) -> bool:
+    """Whether the positive-control model for these inputs is finished (``ensure_supervised_init`` would reuse it)."""
+    from datastore.store import SliceStore
+    from trainers.weights import MANIFEST_FILE
+
+    resolved = _recipe(base_config).model_dump(mode="json")
+    return (supervised_run_dir(workspace, SliceStore.open(store).hash, split, resolved) / MANIFEST_FILE).is_file()
+
+
 def ensure_supervised_init(
     store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace, progress: bool = True
 ) -> Path:
@@ -48,14 +68,10 @@ def ensure_supervised_init(
     """
     from datastore.store import SliceStore
     from trainers.finetune import finetune_worker
-    from trainers.finetune_config import FinetuneConfig
     from trainers.jobs import FinetuneJob
     from trainers.weights import MANIFEST_FILE, PART_PREFIXES, WeightsManifest, load_weights, save_weights, write_manifest
 
-    recipe = {k: v for k, v in base_config.items() if k not in ("method", "weights", "part", "budget", "seed", "train_seed")}
-    config = FinetuneConfig.model_validate(
-        {**recipe, "method": "scratch", "budget": "all", "seed": 0, "train_seed": SUPERVISED_TRAIN_SEED}
-    )
+    config = _recipe(base_config)
     resolved = config.model_dump(mode="json")
     opened = SliceStore.open(store)
     run_dir = supervised_run_dir(workspace, opened.hash, split, resolved)

@@ -1,5 +1,8 @@
 """A whole study in one resumable call: ingest -> split -> pretrain each method -> grid -> report.
 
+The positive control's supervised model (``orchestrator.controls``), when the grid has that arm,
+trains in a Ray task beside the pretraining, since it needs none of the pretrained weights.
+
 Every stage is idempotent on its own (ingest skips committed subjects, a pretraining run with a
 manifest is not retrained, finished grid cells are skipped), so rerunning ``sspctl study`` after an
 interruption continues where it stopped. ``sspctl demo`` is a study on a synthetic phantom.
@@ -222,6 +225,34 @@ def pretrain_all(
     return runs
 
 
+def start_supervised_control(
+    config: StudyConfig, workspace: Workspace, split: Path, echo: Callable[[str], None]
+) -> Any | None:
+    """Start training the positive control's model (``orchestrator.controls``) in a Ray task with the
+    resources of one worker of a grid cell, so that it runs beside the pretraining, which it does not
+    need; return the task's reference (its result is the run directory), or ``None`` when the study
+    has no supervised arm or the model is already trained (the grid then reuses it)."""
+    from orchestrator.arms import SUPERVISED
+
+    if SUPERVISED not in config.finetune.extra_arms:
+        return None
+    import ray
+
+    from orchestrator.controls import ensure_supervised_init, is_trained
+    from orchestrator.grid import supervised_inputs
+
+    request = study_grid(config, workspace, split, {})
+    inputs = supervised_inputs(request)
+    if is_trained(*inputs, workspace):
+        return None
+    spec = request.spec
+    cpus, gpus = spec.cpus_per_worker, spec.gpus_per_trial / spec.workers_per_trial.max
+    echo(f"positive control: training the supervised model beside the pretraining (a Ray task of {cpus:g} CPU"
+         + (f", {gpus:g} GPU)" if gpus else ")"))
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(ensure_supervised_init)
+    return task.remote(*inputs, workspace, progress=False)
+
+
 def finetune_config(config: StudyConfig) -> dict[str, Any]:
     """Base fine-tuning keys of the grid: the YAML file's, then the study's overrides."""
     from orchestrator.configio import read_yaml
@@ -280,7 +311,13 @@ def run_study(
         ensure_store(config, echo)
         split = ensure_split(config, workspace, echo)
         named = named_split_files(config, split)
+        supervised = start_supervised_control(config, workspace, split, echo)
         pretrained = pretrain_all(config, workspace, split, echo, progress)
+        if supervised is not None:
+            import ray
+
+            echo("positive control: waiting for the supervised model")
+            echo(f"positive control: supervised model in {ray.get(supervised)}")
         section = config.finetune
         arms = ["scratch", *pretrained, *section.extra_arms]
         runs = ", ".join(f"{b}: {len(section.train_seeds_for(b))}" for b in section.budgets)
