@@ -20,10 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SIZE = 32
 WIDTH = 8
-MILD = {"rotation_deg": 10.0, "scale_range": [0.9, 1.1], "translate_fraction": 0.05, "flip_p": 0.0, "noise_p": 0.0,
-        "smooth_p": 0.0, "scale_intensity_p": 0.0, "shift_p": 0.0, "gamma_p": 0.0}
-PRETRAIN = {"method": {"name": "simclr", "augment": MILD}, "model_width": WIDTH, "epochs": 1, "batch_size": 8,
-            "steps_per_epoch": 2}
+PRETRAIN = {"method": {"name": "simclr"}, "model_width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 2}
 FINETUNE = {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "valid_batch_size": 8, "model_width": WIDTH}
 
 
