@@ -54,9 +54,7 @@ def is_trained(store: str, split: str, base_config: Mapping[str, Any], workspace
     return (supervised_run_dir(workspace, SliceStore.open(store).hash, split, resolved) / MANIFEST_FILE).is_file()
 
 
-def ensure_supervised_init(
-    store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace, progress: bool = True
-) -> Path:
+def ensure_supervised_init(store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace) -> Path:
     """Train (or reuse) the positive-control model and return its run directory.
 
     Args:
@@ -64,7 +62,6 @@ def ensure_supervised_init(
         split: the split YAML; its ``train`` part (budget ``all``) is the training pool.
         base_config: the grid's base ``FinetuneConfig`` keys (the recipe).
         workspace: the run directory goes under ``<workspace>/pretrain/``.
-        progress: show the epoch bar.
     """
     from datastore.store import SliceStore
     from trainers.finetune import finetune_worker

@@ -607,7 +607,7 @@ def run_grid(
     if SUPERVISED in request.spec.methods and SUPERVISED not in request.pretrained:
         from orchestrator.controls import ensure_supervised_init
 
-        run = ensure_supervised_init(*supervised_inputs(request), request.workspace, progress=progress)
+        run = ensure_supervised_init(*supervised_inputs(request), request.workspace)
         request = request.model_copy(update={"pretrained": {**request.pretrained, SUPERVISED: str(run)}})
     plan = plan_grid(request)
     with run_lock(grid_lock_path(plan.workspace.root, plan.study, plan.grid_id), f"grid {plan.grid_id} of study {plan.study}"):

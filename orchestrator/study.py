@@ -250,7 +250,7 @@ def start_supervised_control(
     echo(f"positive control: training the supervised model beside the pretraining (a Ray task of {cpus:g} CPU"
          + (f", {gpus:g} GPU)" if gpus else ")"))
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(ensure_supervised_init)
-    return task.remote(*inputs, workspace, progress=False)
+    return task.remote(*inputs, workspace)
 
 
 def finetune_config(config: StudyConfig) -> dict[str, Any]:
