@@ -324,33 +324,6 @@ def test_a_one_worker_cell_trains_in_its_trial_and_is_restarted_from_its_checkpo
     assert len(study.client.get_metric_history(run.info.run_id, "train_loss")) == 2
 
 
-def test_one_worker_cells_reuse_the_trial_process_a_finished_cell_leaves(dataset: dict) -> None:
-    """Three one-worker cells on 2 CPUs run in fewer processes than cells (Tune's ``reuse_actors``), and
-    each still gets its own MLflow run (bit-identity with fresh processes: ``benchmarks/grid_cells.py``)."""
-    from orchestrator.grid import reuses_trial_processes
-
-    assert reuses_trial_processes(GridSpec(methods=("scratch",)))
-    assert not reuses_trial_processes(GridSpec(methods=("scratch",), workers_per_trial=2))
-    pids = dataset["ws"].root / "pids"
-    pids.mkdir()
-
-    def records_its_process(job):
-        import os
-
-        from trainers.finetune import finetune_worker
-
-        result = finetune_worker(job)
-        (pids / f"{job.config.train_seed}.txt").write_text(str(os.getpid()))
-        return result
-
-    outcome = run_grid(_request(dataset, study="grid-reuse", budgets=[2], pretrained={}, train_seeds=[0, 1, 2]),
-                       worker_fn=records_its_process, num_cpus=2, progress=False)
-    assert [c.status for c in outcome.cells] == ["done"] * 3, [c.error for c in outcome.cells]
-    ran_in = {p.stem: p.read_text() for p in pids.iterdir()}
-    assert sorted(ran_in) == ["0", "1", "2"] and len(set(ran_in.values())) < 3, ran_in
-    assert len({c.run_id for c in outcome.cells}) == 3
-
-
 # -- training seeds and control arms ---------------------------------------------------------------
 
 
@@ -387,15 +360,35 @@ def test_plan_has_training_replicates_and_the_negative_control(dataset: dict) ->
 @pytest.mark.slow
 def test_positive_control_is_trained_on_the_training_pool_and_loaded(dataset: dict) -> None:
     """The supervised arm: a model trained on the split's train part, exported like a pretraining run.
-    The A/A arm's finished run keeps its arm as ``sspctl.method`` (its worker initialises from scratch)."""
+    The A/A arm's finished run keeps its arm as ``sspctl.method`` (its worker initialises from scratch).
+    The three one-worker cells, one at a time on 2 CPUs, run in the one trial process the first cell
+    started (Tune's ``reuse_actors``; bit-identity with fresh processes: ``benchmarks/grid_cells.py``)."""
     import hashlib
 
     from datastore.splits import load_split
+    from orchestrator.grid import reuses_trial_processes
     from trainers.weights import read_manifest
 
+    assert reuses_trial_processes(GridSpec(methods=("scratch",)))
+    assert not reuses_trial_processes(GridSpec(methods=("scratch",), workers_per_trial=2))
+    pids = dataset["ws"].root / "pids"
+    pids.mkdir()
+
+    def records_its_process(job):
+        import os
+
+        from trainers.finetune import finetune_worker
+
+        result = finetune_worker(job)
+        (pids / f"{Path(job.output).name}.txt").write_text(str(os.getpid()))
+        return result
+
     outcome = run_grid(_request(dataset, study="grid-controls", budgets=[2], pretrained={},
-                                methods=["scratch", "scratch-b", "supervised"]), num_cpus=4, progress=False)
+                                methods=["scratch", "scratch-b", "supervised"]),
+                       worker_fn=records_its_process, num_cpus=2, progress=False)
     assert [c.status for c in outcome.cells] == ["done"] * 3, [c.error for c in outcome.cells]
+    ran_in = {p.stem: p.read_text() for p in pids.iterdir()}
+    assert sorted(ran_in) == sorted(c.cell.name for c in outcome.cells) and len(set(ran_in.values())) == 1, ran_in
     by_arm = {c.cell.method: c for c in outcome.cells}
     runs = list((dataset["ws"].root / "pretrain").glob("supervised-*"))
     assert len(runs) == 1
