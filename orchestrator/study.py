@@ -253,6 +253,22 @@ def start_supervised_control(
     return task.remote(*inputs, workspace)
 
 
+def wait_for_supervised_control(task: Any, echo: Callable[[str], None]) -> Path:
+    """The run directory the ``start_supervised_control`` task returns, once it has finished.
+
+    Raises:
+        the task's own exception (e.g. a ``WeightsError`` naming the file), not Ray's wrapper of it.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+
+    echo("positive control: waiting for the supervised model")
+    try:
+        return ray.get(task)
+    except RayTaskError as exc:
+        raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+
+
 def finetune_config(config: StudyConfig) -> dict[str, Any]:
     """Base fine-tuning keys of the grid: the YAML file's, then the study's overrides."""
     from orchestrator.configio import read_yaml
@@ -314,10 +330,7 @@ def run_study(
         supervised = start_supervised_control(config, workspace, split, echo)
         pretrained = pretrain_all(config, workspace, split, echo, progress)
         if supervised is not None:
-            import ray
-
-            echo("positive control: waiting for the supervised model")
-            echo(f"positive control: supervised model in {ray.get(supervised)}")
+            echo(f"positive control: supervised model in {wait_for_supervised_control(supervised, echo)}")
         section = config.finetune
         arms = ["scratch", *pretrained, *section.extra_arms]
         runs = ", ".join(f"{b}: {len(section.train_seeds_for(b))}" for b in section.budgets)

@@ -82,3 +82,22 @@ def test_a_study_trains_its_positive_control_beside_the_pretraining_and_a_rerun_
     assert not [line for line in again.output.splitlines() if line.startswith("positive control:")], again.output
     assert "is already finished" in again.output
     assert {arm: p.stat().st_mtime_ns for arm, p in markers.items()} == written  # no cell ran again
+
+
+def test_a_failed_positive_control_stops_the_study_with_its_own_error() -> None:
+    """The supervised model's task raising (a bad weights file, say) surfaces as that error, in one line,
+    not as Ray's wrapper with a remote traceback."""
+    import ray
+
+    from orchestrator.ray_session import ray_session
+    from orchestrator.study import wait_for_supervised_control
+
+    def fails() -> Path:
+        raise ValueError("/ws/pretrain/supervised-1/train/model.pt: not a weights file")
+
+    lines: list[str] = []
+    with ray_session(num_cpus=1):
+        with pytest.raises(ValueError, match=r"^/ws/pretrain/supervised-1/train/model.pt: not a weights file$") as raised:
+            wait_for_supervised_control(ray.remote(num_cpus=1, max_retries=0)(fails).remote(), lines.append)
+    assert not isinstance(raised.value, ray.exceptions.RayTaskError)
+    assert lines == ["positive control: waiting for the supervised model"]
