@@ -45,13 +45,19 @@ def _recipe(base_config: Mapping[str, Any]) -> Any:
     )
 
 
+def _planned(store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace) -> tuple[Any, Any, Path]:
+    """The model's ``FinetuneConfig``, the opened store and the run directory these inputs name."""
+    from datastore.store import SliceStore
+
+    config, opened = _recipe(base_config), SliceStore.open(store)
+    return config, opened, supervised_run_dir(workspace, opened.hash, split, config.model_dump(mode="json"))
+
+
 def is_trained(store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace) -> bool:
     """Whether the positive-control model for these inputs is finished (``ensure_supervised_init`` would reuse it)."""
-    from datastore.store import SliceStore
     from trainers.weights import MANIFEST_FILE
 
-    resolved = _recipe(base_config).model_dump(mode="json")
-    return (supervised_run_dir(workspace, SliceStore.open(store).hash, split, resolved) / MANIFEST_FILE).is_file()
+    return (_planned(store, split, base_config, workspace)[2] / MANIFEST_FILE).is_file()
 
 
 def ensure_supervised_init(store: str, split: str, base_config: Mapping[str, Any], workspace: Workspace) -> Path:
@@ -63,15 +69,11 @@ def ensure_supervised_init(store: str, split: str, base_config: Mapping[str, Any
         base_config: the grid's base ``FinetuneConfig`` keys (the recipe).
         workspace: the run directory goes under ``<workspace>/pretrain/``.
     """
-    from datastore.store import SliceStore
     from trainers.finetune import finetune_worker
     from trainers.jobs import FinetuneJob
     from trainers.weights import MANIFEST_FILE, PART_PREFIXES, WeightsManifest, load_weights, save_weights, write_manifest
 
-    config = _recipe(base_config)
-    resolved = config.model_dump(mode="json")
-    opened = SliceStore.open(store)
-    run_dir = supervised_run_dir(workspace, opened.hash, split, resolved)
+    config, opened, run_dir = _planned(store, split, base_config, workspace)
     if (run_dir / MANIFEST_FILE).is_file():
         return run_dir
     job = FinetuneJob(store=store, split=split, config=config, output=run_dir / "train", evaluate=False)
@@ -84,7 +86,7 @@ def ensure_supervised_init(store: str, split: str, base_config: Mapping[str, Any
         files[part] = name
     valid_loss = float(result.get("valid", {}).get("valid_loss", math.nan))
     manifest = WeightsManifest(
-        method=SUPERVISED, run_name=run_dir.name, config=resolved, dataset_hash=opened.hash,
+        method=SUPERVISED, run_name=run_dir.name, config=config.model_dump(mode="json"), dataset_hash=opened.hash,
         epochs=config.epochs, final_loss=valid_loss if math.isfinite(valid_loss) else -1.0,
         image_size=opened.image_size, model_width=config.model_width, files=files, sha256=digests,
     )
