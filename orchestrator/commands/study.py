@@ -82,7 +82,8 @@ def study(
     """Ingest (if configured), split, pretrain every method, run the fine-tuning grid, write the report.
 
     Rerun the same command after an interruption: finished stages and cells are skipped and
-    interrupted runs resume from their checkpoints.
+    interrupted runs resume from their checkpoints. With the supervised arm (positive control) in
+    finetune.extra_arms, its model trains in a Ray task beside the pretraining.
     """
     from orchestrator.commands.finetune import FlagError, parse_seeds, print_report
     from orchestrator.configio import ConfigError, load_config
